@@ -1,0 +1,200 @@
+"""The ``sae-sweep`` command line.
+
+A thin layer: each subcommand parses its arguments and calls one public function of
+activation_cache, trainer or sweep. Imports happen inside the handlers so ``sae-sweep --help``
+is instant. A :class:`activation_cache.UserError` (bad config, missing file, mismatched cache...)
+is printed as one ``error:`` line with exit status 2; Ctrl-C exits with status 130 after the
+callee has saved what it had.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Sequence
+
+Handler = Callable[[argparse.Namespace], int | None]
+
+
+# --------------------------------------------------------------------------------------------
+# handlers (one per subcommand; each calls a package's public API)
+# --------------------------------------------------------------------------------------------
+
+
+def _cmd_demo(args: argparse.Namespace) -> int | None:
+    from sweep import run_demo
+
+    run_demo(out_dir=args.out, num_samples=args.num_samples, max_concurrent=args.max_concurrent)
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int | None:
+    from activation_cache import CacheConfig, build_cache
+
+    cfg = CacheConfig.from_yaml(args.config)
+    build_cache(cfg, overwrite=args.overwrite, num_workers=args.workers, address=args.address)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int | None:
+    from trainer import train_from_yaml
+
+    train_from_yaml(args.config, out_dir=args.out, resume=not args.no_resume)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int | None:
+    from trainer import evaluate_sae_dir
+
+    evaluate_sae_dir(
+        args.sae_dir, cache=args.cache, split=args.split, max_tokens=args.max_tokens,
+        output_format=args.format,
+    )
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int | None:
+    from sweep import resume_sweep, run_sweep
+
+    if args.resume:
+        resume_sweep(args.resume, address=args.address)
+    else:
+        if not args.config:
+            raise _usage("sweep needs CONFIG.yaml or --resume EXPERIMENT_DIR")
+        run_sweep(args.config, address=args.address)
+    return 0
+
+
+def _cmd_best(args: argparse.Namespace) -> int | None:
+    from sweep import print_best
+
+    print_best(
+        args.experiment_dir, metric=args.metric, mode=args.mode, where=args.where, top=args.top,
+        pareto=args.pareto, output_format=args.format,
+    )
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int | None:
+    from sweep import export_trial
+
+    export_trial(args.experiment_dir, trial=args.trial, out_dir=args.out, output_format=args.format)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int | None:
+    from sweep import write_report
+
+    write_report(args.experiment_dir, out_dir=args.out, top=args.top)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# parser
+# --------------------------------------------------------------------------------------------
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _usage(message: str) -> _UsageError:
+    return _UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sae-sweep",
+        description="Cache a model's activations once, sweep sparse autoencoders over them on a "
+        "Ray cluster with Optuna, query the best trials and export the winner (SAELens format).",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, handler: Handler, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(handler=handler)
+        return sp
+
+    sp = add("demo", _cmd_demo, "the main job on the embedded default: cache SmolLM2 activations "
+             "on the built-in Shakespeare corpus, run a small Optuna sweep on local Ray, print the "
+             "best trials, export the winner (SAELens format) and write the report plots")
+    sp.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    sp.add_argument("--num-samples", type=int, default=None, help="number of trials")
+    sp.add_argument("--max-concurrent", type=int, default=None, help="concurrent trials")
+
+    sp = add("cache", _cmd_cache, "build (or resume building) an activation cache from CONFIG.yaml")
+    sp.add_argument("config", help="cache config YAML")
+    sp.add_argument("--overwrite", action="store_true",
+                    help="replace an existing cache built with a different config")
+    sp.add_argument("--workers", type=int, default=1,
+                    help="split the corpus over this many Ray workers (default 1: in process)")
+    sp.add_argument("--address", default=None, help="Ray cluster address for --workers > 1")
+
+    sp = add("train", _cmd_train, "train one SAE from a cache (CONFIG.yaml: cache, sae, training)")
+    sp.add_argument("config", help="training job YAML")
+    sp.add_argument("--out", default=None, help="output folder (overrides the config's)")
+    sp.add_argument("--no-resume", action="store_true",
+                    help="start over even if the output folder holds a checkpoint")
+
+    sp = add("eval", _cmd_eval, "evaluate a saved SAE on a cache's validation split")
+    sp.add_argument("sae_dir", help="a folder written by train/export (native format)")
+    sp.add_argument("--cache", required=True, help="activation cache path or URI")
+    sp.add_argument("--split", default="val", choices=["train", "val"])
+    sp.add_argument("--max-tokens", type=int, default=None)
+    sp.add_argument("--format", default="table", choices=["table", "json"])
+
+    sp = add("sweep", _cmd_sweep, "run an Optuna-guided Ray Tune sweep (or resume one)")
+    sp.add_argument("config", nargs="?", help="sweep config YAML")
+    sp.add_argument("--resume", metavar="EXPERIMENT_DIR", default=None,
+                    help="continue a sweep whose driver stopped")
+    sp.add_argument("--address", default=None,
+                    help="Ray address: 'auto' or HOST:PORT of an existing cluster "
+                    "(default: start a local Ray)")
+
+    sp = add("best", _cmd_best, "print the best trials (or the Pareto front) of a sweep")
+    sp.add_argument("experiment_dir")
+    sp.add_argument("--metric", default=None, help="default: the sweep's objective")
+    sp.add_argument("--mode", default=None, choices=["min", "max"])
+    sp.add_argument("--where", default=None, help='a pandas query, e.g. "l0 <= 64"')
+    sp.add_argument("--top", type=int, default=5)
+    sp.add_argument("--pareto", action="store_true", help="print the Pareto front instead")
+    sp.add_argument("--format", default="table", choices=["table", "csv", "json"])
+
+    sp = add("export", _cmd_export, "export a trial's SAE with a README card")
+    sp.add_argument("experiment_dir")
+    sp.add_argument("--trial", default="best", help="trial id, or 'best' (default)")
+    sp.add_argument("--out", required=True, help="output folder")
+    sp.add_argument("--format", default="saelens", choices=["native", "saelens"])
+
+    sp = add("report", _cmd_report, "write PNG plots: Pareto fronts and training curves")
+    sp.add_argument("experiment_dir")
+    sp.add_argument("--out", default=None, help="default: EXPERIMENT_DIR/report")
+    sp.add_argument("--top", type=int, default=5, help="training curves of the top N trials")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from activation_cache import UserError
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = args.handler(args)
+    except _UsageError as exc:
+        parser.error(str(exc))  # exits 2
+    except UserError as exc:
+        print(f"sae-sweep {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sae-sweep {args.command}: interrupted; progress so far is saved", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,18 @@
+import subprocess
+import sys
+
+from sweep.cli import main
+
+
+def test_help_lists_every_subcommand():
+    out = subprocess.run([sys.executable, "-m", "sweep.cli", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for cmd in ["demo", "cache", "train", "eval", "sweep", "best", "export", "report"]:
+        assert f"    {cmd} " in out, cmd
+
+
+def test_user_error_is_one_line_exit_2(tmp_path, capsys):
+    rc = main(["cache", str(tmp_path / "missing.yaml")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "missing.yaml" in err and "Traceback" not in err
