@@ -1,3 +1,43 @@
-"""trainer: SAE models, their configs, metrics, save/load/export and the training loop."""
+"""trainer: SAE models, their configs, metrics, save/load/export and the training loop.
 
-__all__: list[str] = []
+Public API (everything else in this package is internal):
+
+    SAEConfig, TrainingConfig, TrainJobConfig          -- configs (StrictConfig)
+    SAE, BatchTopKSAE, SAE_REGISTRY, build_sae, load_sae  -- the models
+    MetricsRecord                                       -- one record per evaluation
+    ActivationSource, TensorSource                      -- where activations come from
+    Reporter, ConsoleReporter                           -- the logging seam
+    Objective, LocalObjective, StepOutput               -- what a training step computes
+    train_sae, TrainResult, train_from_yaml             -- training
+    export_saelens                                      -- SAELens format
+    DimensionMismatchError, NonFiniteActivationError,
+    TrainingDivergedError, CheckpointMismatchError      -- user errors (activation_cache.UserError)
+"""
+
+from .batchtopk import BatchTopKSAE
+from .errors import (CheckpointMismatchError, DimensionMismatchError, NonFiniteActivationError,
+                     TrainingDivergedError)
+from .job import TrainJobConfig, train_from_yaml
+from .metrics import MetricsRecord
+from .objective import LocalObjective, Objective, StepOutput
+from .registry import SAE_REGISTRY, build_sae, load_sae
+from .reporting import ConsoleReporter, Reporter
+from .sae import SAE
+from .sae_config import SAEConfig
+from .saelens_export import export_saelens
+from .sources import ActivationSource, TensorSource
+from .training import TrainResult, train_sae
+from .training_config import TrainingConfig
+
+__all__ = [
+    "SAEConfig", "TrainingConfig", "TrainJobConfig",
+    "SAE", "BatchTopKSAE", "SAE_REGISTRY", "build_sae", "load_sae",
+    "MetricsRecord",
+    "ActivationSource", "TensorSource",
+    "Reporter", "ConsoleReporter",
+    "Objective", "LocalObjective", "StepOutput",
+    "train_sae", "TrainResult", "train_from_yaml",
+    "export_saelens",
+    "DimensionMismatchError", "NonFiniteActivationError", "TrainingDivergedError",
+    "CheckpointMismatchError",
+]

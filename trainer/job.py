@@ -1,0 +1,119 @@
+"""``sae-sweep train``: one SAE trained from an activation cache, configured by one YAML file.
+
+Example (``examples/train.yaml``)::
+
+    cache: runs/cache/smollm2-shakespeare
+    out_dir: runs/train/l9-bt32
+    sae: {d_in: 576, d_sae: 4608, architecture: batchtopk, top_k: 32, hook_layer: 9}
+    training: {max_tokens: 2000000, train_batch_tokens: 4096, lr: 0.0004, log_freq: 50}
+
+The output folder gets ``job.yaml`` (the config used), ``checkpoints/``, ``best/``, ``final/``
+(native format, see trainer.training) and ``saelens/`` (``export_saelens``). Re-running the
+same command resumes from the latest checkpoint unless ``resume=False``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import activation_cache
+from activation_cache import ConfigError, StrictConfig
+
+from .checkpoint import CHECKPOINTS_DIR, latest_checkpoint
+from .errors import DimensionMismatchError
+from .registry import build_sae
+from .reporting import ConsoleReporter, Reporter
+from .sae_config import SAEConfig
+from .saelens_export import export_saelens
+from .training import TrainResult, train_sae
+from .training_config import TrainingConfig
+
+
+@dataclass
+class TrainJobConfig(StrictConfig):
+    """One ``sae-sweep train`` job: which cache and hook, which SAE, how to train it."""
+
+    cache: str
+    """Activation cache folder or URI (written by ``sae-sweep cache``)."""
+    sae: SAEConfig
+    """The SAE to train; ``sae.d_in`` must match the cache's width at the hook."""
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """How to train it."""
+    hook: Optional[str] = None
+    """Cached hook to train on; defaults to (and must agree with) ``sae.hook_spec``."""
+    out_dir: str = "runs/train"
+    """Output folder (``sae-sweep train --out`` overrides it)."""
+    train_split: str = "train"
+    """Cache split to train on."""
+    val_split: Optional[str] = "val"
+    """Cache split for validation metrics and threshold calibration (null: none; skipped with a
+    message when the cache has no such split)."""
+    export_saelens: bool = True
+    """Also write ``OUT/saelens`` (SAELens format) at the end."""
+
+    def validate(self) -> None:
+        self._require(isinstance(self.cache, str) and bool(self.cache), "cache",
+                      f"must be a cache folder or URI, got {self.cache!r}")
+        self._require(isinstance(self.sae, SAEConfig), "sae", "must be a mapping of SAEConfig fields")
+        self._require(isinstance(self.training, TrainingConfig), "training",
+                      "must be a mapping of TrainingConfig fields")
+        if self.hook is None:
+            self.hook = self.sae.hook_spec
+        elif self.hook != self.sae.hook_spec:
+            self._fail("hook", f"{self.hook!r} differs from sae.hook_spec {self.sae.hook_spec!r}; "
+                       "set sae.hook_spec (or sae.hook_layer/hook_name) to the cached hook")
+        self._require(bool(self.out_dir), "out_dir", "must be a folder path")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if out["hook"] == self.sae.hook_spec:
+            del out["hook"]
+        return out
+
+
+def _open_cache(uri: str) -> Any:
+    opener = getattr(activation_cache, "open_cache", None)
+    if opener is None:  # pragma: no cover - only before the cache reader is installed
+        raise ConfigError("activation_cache.open_cache is not available in this installation")
+    return opener(uri)
+
+
+def train_from_yaml(path: str | Path, *, out_dir: str | Path | None = None, resume: bool = True,
+                    reporter: Optional[Reporter] = None) -> TrainResult:
+    """Run the training job described by the YAML file ``path`` (see the module docstring)."""
+    job = TrainJobConfig.from_yaml(Path(path))
+    out = Path(out_dir) if out_dir is not None else Path(job.out_dir)
+    reporter = reporter or ConsoleReporter(show_progress=job.training.show_progress)
+    reader = _open_cache(job.cache)
+    hook = job.hook
+    assert hook is not None
+    train_source = reader.token_source(hook, job.train_split)
+    if train_source.d_in != job.sae.d_in:
+        raise DimensionMismatchError(
+            f"{path}: sae.d_in is {job.sae.d_in} but the cache {job.cache} stores "
+            f"{hook} with d_in={train_source.d_in}; set sae.d_in: {train_source.d_in}")
+    val_source = None
+    if job.val_split is not None:
+        splits = reader.manifest.get("splits", {}) if hasattr(reader, "manifest") else {}
+        if job.val_split in splits:
+            val_source = reader.token_source(hook, job.val_split)
+        else:
+            reporter.on_message(f"cache has no {job.val_split!r} split: training without "
+                                "validation (metrics are training-batch averages)")
+
+    resume_from = latest_checkpoint(out) if resume else None
+    if not resume and (out / CHECKPOINTS_DIR).exists():
+        reporter.on_message(f"--no-resume: removing the old checkpoints in {out / CHECKPOINTS_DIR}")
+        shutil.rmtree(out / CHECKPOINTS_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    job.to_yaml(out / "job.yaml")
+    sae = build_sae(job.sae, seed=job.training.seed)
+    result = train_sae(sae, train_source, job.training, val_source=val_source, out_dir=out,
+                       resume_from=resume_from, reporter=reporter)
+    if job.export_saelens:
+        export_saelens(result.sae, out / "saelens")
+        reporter.on_message(f"SAELens export: {out / 'saelens'}")
+    return result

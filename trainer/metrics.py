@@ -1,0 +1,170 @@
+"""MetricsRecord: one typed record per evaluation, and the reconstruction-metric helpers.
+
+Definitions (SAEBench / SAELens conventions):
+
+* ``explained_variance = 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over the evaluation
+  tokens (mean over those tokens); ``fvu = 1 - explained_variance``.
+* ``mse``: mean over tokens and dimensions of ``(x - x_hat)^2`` in raw activation units.
+* ``l0_train``: mean active latents per token with the training encoding (BatchTopK over the
+  batch); ``l0_inference``: with the per-token inference encoding (the learned threshold).
+* ``dead_fraction``: latents that never fired on the evaluation tokens; ``dense_fraction``: latents
+  firing on more than 10 % of them; ``density_histogram``: counts of live latents per decade of
+  firing frequency, bins ``DENSITY_BIN_EDGES`` (log10; the first bin also takes anything lower).
+
+The end-to-end fields are filled by ``EndToEndObjective`` (None otherwise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from .errors import CheckpointMismatchError
+
+DENSE_FREQUENCY = 0.1
+DENSITY_BIN_EDGES: tuple[float, ...] = (-8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0)
+
+
+@dataclass
+class MetricsRecord:
+    """Everything known about the SAE at one evaluation point (step)."""
+
+    step: int
+    """Optimizer steps taken so far."""
+    tokens_seen: int
+    """Training tokens consumed so far."""
+    epoch: int = 0
+    """Epoch (0-based) the step belongs to."""
+    lr: Optional[float] = None
+    """Learning rate of the last step."""
+    # -- training-loss terms, averaged over the steps since the previous record ------------
+    loss: Optional[float] = None
+    """Mean total training loss."""
+    loss_terms: dict[str, float] = field(default_factory=dict)
+    """Mean of each term/statistic the objective reports (``mse``, ``l1``, ``aux``, ...)."""
+    # -- reconstruction on the validation tokens -------------------------------------------
+    eval_tokens: int = 0
+    """Number of validation tokens the metrics below were computed on (0: no validation)."""
+    mse: Optional[float] = None
+    fvu: Optional[float] = None
+    explained_variance: Optional[float] = None
+    l0_train: Optional[float] = None
+    l0_inference: Optional[float] = None
+    mse_inference: Optional[float] = None
+    """``mse`` with the inference encoding (differs from ``mse`` only for BatchTopK)."""
+    explained_variance_inference: Optional[float] = None
+    dead_fraction: Optional[float] = None
+    dense_fraction: Optional[float] = None
+    density_histogram: Optional[list[int]] = None
+    dead_fraction_train: Optional[float] = None
+    """Latents idle for ``n_batches_to_dead`` training batches (the AuxK notion of dead)."""
+    threshold: Optional[float] = None
+    """BatchTopK's inference threshold theta (None before the threshold warm-up ends)."""
+    # -- end-to-end (filled by EndToEndObjective) ----------------------------------------
+    ce_loss_clean: Optional[float] = None
+    ce_loss_spliced: Optional[float] = None
+    ce_loss_zero_ablation: Optional[float] = None
+    ce_loss_delta: Optional[float] = None
+    ce_loss_score: Optional[float] = None
+    kl_div: Optional[float] = None
+    top1_agreement: Optional[float] = None
+    block_mse: Optional[float] = None
+    # -- timing ----------------------------------------------------------------------------
+    elapsed_s: Optional[float] = None
+    tokens_per_s: Optional[float] = None
+    """Training throughput since the previous record."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "MetricsRecord":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise CheckpointMismatchError(
+                f"MetricsRecord: unknown field(s) {', '.join(unknown)} (written by a newer version?)"
+            )
+        return cls(**dict(data))
+
+    def scalars(self) -> dict[str, float]:
+        """Flat ``name -> number`` view (loss terms as ``loss/<name>``), Nones left out."""
+        out: dict[str, float] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or value is None:
+                continue
+            if isinstance(value, (int, float)):
+                out[f.name] = value
+        for name, value in self.loss_terms.items():
+            out[f"loss/{name}"] = value
+        return out
+
+
+def numeric_metric_names() -> tuple[str, ...]:
+    """Names of the MetricsRecord fields that can serve as a 'best' metric."""
+    skip = {"step", "tokens_seen", "epoch", "eval_tokens", "lr", "elapsed_s", "tokens_per_s"}
+    out = []
+    for f in dataclasses.fields(MetricsRecord):
+        if f.name in skip:
+            continue
+        if f.type in ("Optional[float]", "float", "int"):
+            out.append(f.name)
+    return tuple(out)
+
+
+class ReconstructionAccumulator:
+    """Streams batches of (x, x_hat) and returns mse / fvu / explained_variance in float64."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.d = 0
+        self.sse = 0.0
+        self.sum_sq = 0.0
+        self.sum: Optional[Tensor] = None
+
+    def add(self, x: Tensor, x_hat: Tensor) -> None:
+        x64 = x.detach().reshape(-1, x.shape[-1]).double()
+        err = x64 - x_hat.detach().reshape(-1, x.shape[-1]).double()
+        self.n += x64.shape[0]
+        self.d = x64.shape[1]
+        self.sse += float(err.pow(2).sum())
+        self.sum_sq += float(x64.pow(2).sum())
+        s = x64.sum(0)
+        self.sum = s if self.sum is None else self.sum + s
+
+    def result(self) -> dict[str, float]:
+        if self.n == 0 or self.sum is None:
+            return {}
+        total_var = self.sum_sq - float(self.sum.pow(2).sum()) / self.n
+        ev = 1.0 - self.sse / total_var if total_var > 0 else float("nan")
+        return {"mse": self.sse / (self.n * self.d), "explained_variance": ev, "fvu": 1.0 - ev}
+
+
+def density_summary(fire_counts: Tensor, n_tokens: int) -> dict[str, Any]:
+    """dead_fraction, dense_fraction and density_histogram from per-latent firing counts."""
+    counts = fire_counts.double()
+    d_sae = counts.numel()
+    freq = counts / max(n_tokens, 1)
+    live = freq[counts > 0]
+    log_freq = torch.log10(live).clamp(min=DENSITY_BIN_EDGES[0], max=DENSITY_BIN_EDGES[-1])
+    hist = []
+    edges = DENSITY_BIN_EDGES
+    for i in range(len(edges) - 1):
+        lo, hi = edges[i], edges[i + 1]
+        upper = log_freq <= hi if i == len(edges) - 2 else log_freq < hi
+        hist.append(int(((log_freq >= lo) & upper).sum()))
+    return {
+        "dead_fraction": float((counts == 0).sum()) / d_sae,
+        "dense_fraction": float((freq > DENSE_FREQUENCY).sum()) / d_sae,
+        "density_histogram": hist,
+    }
+
+
+def is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -1,0 +1,189 @@
+"""The objective seam: what one training step computes, and how a run is evaluated.
+
+The training loop (trainer/training.py) owns the optimizer, schedule, clipping, decoder
+projection/renormalisation, dead tracking, validation cadence, checkpoints and resume. An
+``Objective`` owns the data-dependent parts:
+
+* ``step(sae, batch) -> StepOutput(loss, stats, fired)`` -- required. ``stats`` values are
+  floats or detached 0-d tensors (the loop converts them only when it reports, so a step costs
+  no host syncs for logging); ``fired`` is a bool [d_sae] mask of latents active in the batch.
+* ``evaluate(sae, val_source, max_tokens) -> dict`` -- required; its keys are MetricsRecord
+  fields and are merged into the record.
+* ``iter_batches``, ``steps_per_epoch``, ``batch_tokens``, ``initialize``, ``finalize``,
+  ``state_dict`` / ``load_state_dict`` -- optional hooks with token-batch defaults here.
+
+``LocalObjective`` is the default: reconstruction MSE x reconstruction_loss_weight
++ l1_coefficient x L1 (standard SAE) + aux_penalty x AuxK (BatchTopK), on shuffled token rows
+from an ActivationSource, with the norm-outlier policy applied to training batches.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any, Iterator, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .batchtopk import BatchTopKSAE
+from .errors import NonFiniteActivationError
+from .evaluation import evaluate_reconstruction
+from .sae import SAE
+from .sources import ActivationSource
+from .training_config import TrainingConfig
+
+
+class StepOutput(NamedTuple):
+    loss: Tensor
+    """Scalar loss to backpropagate."""
+    stats: dict[str, Any]
+    """Per-step statistics (floats or detached 0-d tensors), averaged between reports."""
+    fired: Tensor
+    """bool [d_sae]: latents that fired in this batch (dead-latent tracking)."""
+
+
+class Objective(ABC):
+    """Base class of training objectives (see the module docstring)."""
+
+    def __init__(self, config: TrainingConfig):
+        self.config = config
+
+    @abstractmethod
+    def step(self, sae: SAE, batch: Any) -> StepOutput:
+        """Forward one training batch and return the loss to minimise."""
+
+    @abstractmethod
+    def evaluate(self, sae: SAE, val_source: Any, max_tokens: Optional[int]) -> dict[str, Any]:
+        """Metrics (MetricsRecord field -> value) on held-out data."""
+
+    # -- optional hooks (defaults: token batches from an ActivationSource) ------------------
+    def iter_batches(self, source: Any, *, epoch: int, start_batch: int) -> Iterator[Any]:
+        return source.iter_batches(self.config.train_batch_tokens, seed=self.config.seed,
+                                   epoch=epoch, start_batch=start_batch)
+
+    def steps_per_epoch(self, source: Any) -> int:
+        return max(1, math.ceil(source.num_tokens / self.config.train_batch_tokens))
+
+    def batch_tokens(self, batch: Any) -> int:
+        """Source tokens a batch consumed (counts toward ``max_tokens``)."""
+        return int(batch.shape[0])
+
+    def initialize(self, sae: SAE, source: Any) -> None:
+        """Called once at the start of a fresh (not resumed) run, before the first step."""
+
+    def finalize(self, sae: SAE, train_source: Any, val_source: Any) -> Optional[str]:
+        """Called once after the last step; may return a message for the reporter."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state saved in checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+
+
+class LocalObjective(Objective):
+    """Reconstruction (+ L1 or AuxK) on shuffled token rows (module docstring)."""
+
+    def __init__(self, config: TrainingConfig):
+        super().__init__(config)
+        self.outlier_cap: Optional[float] = None
+        """Raw-norm cap for the outlier policy (from the initialisation tokens)."""
+
+    # -- data ------------------------------------------------------------------------------------
+    def _initial_tokens(self, source: ActivationSource) -> Tensor:
+        chunks, total = [], 0
+        for batch in source.iter_batches(self.config.train_batch_tokens, seed=self.config.seed,
+                                         epoch=0):
+            chunks.append(batch[: self.config.init_tokens - total])
+            total += chunks[-1].shape[0]
+            if total >= self.config.init_tokens:
+                break
+        if total == 0:
+            raise NonFiniteActivationError("the training source yielded no tokens")
+        x = torch.cat(chunks).float()
+        if not torch.isfinite(x).all():
+            raise NonFiniteActivationError(
+                "the training activations contain NaN or inf (found in the first "
+                f"{total} tokens, used for initialisation); fix the cache before training"
+            )
+        return x
+
+    def initialize(self, sae: SAE, source: Any) -> None:
+        """Outlier cap from the median token norm, then input scale and b_dec from the rest."""
+        x = self._initial_tokens(source)
+        if self.config.outlier_policy != "none":
+            median = float(x.norm(dim=1).median())
+            self.outlier_cap = self.config.outlier_norm_multiple * median if median > 0 else None
+            if self.outlier_cap is not None:
+                x = self._apply_outlier_policy(x)
+        sae.initialize_from_data(x, b_dec_init=self.config.b_dec_init,
+                                 scale_inputs=self.config.scale_inputs)
+
+    def _apply_outlier_policy(self, batch: Tensor) -> Tensor:
+        if self.outlier_cap is None or self.config.outlier_policy == "none":
+            return batch
+        norms = batch.norm(dim=1, keepdim=True)
+        if self.config.outlier_policy == "drop":
+            return batch[(norms <= self.outlier_cap).squeeze(1)]
+        return batch * (self.outlier_cap / norms.clamp_min(self.outlier_cap))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"outlier_cap": self.outlier_cap}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.outlier_cap = state.get("outlier_cap")
+
+    # -- the step --------------------------------------------------------------------------------
+    def step(self, sae: SAE, batch: Tensor) -> StepOutput:
+        if not bool(torch.isfinite(batch).all()):
+            bad = int((~torch.isfinite(batch)).any(dim=-1).sum())
+            raise NonFiniteActivationError(
+                f"{bad} of {batch.shape[0]} activation rows contain NaN or inf; "
+                "not training on them (check the cache / model dtype)"
+            )
+        batch = batch.to(sae.W_enc.device, non_blocking=True)
+        n_in = batch.shape[0]
+        batch = self._apply_outlier_policy(batch)
+        if batch.shape[0] == 0:  # every token was an outlier: a no-op step
+            zero = sum(p.sum() * 0.0 for p in sae.parameters())
+            return StepOutput(zero, {"outlier_fraction": 1.0},
+                              torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=batch.device))
+        out = sae.training_forward(batch)
+        cfg = self.config
+        loss = cfg.reconstruction_loss_weight * out["mse"]
+        stats: dict[str, Any] = {"mse": out["mse"].detach(), "l0": out["l0"]}
+        if isinstance(sae, BatchTopKSAE):
+            loss = loss + sae.cfg.aux_penalty * out["aux"]
+            stats["aux"] = out["aux"].detach()
+        else:
+            l1_coef = cfg.l1_coefficient if cfg.l1_coefficient is not None else sae.cfg.l1_coefficient
+            loss = loss + l1_coef * out["l1"]
+            stats["l1"] = out["l1"].detach()
+        with torch.no_grad():
+            xs, x_hat = out["x_scaled"], out["x_hat"]
+            total_var = (xs - xs.mean(0)).pow(2).sum()
+            stats["explained_variance"] = 1.0 - (xs - x_hat).pow(2).sum() / total_var.clamp_min(1e-30)
+        if cfg.outlier_policy == "drop" and self.outlier_cap is not None:
+            stats["outlier_fraction"] = 1.0 - batch.shape[0] / n_in
+        return StepOutput(loss, stats, out["fired"])
+
+    # -- evaluation and the end of training --------------------------------------------------------
+    def evaluate(self, sae: SAE, val_source: Any, max_tokens: Optional[int]) -> dict[str, Any]:
+        return evaluate_reconstruction(sae, val_source, max_tokens=max_tokens,
+                                       batch_tokens=self.config.train_batch_tokens)
+
+    def finalize(self, sae: SAE, train_source: Any, val_source: Any) -> Optional[str]:
+        """Calibrate BatchTopK's inference threshold on held-out tokens (if configured)."""
+        if not (self.config.calibrate_threshold and isinstance(sae, BatchTopKSAE)):
+            return None
+        source = val_source if val_source is not None else train_source
+        batches = source.iter_batches(self.config.train_batch_tokens, seed=self.config.seed,
+                                      epoch=0)
+        before = float(sae.threshold)
+        theta = sae.calibrate_threshold(batches, self.config.calibration_tokens)
+        where = "validation" if val_source is not None else "training"
+        return (f"inference threshold calibrated on {where} tokens: {before:.5g} -> {theta:.5g} "
+                f"(inference L0 = top_k = {sae.k} there)")

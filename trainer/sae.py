@@ -1,0 +1,325 @@
+"""The SAE base class (shared machinery) and the vanilla ReLU + L1 ``SAE``.
+
+Conventions shared by every architecture:
+
+* Parameters: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]`` (unit-norm rows
+  during training), ``b_dec [d_in]``.
+* The public methods (``encode``, ``decode``, ``forward``) take and return **raw** activations.
+  Internally inputs are multiplied by the fp32 buffer ``input_scale`` (chosen from data so that
+  E||x|| = sqrt(d_in)); ``fold_scaling`` folds it into the weights (W_enc * s, W_dec / s,
+  b_dec / s, scale 1) without changing any raw-input output; ``save`` folds by default.
+  Encoder pre-activations are unchanged by that folding, so thresholds need no adjustment.
+* Encoding centres by b_dec: ``pre = (x_s - b_dec) @ W_enc + b_enc`` (as SAELens with
+  ``apply_b_dec_to_input``), decoding is ``f @ W_dec + b_dec`` (then / input_scale).
+* Dead-latent tracking: ``ever_fired`` (the design notes' notion, for ``count_dead_features``) and
+  ``num_batches_not_active`` (consecutive training batches without firing; AuxK's notion).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .errors import CheckpointMismatchError, DimensionMismatchError
+from .sae_config import SAEConfig
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+HISTORY_FILE = "history.json"
+
+
+class SAE(nn.Module):
+    """Vanilla sparse autoencoder: ReLU encoder, L1 penalty (``architecture: standard``).
+
+    Also the base class of every architecture: scaling, data initialisation, decoder
+    normalisation and gradient projection, dead-latent tracking, save/load.
+    """
+
+    architecture: ClassVar[str] = "standard"
+
+    def __init__(self, cfg: SAEConfig, *, seed: Optional[int] = None):
+        super().__init__()
+        if cfg.architecture != self.architecture:
+            raise CheckpointMismatchError(
+                f"{type(self).__name__} needs SAEConfig.architecture={self.architecture!r}, got "
+                f"{cfg.architecture!r} (use trainer.build_sae(cfg) to pick the class)"
+            )
+        self.cfg = cfg
+        self.dtype = cfg.torch_dtype()
+        self.device = cfg.torch_device()
+        self.hook_spec = cfg.hook_spec
+        self._last_dense_acts: Optional[Tensor] = None
+        d_in, d_sae = cfg.d_in, cfg.d_sae
+        kw: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae, **kw))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, **kw))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, **kw))
+        self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=self.device))
+        self.register_buffer("ever_fired", torch.zeros(d_sae, dtype=torch.bool, device=self.device))
+        self.register_buffer("num_batches_not_active",
+                             torch.zeros(d_sae, dtype=torch.int64, device=self.device))
+        self.initialize_weights(seed)
+
+    # -- construction ---------------------------------------------------------------------
+    def get_hook_spec(self) -> str:
+        return self.cfg.hook_spec  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def initialize_weights(self, seed: Optional[int] = None) -> None:
+        """Random unit-norm decoder rows, encoder = decoder transpose, zero biases."""
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+        w = torch.empty(self.cfg.d_sae, self.cfg.d_in, dtype=torch.float32)
+        bound = 1.0 / math.sqrt(self.cfg.d_in)
+        w.uniform_(-bound, bound, generator=gen)
+        w /= w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.W_dec.copy_(w.to(self.W_dec))
+        self.W_enc.copy_(w.t().to(self.W_enc))
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    @torch.no_grad()
+    def initialize_from_data(self, x: Tensor, *, b_dec_init: str = "geometric_median",
+                             scale_inputs: bool = True) -> None:
+        """Set ``input_scale`` (E||x|| = sqrt(d_in)) and ``b_dec`` from raw tokens ``x``.
+
+        ``b_dec_init``: ``geometric_median`` (Weiszfeld iterations), ``mean`` or ``zeros``.
+        """
+        x = self.check_input(x).reshape(-1, self.cfg.d_in).double()
+        if x.shape[0] == 0:
+            raise ValueError("initialize_from_data needs at least one token")
+        if scale_inputs:
+            mean_norm = float(x.norm(dim=1).mean())
+            scale = math.sqrt(self.cfg.d_in) / mean_norm if mean_norm > 0 else 1.0
+            self.input_scale.fill_(scale)
+        xs = x * float(self.input_scale)
+        if b_dec_init == "geometric_median":
+            center = geometric_median(xs)
+        elif b_dec_init == "mean":
+            center = xs.mean(0)
+        elif b_dec_init == "zeros":
+            center = torch.zeros_like(xs[0])
+        else:
+            raise ValueError(f"unknown b_dec_init {b_dec_init!r}")
+        self.b_dec.copy_(center.to(self.b_dec))
+
+    # -- input handling -------------------------------------------------------------------
+    def check_input(self, x: Tensor) -> Tensor:
+        if x.ndim == 0 or x.shape[-1] != self.cfg.d_in:
+            got = "a scalar" if x.ndim == 0 else f"width {x.shape[-1]}"
+            raise DimensionMismatchError(
+                f"activations have {got} (shape {tuple(x.shape)}) but the SAE has "
+                f"d_in={self.cfg.d_in} (hook {self.hook_spec})"
+            )
+        return x
+
+    def scale_input(self, x: Tensor) -> Tensor:
+        """Raw activations -> the SAE's internal (scaled) space, in the parameter dtype."""
+        x = self.check_input(x).to(device=self.W_enc.device)
+        return (x.float() * self.input_scale).to(self.dtype)
+
+    def pre_activations(self, x_scaled: Tensor) -> Tensor:
+        return (x_scaled - self.b_dec) @ self.W_enc + self.b_enc
+
+    # -- inference API (raw activations in and out) ----------------------------------------
+    def encode(self, x: Tensor) -> Tensor:
+        """Raw activations [..., d_in] -> latent activations [..., d_sae]."""
+        return torch.relu(self.pre_activations(self.scale_input(x)))
+
+    def decode(self, features: Tensor) -> Tensor:
+        """Latent activations [..., d_sae] -> reconstructed raw activations [..., d_in]."""
+        out = features.to(self.dtype) @ self.W_dec + self.b_dec
+        return (out.float() / self.input_scale).to(self.dtype)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x_recon, features)`` for raw activations ``x`` (any leading dimensions)."""
+        features = self.encode(x)
+        self._last_dense_acts = features
+        return self.decode(features), features
+
+    # -- training --------------------------------------------------------------------------
+    def training_forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Loss terms of one training batch (raw activations, any leading dimensions).
+
+        Returns ``mse`` (mean over tokens and dims, scaled space), ``l1``
+        (sum_j |f_j| ||W_dec[j]||, mean over tokens), ``aux`` (0 for this architecture),
+        ``x_hat`` (scaled space, [N, d_in]), ``x_scaled``, ``fired`` (bool [d_sae]) and ``l0``.
+        """
+        xs = self.scale_input(x).reshape(-1, self.cfg.d_in)
+        f = torch.relu(self.pre_activations(xs))
+        x_hat = f @ self.W_dec + self.b_dec
+        active = f > 0
+        return {
+            "mse": (x_hat - xs).pow(2).mean(),
+            "l1": (f * self.W_dec.norm(dim=1)).sum(-1).mean(),
+            "aux": xs.new_zeros(()),
+            "x_hat": x_hat,
+            "x_scaled": xs,
+            "fired": active.any(0),
+            "l0": active.sum(-1).float().mean().detach(),
+        }
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale every decoder row to unit norm."""
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def project_decoder_gradients(self) -> None:
+        """Remove from each decoder row's gradient its component along the row, so the
+        optimizer only rotates rows (assumes unit-norm rows, as training keeps them)."""
+        if self.W_dec.grad is None:
+            return
+        w = self.W_dec
+        parallel = (self.W_dec.grad * w).sum(dim=1, keepdim=True)
+        self.W_dec.grad -= parallel * w
+
+    @torch.no_grad()
+    def update_inactive_features(self, fired: Tensor) -> None:
+        """Record which latents fired in this batch.
+
+        ``fired``: bool [d_sae] (or latent activations [..., d_sae], firing where > 0).
+        """
+        if fired.dtype != torch.bool:
+            fired = (fired.reshape(-1, self.cfg.d_sae) > 0).any(0)
+        self.ever_fired |= fired
+        self.num_batches_not_active += 1
+        self.num_batches_not_active.masked_fill_(fired, 0)
+
+    @torch.no_grad()
+    def update_training_state(self, fired: Tensor, *, update_threshold: bool = False,
+                              threshold_beta: float = 0.999) -> None:
+        """Everything the SAE tracks after an optimizer step (architectures extend it)."""
+        self.update_inactive_features(fired)
+
+    def dead_mask(self) -> Tensor:
+        """Latents idle for ``n_batches_to_dead`` consecutive training batches."""
+        return self.num_batches_not_active >= self.cfg.n_batches_to_dead
+
+    def count_dead_features(self) -> int:
+        """Latents that have never fired during training."""
+        return int((~self.ever_fired).sum())
+
+    def dead_feature_percentage(self) -> float:
+        return 100.0 * self.count_dead_features() / self.cfg.d_sae
+
+    # -- folding ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fold_scaling(self) -> None:
+        """Fold ``input_scale`` into the weights (raw-input outputs unchanged; scale becomes 1)."""
+        s = float(self.input_scale)
+        if s == 1.0:
+            return
+        self.W_enc.mul_(s)
+        self.W_dec.div_(s)
+        self.b_dec.div_(s)
+        self.input_scale.fill_(1.0)
+
+    def folded_copy(self) -> "SAE":
+        """A copy with the input scaling folded in (for saving/export); ``self`` is unchanged."""
+        other = copy.deepcopy(self)
+        other._last_dense_acts = None
+        other.fold_scaling()
+        return other
+
+    # -- save / load -------------------------------------------------------------------------
+    def save(self, path: str | Path, history: Optional[list[dict[str, Any]]] = None, *,
+             fold: bool = True) -> Path:
+        """Write ``config.json``, ``weights.safetensors`` and ``history.json`` into ``path``.
+
+        ``fold=True`` (default) folds the input scaling into the weights first, so the saved SAE
+        takes raw activations with ``input_scale == 1``; checkpoints use ``fold=False``.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        model = self.folded_copy() if fold else self
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(tensors, str(path / WEIGHTS_FILE))
+        (path / CONFIG_FILE).write_text(json.dumps(self.cfg.to_dict(), indent=2))
+        (path / HISTORY_FILE).write_text(json.dumps(history or [], indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: Optional[str] = None, load_history: bool = False):
+        """Rebuild the SAE saved in ``path`` (the class named by its config's architecture).
+
+        Returns the SAE, or ``(sae, history)`` when ``load_history`` is true.
+        """
+        from .registry import SAE_REGISTRY
+
+        path = Path(path)
+        cfg = read_sae_config(path)
+        if device is not None:
+            cfg = cfg.replace(device=device)
+        klass = SAE_REGISTRY[cfg.architecture]
+        if not issubclass(klass, cls):
+            raise CheckpointMismatchError(
+                f"{path / CONFIG_FILE}: architecture {cfg.architecture!r} is a {klass.__name__}, "
+                f"not a {cls.__name__}"
+            )
+        sae = klass(cfg)
+        sae.load_weights(path / WEIGHTS_FILE)
+        if not load_history:
+            return sae
+        hist_path = path / HISTORY_FILE
+        history = json.loads(hist_path.read_text()) if hist_path.exists() else []
+        return sae, history
+
+    @torch.no_grad()
+    def load_weights(self, file: str | Path) -> None:
+        """Load ``weights.safetensors`` into this SAE, checking names and shapes."""
+        file = Path(file)
+        if not file.exists():
+            raise CheckpointMismatchError(f"{file} does not exist")
+        tensors = load_file(str(file))
+        own = self.state_dict()
+        missing = sorted(set(own) - set(tensors))
+        extra = sorted(set(tensors) - set(own))
+        if missing or extra:
+            raise CheckpointMismatchError(
+                f"{file}: tensors do not match a {type(self).__name__} "
+                f"(missing: {missing or 'none'}; unexpected: {extra or 'none'})"
+            )
+        for name, value in tensors.items():
+            if tuple(value.shape) != tuple(own[name].shape):
+                raise CheckpointMismatchError(
+                    f"{file}: {name} has shape {list(value.shape)} but the config "
+                    f"(d_in={self.cfg.d_in}, d_sae={self.cfg.d_sae}) needs {list(own[name].shape)}"
+                )
+        self.load_state_dict({k: v.to(own[k].device, own[k].dtype) for k, v in tensors.items()})
+
+
+def read_sae_config(path: str | Path) -> SAEConfig:
+    """The SAEConfig in ``path/config.json`` (a saved SAE or a checkpoint)."""
+    file = Path(path) / CONFIG_FILE
+    if not file.exists():
+        raise CheckpointMismatchError(f"{file} does not exist (not a saved SAE folder)")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointMismatchError(f"{file}: not valid JSON: {exc}") from None
+    try:
+        return SAEConfig.from_dict(data)
+    except Exception as exc:  # ConfigError names the field
+        raise CheckpointMismatchError(f"{file}: {exc}") from None
+
+
+def geometric_median(x: Tensor, iterations: int = 20, eps: float = 1e-8) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances to rows of x."""
+    y = x.mean(0)
+    for _ in range(iterations):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(eps)
+        y_new = (w[:, None] * x).sum(0) / w.sum()
+        if torch.allclose(y_new, y, rtol=0, atol=1e-10 * (1 + float(y.abs().max()))):
+            return y_new
+        y = y_new
+    return y

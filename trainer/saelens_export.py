@@ -1,0 +1,75 @@
+"""Export an SAE in SAELens's on-disk format (``cfg.json`` + ``sae_weights.safetensors``).
+
+The export takes raw activations (the input scaling is folded into the weights) and gives the
+same encode/decode outputs as ours in eval mode:
+
+* ``standard`` SAEs export as SAELens ``standard`` (ReLU);
+* ``batchtopk`` SAEs export as SAELens ``jumprelu`` with a per-latent threshold equal to our
+  global inference threshold theta (0 -- a plain ReLU -- if theta was never learned). This is
+  the inference form of a BatchTopK SAE; SAELens saves its own BatchTopK SAEs the same way.
+
+sae-lens is not imported: the files follow its documented 6.x layout, and a test opens them with
+``sae_lens.SAE.load_from_disk``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from safetensors.torch import save_file
+
+from .batchtopk import BatchTopKSAE
+from .checkpoint import atomic_directory
+from .sae import SAE
+
+SAELENS_CFG_FILE = "cfg.json"
+SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
+SAELENS_FORMAT_VERSION = "6.0.0"
+
+
+def export_saelens(sae: SAE, out_dir: str | Path, *, model_name: Optional[str] = None,
+                   extra_metadata: Optional[dict[str, Any]] = None) -> Path:
+    """Write ``sae`` to ``out_dir`` in SAELens format (atomically) and return the folder."""
+    folded = sae.folded_copy()
+    tensors = {
+        "W_enc": folded.W_enc.detach(),
+        "W_dec": folded.W_dec.detach(),
+        "b_enc": folded.b_enc.detach(),
+        "b_dec": folded.b_dec.detach(),
+    }
+    metadata: dict[str, Any] = {
+        "sae_lens_version": SAELENS_FORMAT_VERSION,
+        "sae_lens_training_version": SAELENS_FORMAT_VERSION,
+        "hook_name": sae.hook_spec,
+        "exported_by": "sae-sweep",
+        "sae_sweep_architecture": sae.architecture,
+    }
+    if model_name is not None:
+        metadata["model_name"] = model_name
+    if isinstance(folded, BatchTopKSAE):
+        architecture = "jumprelu"
+        theta = folded.threshold.clamp_min(0).to(folded.dtype)
+        tensors["threshold"] = theta.expand(sae.cfg.d_sae).clone()
+        metadata["top_k"] = folded.k
+    else:
+        architecture = "standard"
+    metadata.update(extra_metadata or {})
+    cfg = {
+        "architecture": architecture,
+        "d_in": sae.cfg.d_in,
+        "d_sae": sae.cfg.d_sae,
+        "dtype": sae.cfg.dtype,
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": metadata,
+    }
+    out = Path(out_dir)
+    with atomic_directory(out) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()},
+                  str(tmp / SAELENS_WEIGHTS_FILE))
+        (tmp / SAELENS_CFG_FILE).write_text(json.dumps(cfg, indent=2))
+    return out

@@ -1,0 +1,349 @@
+"""The training loop: ``train_sae`` and its result, ``TrainResult``.
+
+Per step: check the batch (via the objective), set the scheduled learning rate, forward/backward
+through the objective, project the decoder gradients, clip the gradient norm, Adam step,
+renormalise the decoder rows, update dead-latent counters and (after its warm-up) the inference
+threshold. Every ``log_freq`` steps (and at every checkpoint) it evaluates on the validation
+source and reports a MetricsRecord; every ``checkpoint_every`` steps it writes a resumable
+checkpoint. At the end it lets the objective finalise (threshold calibration), evaluates, writes
+the final checkpoint and saves the SAE (folded) to ``OUT/final``.
+
+Output folder layout (when ``out_dir`` is given)::
+
+    OUT/checkpoints/step_00001000/   resumable checkpoints (the last ``keep_checkpoints``)
+    OUT/best/                        the SAE with the best ``best_metric`` (``save_best``)
+    OUT/final/                       the SAE after training (config.json, weights, history.json)
+
+Resuming (``resume_from``) restores weights, Adam moments, step/epoch/batch position, tokens,
+dead counters, threshold, RNG and history, and continues bit-for-bit as if never stopped.
+Ctrl-C finishes the current step, writes a checkpoint and re-raises KeyboardInterrupt.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .checkpoint import (CHECKPOINTS_DIR, TrainerState, atomic_directory, checkpoint_name,
+                         list_checkpoints, load_checkpoint, save_checkpoint)
+from .errors import DimensionMismatchError, NonFiniteActivationError, TrainingDivergedError
+from .metrics import MetricsRecord
+from .objective import LocalObjective, Objective
+from .reporting import ConsoleReporter, Reporter
+from .sae import SAE
+from .training_config import TrainingConfig
+
+
+@dataclass
+class TrainResult:
+    """What ``train_sae`` returns."""
+
+    sae: SAE
+    """The trained SAE (unfolded: it still takes raw activations through ``input_scale``)."""
+    history: list[MetricsRecord]
+    final: Optional[MetricsRecord]
+    steps: int
+    tokens_seen: int
+    best_value: Optional[float] = None
+    best_step: Optional[int] = None
+    out_dir: Optional[Path] = None
+    final_dir: Optional[Path] = None
+    best_dir: Optional[Path] = None
+    last_checkpoint: Optional[Path] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Schedule:
+    """Linear warm-up (capped at a tenth of the run), constant, linear decay to 0 at the end."""
+
+    def __init__(self, config: TrainingConfig, base_lr: float, total_steps: int):
+        self.base = base_lr
+        self.total = total_steps
+        self.warmup = min(config.lr_warmup_steps, total_steps // 10)
+        self.decay_start = total_steps - int(total_steps * config.lr_decay_fraction)
+
+    def lr(self, step: int) -> float:
+        """Learning rate of the step with 0-based index ``step``."""
+        if step < self.warmup:
+            return self.base * (step + 1) / self.warmup
+        if step >= self.decay_start and self.total > self.decay_start:
+            return self.base * (self.total - step) / (self.total - self.decay_start)
+        return self.base
+
+
+class _DeferredInterrupt:
+    """Turn the first Ctrl-C into a flag checked between steps (main thread only)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "_DeferredInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class _Window:
+    """Running sums of the step statistics between two reports (tensors until reported)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss: Any = 0.0
+        self.steps = 0
+        self.sums: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
+        self.tokens = 0
+        self.started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, stats: dict[str, Any], tokens: int) -> None:
+        self.loss = self.loss + loss.detach()
+        self.steps += 1
+        self.tokens += tokens
+        for k, v in stats.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def means(self) -> tuple[Optional[float], dict[str, float]]:
+        if self.steps == 0:
+            return None, {}
+        terms = {k: float(v) / self.counts[k] for k, v in self.sums.items()}
+        return float(self.loss) / self.steps, terms
+
+
+def train_sae(sae: SAE, train_source: Any, config: TrainingConfig, *, val_source: Any = None,
+              out_dir: str | Path | None = None, resume_from: str | Path | None = None,
+              reporter: Optional[Reporter] = None,
+              objective: Optional[Objective] = None) -> TrainResult:
+    """Train ``sae`` on ``train_source`` (an ActivationSource, or what ``objective`` consumes).
+
+    See the module docstring for what happens per step, the output layout and resuming.
+    """
+    reporter = reporter if reporter is not None else ConsoleReporter(
+        show_progress=config.show_progress)
+    objective = objective if objective is not None else LocalObjective(config)
+    source_d_in = getattr(train_source, "d_in", None)
+    if source_d_in is not None and source_d_in != sae.cfg.d_in:
+        raise DimensionMismatchError(
+            f"the training activations have d_in={source_d_in} but the SAE has "
+            f"d_in={sae.cfg.d_in} (SAEConfig.d_in; hook {sae.hook_spec})")
+    val_d_in = getattr(val_source, "d_in", None)
+    if val_d_in is not None and val_d_in != sae.cfg.d_in:
+        raise DimensionMismatchError(
+            f"the validation activations have d_in={val_d_in} but the SAE has "
+            f"d_in={sae.cfg.d_in} (SAEConfig.d_in; hook {sae.hook_spec})")
+    out = Path(out_dir) if out_dir is not None else None
+
+    steps_per_epoch = objective.steps_per_epoch(train_source)
+    total_steps = steps_per_epoch * config.num_epochs
+    if config.max_tokens is not None:
+        total_steps = min(total_steps, math.ceil(config.max_tokens / config.train_batch_tokens))
+    base_lr = config.resolved_lr(sae.cfg.d_sae)
+    schedule = Schedule(config, base_lr, total_steps)
+    threshold_start = min(config.threshold_warmup_steps, total_steps // 2)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=base_lr,
+                                 betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, sae=sae, optimizer=optimizer, config=config)
+        objective.load_state_dict(state.objective)
+        reporter.on_message(f"resumed from {resume_from} at step {state.step}")
+    else:
+        state = TrainerState()
+        objective.initialize(sae, train_source)
+        sae.normalize_decoder()
+    history = [MetricsRecord.from_dict(r) for r in state.history]
+
+    if state.finished:
+        final = history[-1] if history else None
+        return _result(sae, state, history, final, out, None)
+
+    loop = _Loop(sae, train_source, val_source, config, objective, optimizer, reporter, out,
+                 state, history)
+    sae.train()
+    reporter.on_train_start(total_steps=total_steps, start_step=state.step,
+                            description=f"{sae.architecture} d_sae={sae.cfg.d_sae}")
+    last_ckpt: Optional[Path] = None
+    with _DeferredInterrupt() as interrupt:
+        while state.step < total_steps and state.epoch < config.num_epochs:
+            for batch in objective.iter_batches(train_source, epoch=state.epoch,
+                                                start_batch=state.batch_in_epoch):
+                loop.train_step(batch, schedule.lr(state.step), state.step >= threshold_start)
+                last = state.step >= total_steps or (
+                    config.max_tokens is not None and state.tokens_seen >= config.max_tokens)
+                if last:
+                    break
+                ckpt_due = (out is not None and config.checkpoint_every is not None
+                            and state.step % config.checkpoint_every == 0)
+                if ckpt_due or state.step % config.log_freq == 0:
+                    last_ckpt = loop.report(checkpoint=ckpt_due) or last_ckpt
+                if interrupt.requested:
+                    if out is not None:
+                        path = loop.write_checkpoint()
+                        reporter.on_message(f"interrupted at step {state.step}; checkpoint {path}")
+                    reporter.on_train_end(None)
+                    raise KeyboardInterrupt
+            else:
+                state.epoch += 1
+                state.batch_in_epoch = 0
+                continue
+            break
+
+    sae.eval()
+    message = objective.finalize(sae, train_source, val_source)
+    if message:
+        reporter.on_message(message)
+    state.finished = True
+    last_ckpt = loop.report(checkpoint=out is not None) or last_ckpt
+    final = history[-1]
+    final_dir = None
+    if out is not None:
+        final_dir = out / "final"
+        with atomic_directory(final_dir) as tmp:
+            sae.save(tmp, history=[r.to_dict() for r in history])
+    result = _result(sae, state, history, final, out, final_dir, last_ckpt)
+    reporter.on_train_end(result)
+    return result
+
+
+def _result(sae: SAE, state: TrainerState, history: list[MetricsRecord],
+            final: Optional[MetricsRecord], out: Optional[Path], final_dir: Optional[Path],
+            last_ckpt: Optional[Path] = None) -> TrainResult:
+    best_dir = out / "best" if out is not None and (out / "best").exists() else None
+    if final_dir is None and out is not None and (out / "final").exists():
+        final_dir = out / "final"
+    return TrainResult(sae=sae, history=history, final=final, steps=state.step,
+                       tokens_seen=state.tokens_seen, best_value=state.best_value,
+                       best_step=state.best_step, out_dir=out, final_dir=final_dir,
+                       best_dir=best_dir, last_checkpoint=last_ckpt)
+
+
+class _Loop:
+    """The per-step work and the reporting/checkpointing of one ``train_sae`` call."""
+
+    def __init__(self, sae: SAE, train_source: Any, val_source: Any, config: TrainingConfig,
+                 objective: Objective, optimizer: torch.optim.Optimizer, reporter: Reporter,
+                 out: Optional[Path], state: TrainerState, history: list[MetricsRecord]):
+        self.sae, self.train_source, self.val_source = sae, train_source, val_source
+        self.config, self.objective, self.optimizer = config, objective, optimizer
+        self.reporter, self.out, self.state, self.history = reporter, out, state, history
+        self.window = _Window()
+        self.lr = optimizer.param_groups[0]["lr"]
+        self.params = [p for p in sae.parameters() if p.requires_grad]
+        self.started = time.perf_counter()
+
+    def train_step(self, batch: Any, lr: float, update_threshold: bool) -> None:
+        state, sae = self.state, self.sae
+        step_no = state.step + 1
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.lr = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            out = self.objective.step(sae, batch)
+        except NonFiniteActivationError as exc:
+            raise NonFiniteActivationError(
+                f"step {step_no} (epoch {state.epoch}, batch {state.batch_in_epoch}): {exc}"
+            ) from None
+        if not bool(torch.isfinite(out.loss)):
+            raise TrainingDivergedError(
+                f"step {step_no}: the training loss is {float(out.loss)} (diverged); "
+                f"lower TrainingConfig.lr (now {lr:.3g}) or check the data")
+        out.loss.backward()
+        sae.project_decoder_gradients()
+        if self.config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.optimizer.step()
+        sae.normalize_decoder()
+        sae.update_training_state(out.fired, update_threshold=update_threshold,
+                                  threshold_beta=self.config.threshold_beta)
+        tokens = self.objective.batch_tokens(batch)
+        state.step = step_no
+        state.batch_in_epoch += 1
+        state.tokens_seen += tokens
+        self.window.add(out.loss, out.stats, tokens)
+        self.reporter.on_step(step_no)
+
+    def evaluate(self) -> MetricsRecord:
+        state, sae = self.state, self.sae
+        loss, terms = self.window.means()
+        elapsed = time.perf_counter() - self.window.started
+        record = MetricsRecord(
+            step=state.step, tokens_seen=state.tokens_seen, epoch=state.epoch, lr=self.lr,
+            loss=loss, loss_terms=terms,
+            elapsed_s=time.perf_counter() - self.started,
+            tokens_per_s=self.window.tokens / elapsed if elapsed > 0 and self.window.tokens else None,
+        )
+        was_training = sae.training
+        sae.eval()
+        metrics: dict[str, Any] = {}
+        if self.val_source is not None:
+            metrics = self.objective.evaluate(sae, self.val_source, self.config.eval_max_tokens)
+        elif terms:  # no held-out data: training-window averages
+            metrics = {k: terms[k] for k in ("mse", "explained_variance") if k in terms}
+            if "explained_variance" in metrics:
+                metrics["fvu"] = 1.0 - metrics["explained_variance"]
+            if "l0" in terms:
+                metrics["l0_train"] = terms["l0"]
+        sae.train(was_training)
+        for key, value in metrics.items():
+            if not hasattr(record, key):
+                raise KeyError(f"objective.evaluate returned unknown metric {key!r}")
+            setattr(record, key, value)
+        record.dead_fraction_train = float(sae.dead_mask().float().mean())
+        theta = getattr(sae, "threshold", None)
+        if theta is not None and float(theta) >= 0:
+            record.threshold = float(theta)
+        self.window.reset()
+        return record
+
+    def report(self, *, checkpoint: bool) -> Optional[Path]:
+        record = self.evaluate()
+        self.history.append(record)
+        self.state.history.append(record.to_dict())
+        self._maybe_save_best(record)
+        path = self.write_checkpoint() if checkpoint else None
+        self.reporter.on_metrics(record, str(path) if path is not None else None)
+        return path
+
+    def _maybe_save_best(self, record: MetricsRecord) -> None:
+        value = getattr(record, self.config.best_metric)
+        if value is None or not math.isfinite(value):
+            return
+        best = self.state.best_value
+        better = best is None or (value > best if self.config.best_mode == "max" else value < best)
+        if not better:
+            return
+        self.state.best_value, self.state.best_step = float(value), record.step
+        if self.out is not None and self.config.save_best:
+            with atomic_directory(self.out / "best") as tmp:
+                self.sae.save(tmp, history=self.state.history)
+
+    def write_checkpoint(self) -> Path:
+        assert self.out is not None
+        self.state.objective = self.objective.state_dict()
+        path = self.out / CHECKPOINTS_DIR / checkpoint_name(self.state.step)
+        save_checkpoint(path, sae=self.sae, optimizer=self.optimizer, state=self.state,
+                        config=self.config)
+        for old in list_checkpoints(self.out)[: -self.config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return path
