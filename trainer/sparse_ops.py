@@ -1,16 +1,59 @@
-"""BatchTopK forward/backward kernels.
+"""BatchTopK forward/backward kernels that touch only the selected latents.
 
-``topk_sae_forward`` is the hot path of a BatchTopK training step. This first version is the
-dense reference (plain autograd); a sparse implementation with the same signature and the same
-outputs/gradients replaces it (see bench/train_step.py).
+A BatchTopK training step needs one dense product, the encoder pre-activations
+``(x - b_dec) @ W_enc + b_enc`` ([N, d_sae]), because every pre-activation competes for the
+batch's ``k * N`` slots. Everything after the selection involves only the M <= k * N selected
+(token, latent) pairs:
+
+* decoder forward ``x_hat[t] = b_dec + sum_m v_m W_dec[l_m]``: a gather-sum by token;
+* decoder backward: ``dv_m = g[t_m] . W_dec[l_m]`` (a sampled product) and
+  ``dW_dec[l] = sum_m v_m g[t_m]`` (a scatter-sum by latent);
+* encoder backward: the gradient w.r.t. the pre-activations is zero outside the selection, so
+  ``dW_enc[:, l] = sum_m dv_m xc[t_m]``, ``db_enc[l] = sum_m dv_m`` and
+  ``db_dec = -W_enc @ db_enc`` (x itself only gets a gradient when it asks for one).
+
+``topk_sae_forward`` implements this with two ``torch.autograd.Function``s sharing one
+:class:`SparsePattern`. ``auxk_reconstruct`` reuses both for the AuxK (dead-latent) term.
+``topk_sae_forward_reference`` and ``auxk_reconstruct_reference`` are the plain dense autograd
+definitions the fast paths are tested against.
+
+Selection (:func:`batch_topk_indices`) is exact: a threshold estimated from a uniform random
+sample of the pre-activations (an order statistic, so the candidate count does not depend on
+how skewed the data are), one pass to collect the candidates above it, and an exact cut among
+the candidates. When the estimate is too high (fewer candidates than slots) it retries lower and
+finally falls back to all positive pre-activations, so the result never depends on luck.
+Ties at the cut are broken towards the lowest flat index, which makes the selection
+deterministic.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+__all__ = [
+    "AuxKForward",
+    "SparsePattern",
+    "TopKForward",
+    "auxk_reconstruct",
+    "auxk_reconstruct_reference",
+    "batch_topk_indices",
+    "topk_sae_forward",
+    "topk_sae_forward_reference",
+]
+
+# Size of the random sample the selection threshold is estimated from.
+_SAMPLE_SIZE = 1 << 16
+# Safety margin of the threshold, in binomial standard deviations of the sample count.
+_MARGIN_SIGMAS = 6.0
+# Fixed seed of the private sampling generator: the selection never touches the global RNG,
+# so training stays bit-for-bit reproducible whatever the kernel does.
+_SAMPLE_SEED = 0x5AE
 
 
 class TopKForward(NamedTuple):
@@ -23,6 +66,306 @@ class TopKForward(NamedTuple):
     pre_acts: Tensor  # [N, d_sae] encoder pre-activations (detached), for AuxK and thresholds
 
 
+class AuxKForward(NamedTuple):
+    """Outputs of the AuxK reconstruction from the dead latents."""
+
+    e_hat: Tensor  # [N, d_in] reconstruction of the residual (no b_dec), differentiable
+    values: Tensor  # [M_aux] selected dead-latent activations (> 0), differentiable
+    token_idx: Tensor  # [M_aux] int64 token of each selected activation
+    latent_idx: Tensor  # [M_aux] int64 (dead) latent of each selected activation
+
+
+# --------------------------------------------------------------------------------------------
+# Dense references
+# --------------------------------------------------------------------------------------------
+
+
+def _check_shapes(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"x must be a flat batch [N, d_in]; got shape {tuple(x.shape)}")
+    d_in, d_sae = W_enc.shape
+    if x.shape[1] != d_in or W_dec.shape != (d_sae, d_in):
+        raise ValueError(
+            f"shape mismatch: x {tuple(x.shape)}, W_enc {tuple(W_enc.shape)}, "
+            f"W_dec {tuple(W_dec.shape)}"
+        )
+    if b_enc.shape != (d_sae,) or b_dec.shape != (d_in,):
+        raise ValueError(f"shape mismatch: b_enc {tuple(b_enc.shape)}, b_dec {tuple(b_dec.shape)}")
+
+
+def topk_sae_forward_reference(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int
+) -> TopKForward:
+    """Dense autograd definition of :func:`topk_sae_forward` (for tests and benchmarks).
+
+    Keeps the top ``k * N`` ReLU'd pre-activations of the flat batch (strictly positive only);
+    ties at the cut may be broken differently from the fast path.
+    """
+    _check_shapes(x, W_enc, b_enc, W_dec, b_dec)
+    n = x.shape[0]
+    pre = (x - b_dec) @ W_enc + b_enc
+    acts = torch.relu(pre)
+    flat = acts.reshape(-1)
+    m = min(k * n, flat.numel())
+    top = torch.topk(flat, m, sorted=False)
+    idx = top.indices[top.values > 0].sort().values
+    values = flat[idx]
+    token_idx = idx // acts.shape[1]
+    latent_idx = idx % acts.shape[1]
+    sparse = torch.zeros_like(flat).index_put((idx,), values).reshape_as(acts)
+    x_hat = sparse @ W_dec + b_dec
+    return TopKForward(x_hat, values, token_idx, latent_idx, pre.detach())
+
+
+def auxk_reconstruct_reference(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    dead_mask: Tensor,
+    k_aux: int,
+) -> Tensor:
+    """Dense autograd definition of the AuxK reconstruction ``e_hat`` [N, d_in].
+
+    Per token, the top ``k_aux`` ReLU'd pre-activations among the dead latents, decoded with
+    ``W_dec`` and no ``b_dec`` (the residual it reconstructs already excludes ``b_dec``).
+    """
+    pre = (x - b_dec) @ W_enc + b_enc
+    acts = torch.relu(pre)
+    masked = torch.where(dead_mask[None, :], acts, torch.zeros((), dtype=acts.dtype))
+    kk = min(k_aux, int(dead_mask.sum()))
+    if kk == 0:
+        return torch.zeros_like(x)
+    top = masked.topk(kk, dim=1)
+    sparse = torch.zeros_like(acts).scatter(1, top.indices, top.values)
+    return sparse @ W_dec
+
+
+# --------------------------------------------------------------------------------------------
+# Exact batch top-k selection
+# --------------------------------------------------------------------------------------------
+
+
+def _indices_above(flat: Tensor, thr: Tensor | float) -> Tensor:
+    """Ascending flat indices of ``flat > thr``, for a sparse result.
+
+    ``nonzero`` over the full bool mask is the slow part on CPU; reading the mask as int64
+    words first (8 flags per word) and expanding only the nonzero words is about twice as fast.
+    """
+    mask = flat > thr
+    if mask.numel() % 8 or mask.numel() < (1 << 16):
+        return mask.nonzero().squeeze(1)
+    words = mask.view(torch.int64).nonzero().squeeze(1)
+    hits = mask.view(-1, 8)[words].nonzero()
+    return words[hits[:, 0]] * 8 + hits[:, 1]
+
+
+def _cut_candidates(flat: Tensor, idx: Tensor, m: int) -> Tensor:
+    """Exact top ``m`` of ``flat[idx]`` (idx ascending, all >= the cut), ties to lowest index."""
+    vals = flat[idx]
+    if idx.numel() <= m:
+        return idx
+    kth = torch.topk(vals, m, sorted=False).values.min()
+    keep = vals > kth
+    need = m - int(torch.count_nonzero(keep))
+    if need > 0:
+        ties = vals == kth
+        keep |= ties & (torch.cumsum(ties, 0) <= need)
+    return idx[keep]
+
+
+def batch_topk_indices(
+    pre: Tensor, m: int, *, sample_size: int | None = None, margin: float | None = None
+) -> Tensor:
+    """Flat indices (ascending, int64) of the top ``m`` strictly positive entries of ``pre``.
+
+    Equals the index set of ``torch.topk(relu(pre).flatten(), m)`` restricted to positive
+    values, with ties at the cut broken towards the lowest flat index. Fewer than ``m`` indices
+    come back only when fewer than ``m`` entries are positive.
+
+    ``sample_size`` and ``margin`` (in binomial standard deviations) tune the threshold
+    estimate; they change the speed, never the result.
+    """
+    sample_size = _SAMPLE_SIZE if sample_size is None else sample_size
+    margin = _MARGIN_SIGMAS if margin is None else margin
+    flat = pre.reshape(-1)
+    n = flat.numel()
+    m = min(m, n)
+    if m <= 0:
+        return torch.zeros(0, dtype=torch.long, device=pre.device)
+    s = min(sample_size, n)
+    expected = s * m / n  # how many sample points lie above the true cut, on average
+    rank = max(1, math.ceil(expected + margin * math.sqrt(expected) + 8))  # rank from the top
+    if rank < s // 2 and s < n:
+        gen = torch.Generator(device=flat.device).manual_seed(_SAMPLE_SEED)
+        sample = flat[torch.randint(n, (s,), generator=gen, device=flat.device)]
+        for _ in range(2):
+            thr = torch.kthvalue(sample, s - rank + 1).values
+            if thr <= 0:
+                break
+            idx = _indices_above(flat, thr)
+            if idx.numel() >= m:
+                return _cut_candidates(flat, idx, m)
+            rank = min(4 * rank, s // 2)  # estimate was too high: retry lower
+    idx = _indices_above(flat, 0.0)
+    return _cut_candidates(flat, idx, m)
+
+
+# --------------------------------------------------------------------------------------------
+# Sparse pattern and the two autograd functions
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SparsePattern:
+    """M selected (token, latent) pairs of an [N, d_sae] matrix, sorted by token.
+
+    ``latent_order``/``latent_offsets`` (the same pairs grouped by latent, for the scatter-sums
+    of the backward pass) are computed on first use and shared by everything that uses the
+    pattern.
+    """
+
+    token_idx: Tensor  # [M] int64, non-decreasing
+    latent_idx: Tensor  # [M] int64 (ascending within each token)
+    n_tokens: int
+    n_latents: int
+
+    def __post_init__(self) -> None:
+        counts = torch.bincount(self.token_idx, minlength=self.n_tokens)
+        self.token_offsets = torch.zeros(
+            self.n_tokens + 1, dtype=torch.long, device=self.token_idx.device
+        )
+        torch.cumsum(counts, 0, out=self.token_offsets[1:])
+        self._by_latent: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def nnz(self) -> int:
+        return self.token_idx.numel()
+
+    def by_latent(self) -> tuple[Tensor, Tensor]:
+        """(order [M] int64 grouping the pairs by latent, offsets [d_sae + 1] int64)."""
+        if self._by_latent is None:
+            key = self.latent_idx.to(torch.int32) if self.n_latents < 2**31 else self.latent_idx
+            order = torch.sort(key, stable=True).indices
+            counts = torch.bincount(self.latent_idx, minlength=self.n_latents)
+            offsets = torch.zeros(self.n_latents + 1, dtype=torch.long, device=order.device)
+            torch.cumsum(counts, 0, out=offsets[1:])
+            self._by_latent = (order, offsets)
+        return self._by_latent
+
+    def gather_sum(self, weights: Tensor, table: Tensor) -> Tensor:
+        """out[t] = sum over pairs m of token t of weights[m] * table[latent_m]: [N, d]."""
+        if self.nnz == 0:
+            return table.new_zeros(self.n_tokens, table.shape[1])
+        return torch.nn.functional.embedding_bag(
+            self.latent_idx,
+            table,
+            self.token_offsets[:-1],
+            mode="sum",
+            per_sample_weights=weights.to(table.dtype),
+        )
+
+    def scatter_sum(self, weights: Tensor, rows: Tensor) -> Tensor:
+        """out[l] = sum over pairs m of latent l of weights[m] * rows[token_m]: [d_sae, d]."""
+        if self.nnz == 0:
+            return rows.new_zeros(self.n_latents, rows.shape[1])
+        order, offsets = self.by_latent()
+        return torch.nn.functional.embedding_bag(
+            self.token_idx[order],
+            rows,
+            offsets[:-1],
+            mode="sum",
+            per_sample_weights=weights[order].to(rows.dtype),
+        )
+
+    def sampled_dot(self, a: Tensor, b: Tensor) -> Tensor:
+        """out[m] = a[token_m] . b[latent_m] for every pair: [M]."""
+        if self.nnz == 0:
+            return a.new_zeros(0)
+        if a.dtype in (torch.float32, torch.float64) and a.device.type == "cpu":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+                csr = torch.sparse_csr_tensor(
+                    self.token_offsets,
+                    self.latent_idx,
+                    a.new_zeros(self.nnz),
+                    (self.n_tokens, self.n_latents),
+                )
+                return torch.sparse.sampled_addmm(csr, a.contiguous(), b.t()).values()
+        out = a.new_empty(self.nnz)
+        step = 1 << 14
+        for s in range(0, self.nnz, step):
+            sl = slice(s, s + step)
+            out[sl] = (a[self.token_idx[sl]] * b[self.latent_idx[sl]]).sum(1)
+        return out
+
+
+class _SelectedEncode(torch.autograd.Function):
+    """values[m] = ((x - b_dec) @ W_enc + b_enc)[t_m, l_m], gradient only at the pairs."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, xc, pre_values, pattern):  # type: ignore[override]
+        ctx.pattern = pattern
+        ctx.save_for_backward(xc, W_enc)
+        return pre_values.clone()
+
+    @staticmethod
+    def backward(ctx, dv):  # type: ignore[override]
+        xc, W_enc = ctx.saved_tensors
+        p: SparsePattern = ctx.pattern
+        need_x, need_w, need_be, need_bd = ctx.needs_input_grad[:4]
+        dx = dW_enc = db_enc = db_dec = None
+        if need_w:
+            dW_enc = p.scatter_sum(dv, xc).t()
+        if need_be or need_bd:
+            db = torch.zeros(p.n_latents, dtype=dv.dtype, device=dv.device)
+            db.index_add_(0, p.latent_idx, dv)
+            db_enc = db if need_be else None
+            db_dec = -(W_enc @ db) if need_bd else None
+        if need_x:
+            dx = p.gather_sum(dv, W_enc.t().contiguous())
+        return dx, dW_enc, db_enc, db_dec, None, None, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """y[t] = sum over pairs m of token t of values[m] * W_dec[l_m] (no bias)."""
+
+    @staticmethod
+    def forward(ctx, values, W_dec, pattern):  # type: ignore[override]
+        ctx.pattern = pattern
+        ctx.save_for_backward(values, W_dec)
+        return pattern.gather_sum(values, W_dec)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        values, W_dec = ctx.saved_tensors
+        p: SparsePattern = ctx.pattern
+        g = g.contiguous()
+        dv = p.sampled_dot(g, W_dec) if ctx.needs_input_grad[0] else None
+        dW_dec = p.scatter_sum(values, g) if ctx.needs_input_grad[1] else None
+        return dv, dW_dec, None
+
+
+def _encode_decode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    xc: Tensor,
+    pre_values: Tensor,
+    pattern: SparsePattern,
+) -> tuple[Tensor, Tensor]:
+    values = _SelectedEncode.apply(x, W_enc, b_enc, b_dec, xc, pre_values, pattern)
+    return values, _SparseDecode.apply(values, W_dec, pattern)
+
+
+# --------------------------------------------------------------------------------------------
+# Public kernels
+# --------------------------------------------------------------------------------------------
+
+
 def topk_sae_forward(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int
 ) -> TopKForward:
@@ -30,19 +373,68 @@ def topk_sae_forward(
 
     x: [N, d_in] (already scaled; centring by b_dec happens here), W_enc [d_in, d_sae],
     b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]. Ties and zeros: only strictly positive
-    activations are kept, so M can be below k * N.
+    activations are kept, so M can be below k * N; ties at the cut go to the lowest flat index.
+    Outputs are sorted by token, then latent. Same outputs and gradients as
+    :func:`topk_sae_forward_reference`, but only the encoder forward is dense.
     """
-    n = x.shape[0]
-    pre = (x - b_dec) @ W_enc + b_enc
-    acts = torch.relu(pre)
-    flat = acts.reshape(-1)
-    m = min(k * n, flat.numel())
-    top = torch.topk(flat, m, sorted=False)
-    keep = top.values > 0
-    idx = top.indices[keep]
-    values = flat[idx]
-    token_idx = idx // acts.shape[1]
-    latent_idx = idx % acts.shape[1]
-    sparse = torch.zeros_like(flat).index_put((idx,), values).reshape_as(acts)
-    x_hat = sparse @ W_dec + b_dec
-    return TopKForward(x_hat, values, token_idx, latent_idx, pre.detach())
+    _check_shapes(x, W_enc, b_enc, W_dec, b_dec)
+    n, d_sae = x.shape[0], W_enc.shape[1]
+    with torch.no_grad():
+        xc = x - b_dec
+        pre = torch.addmm(b_enc, xc, W_enc)
+        idx = batch_topk_indices(pre, k * n)
+        token_idx = torch.div(idx, d_sae, rounding_mode="floor")
+        latent_idx = idx - token_idx * d_sae
+        pre_values = pre.view(-1)[idx]
+    pattern = SparsePattern(token_idx, latent_idx, n, d_sae)
+    values, decoded = _encode_decode(x, W_enc, b_enc, W_dec, b_dec, xc, pre_values, pattern)
+    return TopKForward(decoded + b_dec, values, token_idx, latent_idx, pre)
+
+
+def auxk_reconstruct(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    pre_acts: Tensor,
+    dead_mask: Tensor,
+    k_aux: int,
+) -> AuxKForward:
+    """AuxK reconstruction from the dead latents, touching only the selected ones.
+
+    Per token, the top ``k_aux`` strictly positive pre-activations among the latents where
+    ``dead_mask`` [d_sae] (bool) is true are selected from ``pre_acts`` (the detached
+    ``TopKForward.pre_acts`` of the same step) and decoded with ``W_dec`` and no ``b_dec``.
+    The selected values are differentiable w.r.t. ``W_enc``, ``b_enc``, ``b_dec`` (and ``x``),
+    as in the dense definition :func:`auxk_reconstruct_reference`; ``e_hat`` also w.r.t.
+    ``W_dec``. With no dead latent, ``e_hat`` is zeros and the selection empty.
+    """
+    _check_shapes(x, W_enc, b_enc, W_dec, b_dec)
+    n, d_sae = pre_acts.shape
+    if dead_mask.shape != (d_sae,) or dead_mask.dtype != torch.bool:
+        raise ValueError(f"dead_mask must be a bool tensor of shape ({d_sae},)")
+    if k_aux < 1:
+        raise ValueError(f"k_aux must be >= 1; got {k_aux}")
+    with torch.no_grad():
+        dead = dead_mask.nonzero().squeeze(1)
+        kk = min(k_aux, dead.numel())
+        if kk == 0:
+            empty = torch.zeros(0, dtype=torch.long, device=x.device)
+            return AuxKForward(torch.zeros_like(x), x.new_zeros(0), empty, empty)
+        sub = pre_acts.index_select(1, dead)  # [N, D]
+        if kk < dead.numel():
+            top = sub.topk(kk, dim=1, sorted=False)
+            cols, order = top.indices.sort(dim=1)
+            vals = top.values.gather(1, order)
+        else:
+            cols = torch.arange(kk, device=x.device).expand(n, kk)
+            vals = sub
+        keep = vals > 0
+        token_idx = torch.arange(n, device=x.device)[:, None].expand(n, kk)[keep]
+        latent_idx = dead[cols[keep]]
+        pre_values = vals[keep]
+        xc = x - b_dec
+    pattern = SparsePattern(token_idx, latent_idx, n, d_sae)
+    values, e_hat = _encode_decode(x, W_enc, b_enc, W_dec, b_dec, xc, pre_values, pattern)
+    return AuxKForward(e_hat, values, token_idx, latent_idx)
