@@ -1,0 +1,137 @@
+"""manifest.json: the table of contents of a cache, written last, read and validated first.
+
+Schema (version 1)::
+
+    format, version          "sae-sweep/activation-cache", 1
+    created_utc              ISO time the build finished
+    config, config_sha256    the CacheConfig as a dict, and sha256 of its canonical JSON
+    model                    model_identity(): name, source sha256, dtype, d_model, n_layers, ...
+    hooks                    the hooks the config asked for (what SAEs train on)
+    stored_hooks             hooks + splice residuals, deduplicated (each stored as acts.{hook})
+    splice_hooks             {hook: "blocks.{L}.hook_resid_pre"} when the splice residual is stored
+    d_in                     {stored hook: width}
+    seq_len, act_dtype       window length T; storage dtype of activations
+    logits                   null, or {"k", "d_vocab", "full"} for the compact clean log-probs
+    excluded                 {"padding": true, "bos": bool, "bos_token_id", "pad_token_id",
+                              "token_ids": [...]} -- what train_mask leaves out
+    tensors                  {tensor name: {"dtype", "shape"}} per window (shape without N)
+    splits                   {"train"|"val": {"num_sequences", "num_tokens" (real tokens),
+                              "num_train_tokens" (train_mask), "shards": [shard record, ...]}}
+    bytes_per_token          {item: bytes on disk per real token}; "total"
+
+A shard record: ``name`` (e.g. "train-00003"), ``split``, ``file`` (shards/NAME.safetensors),
+``bytes``, ``sha256``, ``first_sequence``, ``num_sequences``, ``num_tokens``,
+``num_train_tokens``, ``tensors`` ({name: dtype, shape, offset, bytes, sha256}), and
+``index_file`` / ``index_bytes`` / ``index_sha256`` for its per-token Parquet index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Mapping
+
+from .cache_errors import CacheError, CorruptCacheError
+from .storage import Storage
+
+FORMAT = "sae-sweep/activation-cache"
+VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+
+_TOP_KEYS = {
+    "format": str, "version": int, "config": dict, "config_sha256": str, "model": dict,
+    "hooks": list, "stored_hooks": list, "splice_hooks": dict, "d_in": dict, "seq_len": int,
+    "act_dtype": str, "excluded": dict, "tensors": dict, "splits": dict,
+}
+_SHARD_KEYS = {
+    "name": str, "split": str, "file": str, "bytes": int, "sha256": str, "first_sequence": int,
+    "num_sequences": int, "num_tokens": int, "num_train_tokens": int, "tensors": dict,
+    "index_file": str, "index_bytes": int, "index_sha256": str,
+}
+
+
+def canonical_json(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+def config_digest(config: Mapping[str, Any]) -> str:
+    """sha256 of a config dict's canonical JSON (equal configs <=> equal digests)."""
+    return hashlib.sha256(canonical_json(config).encode()).hexdigest()
+
+
+def act_key(hook: str) -> str:
+    """The shard tensor name of a hook's activations."""
+    return f"acts.{hook}"
+
+
+def read_manifest(storage: Storage) -> dict:
+    """Load and validate ``manifest.json``; a :class:`CacheError` names the file and problem."""
+    where = storage.describe(MANIFEST)
+    if not storage.exists(MANIFEST):
+        if storage.exists("build.json"):
+            raise CacheError(f"{where}: missing: the build of this cache did not finish; "
+                             "rerun `sae-sweep cache` with the same config to resume it")
+        raise CacheError(f"{where}: missing: {storage.describe('')} is not an activation cache")
+    try:
+        manifest = json.loads(storage.read_bytes(MANIFEST))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptCacheError(f"{where}: not valid JSON: {exc}") from None
+    validate_manifest(manifest, where)
+    return manifest
+
+
+def validate_manifest(m: Any, where: str) -> None:
+    """Check the schema and the internal consistency of a manifest dict."""
+    def bad(msg: str) -> CorruptCacheError:
+        return CorruptCacheError(f"{where}: {msg}")
+
+    if not isinstance(m, dict):
+        raise bad("expected a JSON object")
+    if m.get("format") != FORMAT:
+        raise bad(f"format is {m.get('format')!r}, expected {FORMAT!r}")
+    if m.get("version") != VERSION:
+        raise bad(f"version {m.get('version')!r} is not supported (this reader knows {VERSION})")
+    for key, typ in _TOP_KEYS.items():
+        if not isinstance(m.get(key), typ):
+            raise bad(f"field {key!r} is missing or not a {typ.__name__}")
+    for h in m["stored_hooks"]:
+        if not isinstance(m["d_in"].get(h), int):
+            raise bad(f"d_in has no width for stored hook {h!r}")
+        spec = m["tensors"].get(act_key(h))
+        if spec is None:
+            raise bad(f"tensors has no entry for hook {h!r}")
+        if spec["shape"] != [m["seq_len"], m["d_in"][h]]:
+            raise bad(f"hook {h!r}: tensor shape {spec['shape']} does not match "
+                      f"seq_len={m['seq_len']} and d_in={m['d_in'][h]}")
+    for h in m["hooks"]:
+        if h not in m["stored_hooks"]:
+            raise bad(f"hook {h!r} is listed in hooks but not in stored_hooks")
+    for split, info in m["splits"].items():
+        if split not in SPLITS:
+            raise bad(f"unknown split {split!r}")
+        shards = info.get("shards")
+        if not isinstance(shards, list):
+            raise bad(f"splits.{split}.shards is missing")
+        next_seq = 0
+        for i, rec in enumerate(shards):
+            for key, typ in _SHARD_KEYS.items():
+                if not isinstance(rec.get(key), typ):
+                    raise bad(f"splits.{split}.shards[{i}]: field {key!r} missing or not {typ.__name__}")
+            if rec["first_sequence"] != next_seq:
+                raise bad(f"shard {rec['name']}: starts at sequence {rec['first_sequence']}, "
+                          f"expected {next_seq} (a shard is missing from the list)")
+            next_seq += rec["num_sequences"]
+            for name in m["tensors"]:
+                if name not in rec["tensors"]:
+                    raise bad(f"shard {rec['name']}: has no tensor {name!r}")
+        for key in ("num_sequences", "num_tokens", "num_train_tokens"):
+            total = sum(r[key] for r in shards)
+            if info.get(key) != total:
+                raise bad(f"splits.{split}.{key} is {info.get(key)!r} but its shards sum to {total}")
+
+
+def write_manifest(storage: Storage, manifest: dict) -> None:
+    """Validate then atomically write ``manifest.json`` (the commit point of a build)."""
+    validate_manifest(manifest, storage.describe(MANIFEST))
+    storage.write_atomic(MANIFEST, json.dumps(manifest, indent=1).encode())
