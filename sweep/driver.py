@@ -1,0 +1,217 @@
+"""The sweep driver: Ray Tune + Optuna over SAE hyperparameters, resumable after a lost driver.
+
+``run_sweep(config)`` validates the config, reads the hook's width from the cache, checks the
+corners of the search space against the trainer's configs, stores the resolved config in
+``EXPERIMENT_DIR/sweep.json`` and runs a Tune ``Tuner``:
+
+* search: :class:`~sweep.searcher.SweepSearcher` (Ray's OptunaSearch, NaN-safe) over the
+  define-by-run :class:`~sweep.search_space.SearchSpace`; TPE by default (multi-objective TPE for
+  a Pareto objective; NSGA-II or random on request), metric/mode lists on the searcher; the
+  Optuna study persists in ``EXPERIMENT_DIR/optuna.db`` (or any Optuna storage URL) under
+  ``study_name`` and is loaded if it exists;
+* a ``ConcurrencyLimiter`` (without one TPE degenerates to random search), optional ASHA,
+  ``FailureConfig(max_failures)`` (a lost worker or node resumes from the trial's checkpoint),
+  the per-trial resources (fractional GPUs allowed) and the time budget;
+* :class:`~sweep.results_callback.ResultsCallback` keeping ``results.parquet`` and
+  ``history.parquet`` current.
+
+``resume_sweep(experiment_dir)`` continues a sweep whose driver died: ``Tuner.restore`` keeps the
+finished trials, resumes unfinished ones from their last checkpoint, starts the trials still
+missing, and the Optuna study keeps its history; no trial runs twice.
+
+Ray: local (``ray.init``, no dashboard, ``RAY_AUTH_MODE=disabled``) unless ``address`` names a
+running cluster (``"auto"`` or ``HOST:PORT``); an already initialised Ray is used as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import pandas as pd
+
+from activation_cache import ConfigError, UserError
+
+from .results import SWEEP_FILE, load_results, load_sweep_info
+from .sweep_config import SweepConfig
+
+logger = logging.getLogger("sweep")
+
+TUNE_NAME = "tune"
+
+
+class ExperimentExistsError(UserError, FileExistsError):
+    """``run_sweep`` was pointed at an experiment folder that already holds a sweep."""
+
+
+class NotAnExperimentError(UserError, FileNotFoundError):
+    """``resume_sweep`` was pointed at a folder that holds no sweep."""
+
+
+def run_sweep(config_path: str | Path | SweepConfig, *, address: Optional[str] = None) -> pd.DataFrame:
+    """Run the sweep described by ``config_path`` (YAML or a SweepConfig); return the results
+    table. Refuses an experiment folder that already holds a sweep (resume it instead)."""
+    cfg = config_path if isinstance(config_path, SweepConfig) else SweepConfig.from_yaml(config_path)
+    exp = cfg.experiment_path
+    if (exp / SWEEP_FILE).exists():
+        raise ExperimentExistsError(
+            f"{exp} already holds a sweep; continue it with `sae-sweep sweep --resume {exp}` "
+            "or set experiment_dir to a new folder")
+    d_in = cache_width(cfg)
+    from .trial_configs import check_space
+
+    check_space(cfg, d_in)
+    exp.mkdir(parents=True, exist_ok=True)
+    info = {"config": cfg.to_dict(), "d_in": d_in, "tune_path": _tune_path(cfg),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "source": str(config_path) if not isinstance(config_path, SweepConfig) else None}
+    (exp / SWEEP_FILE).write_text(json.dumps(info, indent=2))
+    return _run(cfg, d_in, info["tune_path"], restore=False, address=address)
+
+
+def resume_sweep(experiment_dir: str | Path, *, address: Optional[str] = None) -> pd.DataFrame:
+    """Continue the sweep in ``experiment_dir`` after its driver stopped; return the results."""
+    exp = Path(experiment_dir).expanduser().resolve()
+    info = load_sweep_info(exp)
+    if not info:
+        raise NotAnExperimentError(f"{exp}: no {SWEEP_FILE}; not a sweep's experiment folder")
+    cfg = SweepConfig.from_dict(info["config"])
+    return _run(cfg, int(info["d_in"]), info["tune_path"], restore=True, address=address)
+
+
+def cache_width(cfg: SweepConfig) -> int:
+    """The hook's activation width, read from the cache (a clear error if it is not there)."""
+    from activation_cache import open_cache
+
+    cache = open_cache(cfg.cache)
+    try:
+        return int(cache.d_in(cfg.hook))
+    except (KeyError, ValueError) as exc:
+        if isinstance(exc, UserError):
+            raise
+        raise ConfigError(f"SweepConfig.hook: {cfg.hook!r} is not stored in cache {cfg.cache} "
+                          f"({exc})") from None
+
+
+# -- the Tune run ------------------------------------------------------------------------------
+
+
+def _run(cfg: SweepConfig, d_in: int, tune_path: str, *, restore: bool,
+         address: Optional[str]) -> pd.DataFrame:
+    from ray import tune
+
+    from .results_callback import ResultsCallback
+    from .trainable import train_trial
+
+    job = {"config": cfg.to_dict(), "d_in": d_in}
+    trainable = tune.with_resources(tune.with_parameters(train_trial, job=job),
+                                    cfg.resources_per_trial.as_tune_resources())
+    with ray_session(address):
+        if restore:
+            if not tune.Tuner.can_restore(tune_path):
+                raise NotAnExperimentError(
+                    f"{cfg.experiment_path}: no Ray Tune state at {tune_path} to resume (the "
+                    "driver stopped before the first trial started?); start it again with "
+                    "`sae-sweep sweep CONFIG` and a new experiment_dir")
+            logger.info("resuming sweep from %s", tune_path)
+            tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=False, restart_errored=False)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=_tune_config(cfg, d_in),
+                run_config=tune.RunConfig(
+                    name=Path(tune_path).name,
+                    storage_path=str(Path(tune_path).parent) if "://" not in tune_path
+                    else tune_path.rsplit("/", 1)[0],
+                    failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep),
+                    callbacks=[ResultsCallback(cfg.experiment_path)],
+                    verbose=1,
+                ),
+            )
+        tuner.fit()
+    return load_results(cfg.experiment_path)
+
+
+def _tune_config(cfg: SweepConfig, d_in: int) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    searcher = make_searcher(cfg, d_in)
+    scheduler = None
+    if cfg.scheduler.type == "asha":
+        metric, mode = cfg.scheduler_metric_mode()
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric=metric, mode=mode,
+                                  max_t=cfg.scheduler.max_t, grace_period=cfg.scheduler.grace_period,
+                                  reduction_factor=cfg.scheduler.reduction_factor)
+    return tune.TuneConfig(
+        search_alg=ConcurrencyLimiter(searcher, max_concurrent=cfg.max_concurrent_trials),
+        scheduler=scheduler,
+        num_samples=cfg.num_samples,
+        time_budget_s=cfg.time_budget_s,
+        reuse_actors=False,
+    )
+
+
+def make_searcher(cfg: SweepConfig, d_in: int) -> Any:
+    """The NaN-safe OptunaSearch with the define-by-run space and a persistent study."""
+    import optuna
+
+    from .search_space import SearchSpace
+    from .searcher import ConstraintsFunc, SweepSearcher
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    constraints = list(cfg.objective.constraints)
+    constraints_func = ConstraintsFunc(len(constraints)) if constraints else None
+    if cfg.sampler == "nsgaii":
+        sampler = optuna.samplers.NSGAIISampler(seed=cfg.seed, constraints_func=constraints_func,
+                                                population_size=max(4, cfg.max_concurrent_trials * 2))
+    elif cfg.sampler == "random":
+        sampler = optuna.samplers.RandomSampler(seed=cfg.seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.startup_trials(),
+                                             multivariate=True, group=True, constant_liar=True,
+                                             constraints_func=constraints_func)
+    cfg.experiment_path.mkdir(parents=True, exist_ok=True)
+    storage = optuna.storages.RDBStorage(cfg.optuna_storage_url())
+    objective = cfg.objective
+    return SweepSearcher(
+        space=SearchSpace(cfg, d_in),
+        metric=list(objective.metrics) if objective.is_pareto else objective.metrics[0],
+        mode=list(objective.modes) if objective.is_pareto else objective.modes[0],
+        sampler=sampler, study_name=cfg.study_name, storage=storage,
+        constraints=constraints,
+    )
+
+
+@contextlib.contextmanager
+def ray_session(address: Optional[str] = None, **init_kwargs: Any) -> Iterator[None]:
+    """Use the running Ray, or connect to ``address``, or start a local one (shut down after)."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():
+        yield
+        return
+    if address:  # an existing cluster: node options belong to `ray start`, not to us
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True, **init_kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _tune_path(cfg: SweepConfig) -> str:
+    if cfg.storage_path:
+        return cfg.storage_path.rstrip("/") + "/" + cfg.experiment_path.name
+    return str(cfg.experiment_path / TUNE_NAME)

@@ -1,0 +1,92 @@
+"""`sae-sweep report`: PNG plots of a sweep, from its results tables (matplotlib, Agg backend).
+
+* ``pareto_l0_fvu.png`` -- every finished trial's L0 against fvu, the Pareto front drawn as a
+  staircase, the best trial (by the sweep's objective) highlighted;
+* ``pareto_l0_ce_loss_delta.png`` -- the same against ce_loss_delta, when trials computed it;
+* ``training_curves.png`` -- fvu (and L0) against training tokens for the ``top`` best trials.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+from .best import RANKED_STATUSES, pareto_front, select_best
+from .results import load_history, load_results, load_sweep_info
+
+
+def write_report(experiment_dir: str | Path, *, out_dir: Optional[str | Path] = None,
+                 top: int = 5) -> list[Path]:
+    """Write the report PNGs to ``out_dir`` (default ``EXPERIMENT_DIR/report``); return them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    results = load_results(experiment_dir)
+    info = load_sweep_info(experiment_dir)
+    objective = info.get("config", {}).get("objective", {})
+    out = Path(out_dir) if out_dir is not None else Path(experiment_dir) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    best = select_best(results, objective=objective, top=max(1, top))
+    best_id = str(best.iloc[0]["trial_id"]) if len(best) else None
+    finished = results[results["status"].isin(RANKED_STATUSES)]
+    written = []
+    for metric in ("fvu", "ce_loss_delta"):
+        if metric in finished.columns and "l0" in finished.columns and finished[metric].notna().any():
+            written.append(_pareto_plot(finished, metric, best_id, out / f"pareto_l0_{metric}.png"))
+    try:
+        history = load_history(experiment_dir)
+    except FileNotFoundError:
+        history = None
+    if history is not None and len(best):
+        written.append(_curves_plot(history, list(best["trial_id"]), out / "training_curves.png"))
+    return written
+
+
+def _pareto_plot(frame: pd.DataFrame, metric: str, best_id: Optional[str], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    data = frame[frame[metric].notna() & frame["l0"].notna()]
+    front = pareto_front(data, ["l0", metric], ["min", "min"]).sort_values("l0")
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    ax.scatter(data["l0"], data[metric], s=28, color="0.6", label="trials")
+    ax.step(front["l0"], front[metric], where="post", color="C0", lw=1.5, label="Pareto front")
+    ax.scatter(front["l0"], front[metric], s=36, color="C0")
+    if best_id is not None and best_id in set(data["trial_id"]):
+        row = data[data["trial_id"] == best_id].iloc[0]
+        ax.scatter([row["l0"]], [row[metric]], s=160, marker="*", color="C3", zorder=5,
+                   label=f"best ({best_id})")
+    ax.set_xlabel("L0 (active latents per token)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"L0 vs {metric} ({len(data)} trials)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _curves_plot(history: pd.DataFrame, trial_ids: list[str], path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    panels = [m for m in ("fvu", "l0") if m in history.columns]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    x = "tokens_seen" if "tokens_seen" in history.columns else "step"
+    for ax, metric in zip(axes[0], panels):
+        for i, tid in enumerate(trial_ids):
+            rows = history[history["trial_id"] == tid].sort_values("step")
+            if rows[metric].notna().any():
+                ax.plot(rows[x], rows[metric], marker=".", color=f"C{i % 10}", label=tid)
+        ax.set_xlabel(x.replace("_", " "))
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        if metric == "fvu":
+            ax.set_yscale("log")
+    axes[0][0].legend(fontsize=8, title="top trials")
+    fig.suptitle("Training curves of the best trials")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,182 @@
+"""The sweep's results tables: one typed row per trial, one row per reported step.
+
+``EXPERIMENT_DIR/results.parquet`` has one row per trial (:class:`TrialRow`):
+
+    trial_id, status, error, num_failures, node_id, node_ip,
+    <every hyperparameter of the trial, one column each: d_sae, top_k, lr, ...>,
+    <the final metrics record: fvu, explained_variance, l0, l0_train, l0_inference, mse,
+     dead_fraction, dense_fraction, kl_div, ce_loss_delta, ce_loss_score, ... (None when not
+     computed)>,
+    step, tokens_seen, train_seconds, training_iteration, checkpoint_path, final
+
+``status`` is ``completed`` (trained its whole budget), ``failed`` (an error, e.g. divergence;
+``error`` says why), ``stopped`` (stopped early by ASHA or the time budget), ``running``,
+``pending`` or ``paused``. ``l0`` is the inference L0 when the SAE has one (BatchTopK's learned
+threshold), else the training L0. The metrics record's own ``lr`` (the scheduled learning rate of
+the last step) is stored as ``lr_current`` so it cannot clash with the ``lr`` hyperparameter.
+
+``EXPERIMENT_DIR/history.parquet`` has one row per reported metrics record: ``trial_id``, ``step``
+and the same metric columns. Both files are rewritten atomically (temp file + rename) while the
+sweep runs, so a half-done sweep can be read with pandas, pyarrow or DuckDB without Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+import pandas as pd
+
+from activation_cache import UserError
+
+RESULTS_FILE = "results.parquet"
+HISTORY_FILE = "history.parquet"
+SWEEP_FILE = "sweep.json"
+"""The resolved sweep config (and the cache's d_in), written by the driver for best/export/report."""
+
+STATUSES = ("completed", "failed", "stopped", "running", "pending", "paused")
+FIXED_COLUMNS = ("trial_id", "status", "error", "num_failures", "node_id", "node_ip")
+TAIL_COLUMNS = ("step", "tokens_seen", "train_seconds", "training_iteration", "checkpoint_path",
+                "final")
+# Keys the trainable reports next to the metrics that are not metrics.
+REPORT_META_KEYS = frozenset({"final", "node_id", "node_ip", "train_seconds", "step",
+                              "tokens_seen"})
+# Keys Ray Tune adds to every result; they are not part of our schema.
+TUNE_AUTO_KEYS = frozenset({
+    "timestamp", "checkpoint_dir_name", "should_checkpoint", "done", "training_iteration",
+    "trial_id", "date", "time_this_iter_s", "time_total_s", "pid", "hostname", "node_ip",
+    "config", "time_since_restore", "iterations_since_restore", "experiment_tag",
+    "timesteps_total", "episodes_total", "timesteps_since_restore", "experiment_id",
+})
+
+
+class ResultsNotFoundError(UserError, FileNotFoundError):
+    """The experiment folder has no results table (not a sweep, or no trial reported yet)."""
+
+
+@dataclass
+class TrialRow:
+    """One trial's line in ``results.parquet`` (see the module docstring for the columns)."""
+
+    trial_id: str
+    status: str
+    error: Optional[str] = None
+    num_failures: int = 0
+    node_id: Optional[str] = None
+    node_ip: Optional[str] = None
+    params: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    step: Optional[int] = None
+    tokens_seen: Optional[int] = None
+    train_seconds: Optional[float] = None
+    training_iteration: Optional[int] = None
+    checkpoint_path: Optional[str] = None
+    final: bool = False
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"TrialRow.status: must be one of {STATUSES}, got {self.status!r}")
+        clash = (set(self.params) & set(self.metrics)) | (
+            (set(self.params) | set(self.metrics)) & (set(FIXED_COLUMNS) | set(TAIL_COLUMNS)))
+        if clash:
+            raise ValueError(f"TrialRow: column name(s) {sorted(clash)} used twice")
+
+    def flat(self) -> dict[str, Any]:
+        out: dict[str, Any] = {name: getattr(self, name) for name in FIXED_COLUMNS}
+        out.update(self.params)
+        out.update(self.metrics)
+        out.update({name: getattr(self, name) for name in TAIL_COLUMNS})
+        return out
+
+
+def metrics_from_report(report: Mapping[str, Any]) -> dict[str, float]:
+    """The metric columns of one reported result (numbers only; Ray's own keys left out)."""
+    out: dict[str, float] = {}
+    for key, value in report.items():
+        if key in TUNE_AUTO_KEYS or key in REPORT_META_KEYS:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        out[key] = float(value)
+    return out
+
+
+def history_row(trial_id: str, report: Mapping[str, Any]) -> dict[str, Any]:
+    """One ``history.parquet`` row from one reported result."""
+    row: dict[str, Any] = {"trial_id": trial_id, "step": _int_or_none(report.get("step")),
+                           "tokens_seen": _int_or_none(report.get("tokens_seen")),
+                           "train_seconds": report.get("train_seconds"),
+                           "training_iteration": _int_or_none(report.get("training_iteration"))}
+    row.update(metrics_from_report(report))
+    return row
+
+
+def rows_to_frame(rows: Iterable[TrialRow]) -> pd.DataFrame:
+    """A DataFrame with the column order of the schema (params, then metrics, sorted)."""
+    rows = list(rows)
+    params = sorted({k for r in rows for k in r.params})
+    metrics = sorted({k for r in rows for k in r.metrics})
+    columns = list(FIXED_COLUMNS) + params + metrics + list(TAIL_COLUMNS)
+    return pd.DataFrame([r.flat() for r in rows], columns=columns)
+
+
+def write_table(frame: pd.DataFrame, path: str | Path) -> None:
+    """Write a Parquet file atomically (readers never see a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def write_results(rows: Iterable[TrialRow], experiment_dir: str | Path) -> pd.DataFrame:
+    frame = rows_to_frame(rows)
+    write_table(frame, Path(experiment_dir) / RESULTS_FILE)
+    return frame
+
+
+def merge_history(existing: Optional[pd.DataFrame], new_rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Append rows; a step reported twice (a trial re-run from its checkpoint after a crash)
+    keeps its latest report, so the history reads as if nothing happened."""
+    frames = [f for f in (existing, pd.DataFrame(new_rows) if new_rows else None)
+              if f is not None and len(f)]
+    if not frames:
+        return pd.DataFrame(columns=["trial_id", "step"])
+    frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    frame = frame.drop_duplicates(subset=["trial_id", "step"], keep="last")
+    return frame.sort_values(["trial_id", "step"], kind="stable").reset_index(drop=True)
+
+
+def load_results(experiment_dir: str | Path) -> pd.DataFrame:
+    """``results.parquet`` of a sweep as a DataFrame (a clear error when there is none)."""
+    path = Path(experiment_dir) / RESULTS_FILE
+    if not path.exists():
+        raise ResultsNotFoundError(
+            f"{path}: no results table; is {experiment_dir} a sweep's experiment folder "
+            f"(`sae-sweep sweep` writes it as the first trial reports)?")
+    return pd.read_parquet(path)
+
+
+def load_history(experiment_dir: str | Path) -> pd.DataFrame:
+    path = Path(experiment_dir) / HISTORY_FILE
+    if not path.exists():
+        raise ResultsNotFoundError(f"{path}: no history table (no trial has reported yet)")
+    return pd.read_parquet(path)
+
+
+def load_sweep_info(experiment_dir: str | Path) -> dict[str, Any]:
+    """The resolved sweep config the driver stored (``{}`` when absent, e.g. hand-made tables)."""
+    path = Path(experiment_dir) / SWEEP_FILE
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text())
+
+
+def _int_or_none(value: Any) -> Optional[int]:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return None
+    return int(value)

@@ -1,0 +1,242 @@
+"""The Ray Tune trial: train one SAE with the trainer on the shared cache, reporting to Tune.
+
+:func:`train_trial` runs inside a Ray worker. It builds the trial's SAEConfig/TrainingConfig from
+the sampled parameters, opens the sweep's cache (local path or pyarrow URI; every trial on every
+node reads the same one), resumes from ``ray.tune.get_checkpoint()`` when Tune restarts it (after
+a lost worker, a lost node or a driver restart) and trains with ``trainer.train_sae``.
+
+:class:`RayReporter` is the trainer's ``Reporter`` inside a sweep -- the one logging seam: every
+MetricsRecord becomes one ``ray.tune.report(metrics, checkpoint=...)`` carrying the checkpoint
+the trainer wrote at that step, so Tune always holds the newest resumable state.
+
+A diverged trial (NaN/inf loss or objective metric) raises :class:`TrialDiverged` and ends as
+failed with that reason; it leaves a ``diverged.json`` marker in its trial folder so Tune's
+automatic retries (meant for lost processes and nodes) fail at once instead of re-training
+into the same NaN. The sweep goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from activation_cache import UserError
+
+logger = logging.getLogger("sweep.trial")
+
+DIVERGED_MARKER = "diverged.json"
+PROGRESS_FILE = "sweep_progress.json"
+
+
+class TrialDiverged(UserError, RuntimeError):
+    """The trial's loss or an objective metric became NaN/inf; it is not retried."""
+
+
+class MissingMetricError(UserError, RuntimeError):
+    """The training run does not compute a metric the sweep's objective needs."""
+
+
+class RayReporter:
+    """``trainer.Reporter`` that reports every MetricsRecord (and checkpoint) to Ray Tune.
+
+    ``monitored`` are the objective/constraint metrics: each report must carry a finite value
+    of every one of them (a NaN means divergence; a missing one a misconfigured sweep)."""
+
+    def __init__(self, *, monitored: tuple[str, ...], max_tokens: Optional[int] = None,
+                 node_id: str = "", node_ip: str = "", report_fn: Any = None):
+        self.monitored = monitored
+        self.max_tokens = max_tokens
+        self.time_offset = 0.0
+        self.node_id = node_id
+        self.node_ip = node_ip
+        self.total_steps: Optional[int] = None
+        self.reported_final = False
+        self.last_metrics: dict[str, Any] = {}
+        self._report = report_fn or _ray_report
+
+    # -- trainer.Reporter -----------------------------------------------------------------
+    def on_train_start(self, *, total_steps: int, start_step: int, description: str) -> None:
+        self.total_steps = total_steps
+        logger.info("%s: steps %d -> %d", description, start_step, total_steps)
+
+    def on_step(self, step: int) -> None:
+        pass
+
+    def on_metrics(self, record: Any, checkpoint_dir: Optional[str]) -> None:
+        final = ((self.total_steps is not None and record.step >= self.total_steps)
+                 or (self.max_tokens is not None and record.tokens_seen >= self.max_tokens))
+        metrics = record_to_metrics(record)
+        if "train_seconds" in metrics:
+            metrics["train_seconds"] += self.time_offset
+        self.report(metrics, checkpoint_dir, final=final)
+
+    def on_message(self, text: str) -> None:
+        logger.info("%s", text)
+
+    def on_train_end(self, result: Any) -> None:
+        pass
+
+    # -- reporting --------------------------------------------------------------------------
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[str], *,
+               final: bool) -> None:
+        for name in self.monitored:
+            value = metrics.get(name)
+            if value is None:
+                raise MissingMetricError(
+                    f"the sweep's objective needs metric {name!r}, but this training run does "
+                    f"not compute it at step {metrics.get('step')} (end-to-end metrics such as "
+                    "ce_loss_delta or kl_div need training.use_end_to_end and a cache with "
+                    "clean logits)")
+            if not math.isfinite(float(value)):
+                raise TrialDiverged(
+                    f"diverged: {name} is {value} at step {metrics.get('step')} "
+                    f"(tokens {metrics.get('tokens_seen')}); lower lr or check the data")
+        metrics = dict(metrics, final=bool(final), node_id=self.node_id, node_ip=self.node_ip)
+        if checkpoint_dir and metrics.get("train_seconds") is not None:
+            # lets a restarted attempt continue the clock (see _elapsed_at)
+            (Path(checkpoint_dir) / PROGRESS_FILE).write_text(
+                json.dumps({"train_seconds": metrics["train_seconds"]}))
+        self.last_metrics = metrics
+        self.reported_final = self.reported_final or bool(final)
+        self._report(metrics, checkpoint_dir)
+
+
+def record_to_metrics(record: Any) -> dict[str, Any]:
+    """A MetricsRecord as flat numbers for Tune (and the results tables).
+
+    ``lr`` becomes ``lr_current`` (so it cannot clash with the ``lr`` hyperparameter),
+    ``elapsed_s`` becomes ``train_seconds``, and ``l0`` is added: the inference L0 when the SAE
+    has one, else the training L0."""
+    metrics: dict[str, Any] = dict(record.scalars())
+    if "lr" in metrics:
+        metrics["lr_current"] = metrics.pop("lr")
+    if "elapsed_s" in metrics:
+        metrics["train_seconds"] = metrics.pop("elapsed_s")
+    l0 = getattr(record, "l0_inference", None)
+    if l0 is None:
+        l0 = getattr(record, "l0_train", None)
+    if l0 is not None:
+        metrics["l0"] = float(l0)
+    # Keep every objective-relevant field present even when not computed (None -> absent is
+    # what MissingMetricError reports).
+    return metrics
+
+
+def _ray_report(metrics: dict[str, Any], checkpoint_dir: Optional[str]) -> None:
+    from ray import tune
+
+    checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+    tune.report(metrics, checkpoint=checkpoint)
+
+
+def train_trial(params: Mapping[str, Any], *, job: Mapping[str, Any]) -> None:
+    """Ray Tune function trainable: ``params`` are the sampled hyperparameters, ``job`` the
+    sweep (``{"config": SweepConfig dict, "d_in": int}``) bound with ``tune.with_parameters``."""
+    import ray
+    import torch
+    from ray import tune
+
+    from activation_cache import open_cache
+    from trainer import build_sae, train_sae
+
+    from .sweep_config import SweepConfig
+    from .trial_configs import build_trial_configs
+
+    cfg = SweepConfig.from_dict(job["config"])
+    torch.set_num_threads(max(1, int(cfg.resources_per_trial.cpu)))
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    marker = trial_dir / DIVERGED_MARKER
+    if marker.exists():  # a retry of a trial that diverged: fail again without re-training
+        raise TrialDiverged(json.loads(marker.read_text())["reason"])
+
+    sae_cfg, train_cfg = build_trial_configs(cfg, params, job["d_in"])
+    cache = open_cache(cfg.cache)
+    train_source = cache.token_source(cfg.hook, "train")
+    val_source = cache.token_source(cfg.hook, "val")
+    objective = _objective(cache, cfg, sae_cfg, train_cfg)
+
+    ctx = ray.get_runtime_context()
+    reporter = RayReporter(monitored=cfg.objective.monitored_metrics(),
+                           max_tokens=train_cfg.max_tokens, node_id=ctx.get_node_id(), node_ip=ray.util.get_node_ip_address())
+    work = trial_dir / "work"
+    shutil.rmtree(work, ignore_errors=True)  # a previous attempt's files; Tune holds the state
+    checkpoint = tune.get_checkpoint()
+    with contextlib.ExitStack() as stack:
+        resume_dir = stack.enter_context(checkpoint.as_directory()) if checkpoint else None
+        if resume_dir is not None:
+            reporter.time_offset = _elapsed_at(resume_dir)
+        try:
+            result = _train(build_sae, train_sae, sae_cfg, train_source, train_cfg, val_source,
+                            work, resume_dir, reporter, objective)
+        except Exception as exc:
+            if _is_divergence(exc):
+                reason = str(exc) if isinstance(exc, TrialDiverged) else f"diverged: {exc}"
+                marker.write_text(json.dumps({"reason": reason}))
+                raise TrialDiverged(reason) from None
+            raise
+        if not reporter.reported_final:
+            _report_final(reporter, result, resume_dir)
+
+
+def _elapsed_at(checkpoint_dir: str) -> float:
+    """Training seconds already spent when ``checkpoint_dir`` was reported (the reporter stores
+    them in it), so ``train_seconds`` counts across restarts as if the trial never stopped."""
+    try:
+        return float(json.loads((Path(checkpoint_dir) / PROGRESS_FILE).read_text())["train_seconds"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return 0.0
+
+
+def _train(build_sae, train_sae, sae_cfg, train_source, train_cfg, val_source, work, resume_dir,
+           reporter, objective):
+    sae = build_sae(sae_cfg)
+    kwargs: dict[str, Any] = dict(val_source=val_source, out_dir=str(work),
+                                  resume_from=resume_dir, reporter=reporter)
+    if objective is not None:
+        kwargs["objective"] = objective
+    return train_sae(sae, train_source, train_cfg, **kwargs)
+
+
+def _report_final(reporter: RayReporter, result: Any, resume_dir: Optional[str]) -> None:
+    """Report the final state flagged ``final`` when the trainer's last record was not (e.g. a
+    trial restarted from its already-final checkpoint, where the trainer has nothing to do)."""
+    record = getattr(result, "final", None)
+    metrics = record_to_metrics(record) if record is not None else dict(reporter.last_metrics)
+    for key in ("final", "node_id", "node_ip"):
+        metrics.pop(key, None)
+    checkpoint_dir = getattr(result, "last_checkpoint", None) or resume_dir
+    reporter.report(metrics, str(checkpoint_dir) if checkpoint_dir else None, final=True)
+
+
+def _objective(cache: Any, cfg: Any, sae_cfg: Any, train_cfg: Any) -> Any:
+    """The trainer's end-to-end objective when the training config asks for it (else None:
+    the trainer's default local reconstruction objective)."""
+    if not train_cfg.use_end_to_end:
+        return None
+    from trainer import EndToEndObjective  # type: ignore[attr-defined]
+
+    return EndToEndObjective.from_cache(cache, sae_cfg, train_cfg)
+
+
+def _is_divergence(exc: BaseException) -> bool:
+    if isinstance(exc, TrialDiverged):
+        return True
+    try:
+        from trainer import TrainingDivergedError  # type: ignore[attr-defined]
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, TrainingDivergedError)
+
+
+def node_identity() -> dict[str, str]:
+    """Where this process runs (used in tests and logs)."""
+    import ray
+
+    return {"node_id": ray.get_runtime_context().get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(), "pid": str(os.getpid())}

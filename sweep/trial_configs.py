@@ -1,0 +1,78 @@
+"""From one trial's sampled parameters to the trainer's SAEConfig and TrainingConfig.
+
+The fixed settings of the sweep are overlaid with the trial's parameters; ``d_in`` and the hook
+fields come from the cache; the token budget and the seed from the sweep. :func:`check_space`
+builds the configs for the corners of the search space before any trial starts, so a bad
+combination (e.g. a fixed field that the trainer rejects) fails the sweep at once with the
+trainer's own message instead of failing every trial.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from typing import Any, Mapping
+
+from activation_cache import ConfigError
+
+from .search_space import SearchSpace
+from .sweep_config import SweepConfig, param_target
+
+_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def build_trial_configs(cfg: SweepConfig, params: Mapping[str, Any], d_in: int):
+    """``(SAEConfig, TrainingConfig)`` of the trial with sampled ``params``."""
+    from trainer import SAEConfig, TrainingConfig
+
+    sae: dict[str, Any] = {"device": "auto"}
+    sae.update(cfg.sae)
+    sae.update({"d_in": int(d_in), "hook_spec": cfg.hook})
+    match = _BLOCK_HOOK.match(cfg.hook)
+    if match:
+        sae.update({"hook_layer": int(match.group(1)), "hook_name": match.group(2)})
+    training: dict[str, Any] = {"seed": cfg.seed, "show_progress": False}
+    training.update(cfg.training)
+    training["max_tokens"] = cfg.tokens_per_trial
+    for name, value in params.items():
+        if name == "expansion_factor":
+            continue  # the space also returns the derived d_sae
+        (sae if param_target(name) == "sae" else training)[name] = value
+    return SAEConfig.from_dict(sae), TrainingConfig.from_dict(training)
+
+
+def check_space(cfg: SweepConfig, d_in: int) -> None:
+    """Build the configs at the corners of the space; raise ConfigError naming the problem."""
+    space = SearchSpace(cfg, d_in)
+    names = list(cfg.search_space)
+    for corner in itertools.product(*(cfg.search_space[n].corner_values() for n in names)):
+        trial = _FixedTrial(dict(zip(names, corner)))
+        derived = space(trial)
+        params = {**trial.params, **derived}
+        try:
+            build_trial_configs(cfg, params, d_in)
+        except ConfigError as exc:
+            raise ConfigError(f"SweepConfig: the trial {params} would be invalid: {exc}") from None
+
+
+class _FixedTrial:
+    """Minimal stand-in for an Optuna trial that returns preset values (clipped to the range
+    the space asks for, as the constraints require)."""
+
+    def __init__(self, values: dict[str, Any]):
+        self.values = values
+        self.params: dict[str, Any] = {}
+
+    def _take(self, name: str, value: Any) -> Any:
+        self.params[name] = value
+        return value
+
+    def suggest_categorical(self, name: str, choices: list) -> Any:
+        return self._take(name, self.values[name])
+
+    def suggest_int(self, name: str, low: int, high: int, step: int = 1, log: bool = False) -> int:
+        return self._take(name, int(min(max(self.values[name], low), high)))
+
+    def suggest_float(self, name: str, low: float, high: float, step: Any = None,
+                      log: bool = False) -> float:
+        return self._take(name, float(min(max(self.values[name], low), high)))

@@ -1,0 +1,176 @@
+"""SweepConfig validation and the define-by-run search space."""
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from activation_cache import ConfigError
+from sweep import SweepConfig
+from sweep.search_space import SearchSpace
+from sweep.trial_configs import build_trial_configs, check_space
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sweep.yaml"
+
+
+def base(**overrides):
+    data = {
+        "cache": "runs/cache",
+        "hook": "blocks.1.hook_resid_post",
+        "experiment_dir": "runs/exp",
+        "search_space": {
+            "d_sae": {"type": "int", "low": 16, "high": 64, "log": True},
+            "top_k": {"type": "int", "low": 2, "high": 200},
+            "lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+        },
+    }
+    data.update(overrides)
+    return data
+
+
+def test_example_config_loads_and_round_trips():
+    cfg = SweepConfig.from_yaml(EXAMPLE)
+    again = SweepConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+    assert cfg.search_space["top_k"].type == "int"
+
+
+def test_unknown_keys_are_rejected_with_the_field_named():
+    with pytest.raises(ConfigError, match="num_sample.*did you mean 'num_samples'"):
+        SweepConfig.from_dict(base(num_sample=3))
+    with pytest.raises(ConfigError, match="sae.top_kk: unknown SAEConfig field"):
+        SweepConfig.from_dict(base(sae={"top_kk": 3}))
+    with pytest.raises(ConfigError, match="training.lrr: unknown TrainingConfig field"):
+        SweepConfig.from_dict(base(training={"lrr": 3}))
+    with pytest.raises(ConfigError, match=r"search_space.bogus"):
+        SweepConfig.from_dict(base(search_space={"bogus": {"type": "int", "low": 1, "high": 2},
+                                                 "d_sae": {"type": "int", "low": 8, "high": 9}}))
+    with pytest.raises(ConfigError, match=r"ParamSpec: unknown key\(s\) 'hi'"):
+        SweepConfig.from_dict(base(search_space={"d_sae": {"type": "int", "low": 8, "hi": 9}}))
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"type": "int", "low": 8}, "ParamSpec.high: a int parameter needs a numeric high"),
+    ({"type": "float", "low": 0.0, "high": 1.0, "log": True}, "ParamSpec.low: must be > 0"),
+    ({"type": "int", "low": 9, "high": 8}, "ParamSpec.high: must be >= low"),
+    ({"type": "categorical"}, "ParamSpec.choices"),
+    ({"type": "normal", "low": 1, "high": 2}, "ParamSpec.type"),
+])
+def test_bad_domains(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        SweepConfig.from_dict(base(search_space={"d_sae": spec}))
+
+
+def test_cross_field_checks():
+    # searched and fixed at the same time
+    with pytest.raises(ConfigError, match="search_space.d_sae: is also fixed in `sae`"):
+        SweepConfig.from_dict(base(sae={"d_sae": 32}))
+    # top_k can never be below the smallest d_sae
+    with pytest.raises(ConfigError, match="search_space.top_k: low \\(20\\) must be < the smallest"):
+        SweepConfig.from_dict(base(search_space={
+            "d_sae": {"type": "int", "low": 16, "high": 64},
+            "top_k": {"type": "int", "low": 20, "high": 40}}))
+    with pytest.raises(ConfigError, match="every choice must be <"):
+        SweepConfig.from_dict(base(search_space={
+            "d_sae": {"type": "categorical", "choices": [16, 64]},
+            "top_k": {"type": "categorical", "choices": [4, 32]}}))
+    # a loss weight that would have no effect
+    with pytest.raises(ConfigError, match="logit_kl_weight: has no effect"):
+        SweepConfig.from_dict(base(search_space={
+            "d_sae": {"type": "int", "low": 16, "high": 64},
+            "logit_kl_weight": {"type": "float", "low": 0.1, "high": 1.0}}))
+    # l1 only for the standard architecture
+    with pytest.raises(ConfigError, match="l1_coefficient: only applies to architecture standard"):
+        SweepConfig.from_dict(base(search_space={
+            "d_sae": {"type": "int", "low": 16, "high": 64},
+            "l1_coefficient": {"type": "float", "low": 0.1, "high": 1.0}}))
+    with pytest.raises(ConfigError, match="needs one mode per metric"):
+        SweepConfig.from_dict(base(objective={"metric": ["fvu", "l0", "kl_div"],
+                                              "mode": ["min", "min"]}))
+    with pytest.raises(ConfigError, match="search d_sae or expansion_factor, not both"):
+        SweepConfig.from_dict(base(search_space={
+            "d_sae": {"type": "int", "low": 16, "high": 64},
+            "expansion_factor": {"type": "int", "low": 2, "high": 4}}))
+    with pytest.raises(ConfigError, match="ResourcesConfig.gpu"):
+        SweepConfig.from_dict(base(resources_per_trial={"gpu": 1.5}))
+
+
+def test_objective_normalises_metric_lists():
+    cfg = SweepConfig.from_dict(base(objective={"metric": ["fvu", "l0"], "mode": "min",
+                                                "constraints": [{"metric": "dead_fraction",
+                                                                 "max": 0.5}]}))
+    assert cfg.objective.is_pareto
+    assert cfg.objective.modes == ("min", "min")
+    assert cfg.objective.monitored_metrics() == ("fvu", "l0", "dead_fraction")
+    c = cfg.objective.constraints[0]
+    assert c.violation(0.25) == pytest.approx(-0.25)
+    assert c.violation(0.75) == pytest.approx(0.25)
+    assert c.violation(float("nan")) == 1.0
+
+
+def _sample(cfg, d_in, n, seed=0):
+    space = SearchSpace(cfg, d_in)
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=5))
+    out = []
+    for i in range(n):
+        trial = study.ask()
+        derived = space(trial)
+        params = {**trial.params, **derived}
+        out.append(params)
+        # a fake objective so that TPE models the space after the startup trials
+        study.tell(trial, float(params.get("top_k", 0)) / params["d_sae"] + i * 1e-3)
+    return out
+
+
+def test_sampled_top_k_is_always_below_d_sae():
+    cfg = SweepConfig.from_dict(base(search_space={
+        "d_sae": {"type": "int", "low": 8, "high": 64, "log": True},
+        "top_k": {"type": "int", "low": 1, "high": 100},
+    }))
+    samples = _sample(cfg, d_in=16, n=60)
+    assert all(1 <= p["top_k"] < p["d_sae"] for p in samples)
+    # the cap matters: without it many draws in [1, 100] would exceed d_sae
+    assert any(p["top_k"] >= 8 for p in samples)
+
+
+def test_expansion_factor_and_architecture_conditionals():
+    cfg = SweepConfig.from_dict(base(search_space={
+        "architecture": {"type": "categorical", "choices": ["batchtopk", "standard"]},
+        "expansion_factor": {"type": "categorical", "choices": [2, 4]},
+        "top_k": {"type": "int", "low": 1, "high": 1000, "log": True},
+        "aux_penalty": {"type": "float", "low": 0.01, "high": 0.1, "log": True},
+        "l1_coefficient": {"type": "float", "low": 1e-3, "high": 1.0, "log": True},
+    }))
+    samples = _sample(cfg, d_in=12, n=30, seed=1)
+    archs = {p["architecture"] for p in samples}
+    assert archs == {"batchtopk", "standard"}
+    for p in samples:
+        assert p["d_sae"] == 12 * p["expansion_factor"]
+        if p["architecture"] == "batchtopk":
+            assert "l1_coefficient" not in p and p["top_k"] < p["d_sae"] and "aux_penalty" in p
+        else:
+            assert "top_k" not in p and "aux_penalty" not in p and "l1_coefficient" in p
+        sae, training = build_trial_configs(cfg, p, d_in=12)
+        assert sae.d_sae == p["d_sae"] and sae.architecture == p["architecture"]
+        assert sae.hook_spec == "blocks.1.hook_resid_post" and sae.hook_layer == 1
+        assert training.max_tokens == cfg.tokens_per_trial
+
+
+def test_trial_configs_route_fields_and_check_space_uses_trainer_validation():
+    cfg = SweepConfig.from_dict(base(training={"log_freq": 7}, search_space={
+        "d_sae": {"type": "int", "low": 16, "high": 64},
+        "top_k": {"type": "int", "low": 2, "high": 8},
+        "lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+        "reconstruction_loss_weight": {"type": "float", "low": 0.5, "high": 1.0},
+    }))
+    sae, training = build_trial_configs(
+        cfg, {"d_sae": 32, "top_k": 4, "lr": 1e-3, "reconstruction_loss_weight": 0.7}, d_in=8)
+    assert (sae.d_in, sae.d_sae, sae.top_k) == (8, 32, 4)
+    assert training.lr == 1e-3 and training.reconstruction_loss_weight == 0.7
+    assert training.log_freq == 7 and training.seed == cfg.seed
+    check_space(cfg, d_in=8)
+    bad = SweepConfig.from_dict(base(sae={"top_k_aux": 40}, search_space={
+        "d_sae": {"type": "int", "low": 16, "high": 64},
+        "top_k": {"type": "int", "low": 2, "high": 8}}))
+    with pytest.raises(ConfigError, match="would be invalid.*top_k_aux"):
+        check_space(bad, d_in=8)
