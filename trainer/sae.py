@@ -17,7 +17,6 @@ Conventions shared by every architecture:
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from pathlib import Path
@@ -226,8 +225,9 @@ class SAE(nn.Module):
 
     def folded_copy(self) -> "SAE":
         """A copy with the input scaling folded in (for saving/export); ``self`` is unchanged."""
-        other = copy.deepcopy(self)
-        other._last_dense_acts = None
+        other = type(self)(self.cfg, seed=0)
+        other.load_state_dict(self.state_dict())
+        other.train(self.training)
         other.fold_scaling()
         return other
 
@@ -289,11 +289,12 @@ class SAE(nn.Module):
                 f"{file}: tensors do not match a {type(self).__name__} "
                 f"(missing: {missing or 'none'}; unexpected: {extra or 'none'})"
             )
-        for name, value in tensors.items():
-            if tuple(value.shape) != tuple(own[name].shape):
+        for name, mine in own.items():
+            value = tensors[name]
+            if tuple(value.shape) != tuple(mine.shape):
                 raise CheckpointMismatchError(
                     f"{file}: {name} has shape {list(value.shape)} but the config "
-                    f"(d_in={self.cfg.d_in}, d_sae={self.cfg.d_sae}) needs {list(own[name].shape)}"
+                    f"(d_in={self.cfg.d_in}, d_sae={self.cfg.d_sae}) needs {list(mine.shape)}"
                 )
         self.load_state_dict({k: v.to(own[k].device, own[k].dtype) for k, v in tensors.items()})
 

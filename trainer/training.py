@@ -266,7 +266,7 @@ class _Loop:
             ) from None
         if not bool(torch.isfinite(out.loss)):
             raise TrainingDivergedError(
-                f"step {step_no}: the training loss is {float(out.loss)} (diverged); "
+                f"step {step_no}: the training loss is {float(out.loss.detach())} (diverged); "
                 f"lower TrainingConfig.lr (now {lr:.3g}) or check the data")
         out.loss.backward()
         sae.project_decoder_gradients()
