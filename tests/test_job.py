@@ -1,0 +1,103 @@
+"""``train_from_yaml`` / ``sae-sweep train`` on an in-memory stand-in for the cache reader."""
+
+import json
+
+import pytest
+import torch
+
+import trainer.job as job_module
+from activation_cache import ConfigError
+from sweep.cli import main as cli_main
+from trainer import DimensionMismatchError, TensorSource, TrainJobConfig, load_sae, train_from_yaml
+
+
+class FakeReader:
+    """What train_from_yaml uses of activation_cache.CacheReader."""
+
+    def __init__(self, d_in=16, splits=("train", "val")):
+        g = torch.Generator().manual_seed(0)
+        self.data = {s: torch.randn(768 if s == "train" else 256, d_in, generator=g) * 5 + 1
+                     for s in splits}
+        self.manifest = {"splits": {s: {} for s in splits}}
+        self.requests = []
+
+    def token_source(self, hook, split="train"):
+        self.requests.append((hook, split))
+        return TensorSource(self.data[split])
+
+
+YAML = """
+cache: {cache}
+out_dir: {out}
+sae: {{d_in: 16, d_sae: 64, top_k: 4, hook_layer: 2}}
+training: {{num_epochs: 2, train_batch_tokens: 128, lr: 0.01, log_freq: 4, checkpoint_every: 6,
+           show_progress: false}}
+"""
+
+
+@pytest.fixture
+def fake_cache(monkeypatch):
+    reader = FakeReader()
+    monkeypatch.setattr(job_module, "_open_cache", lambda uri: reader)
+    return reader
+
+
+def test_train_from_yaml_writes_everything_and_resumes(tmp_path, fake_cache):
+    path = tmp_path / "job.yaml"
+    path.write_text(YAML.format(cache="some/cache", out=tmp_path / "run"))
+    result = train_from_yaml(path)
+    out = tmp_path / "run"
+    assert fake_cache.requests == [("blocks.2.hook_resid_post", "train"),
+                                   ("blocks.2.hook_resid_post", "val")]
+    assert result.steps == 12 and result.final.eval_tokens == 256
+    for name in ("job.yaml", "final/weights.safetensors", "best/config.json",
+                 "saelens/cfg.json", "checkpoints/step_00000012/trainer_state.json"):
+        assert (out / name).exists(), name
+    assert TrainJobConfig.from_yaml(out / "job.yaml").sae.hook_spec == "blocks.2.hook_resid_post"
+    assert load_sae(out / "final").cfg.top_k == 4
+    history = json.loads((out / "final" / "history.json").read_text())
+    assert [h["step"] for h in history] == [4, 6, 8, 12]
+    # running it again resumes from the finished checkpoint: no new steps
+    again = train_from_yaml(path)
+    assert again.steps == 12 and torch.equal(again.sae.W_enc, result.sae.W_enc)
+
+
+def test_cli_train_with_out_override_and_no_resume(tmp_path, fake_cache):
+    path = tmp_path / "job.yaml"
+    path.write_text(YAML.format(cache="c", out=tmp_path / "ignored"))
+    assert cli_main(["train", str(path), "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "final" / "config.json").exists()
+    assert not (tmp_path / "ignored").exists()
+    assert cli_main(["train", str(path), "--out", str(tmp_path / "o"), "--no-resume"]) == 0
+    assert sorted(p.name for p in (tmp_path / "o" / "checkpoints").iterdir()) == [
+        "step_00000006", "step_00000012"]
+
+
+def test_wrong_d_in_and_bad_config_are_one_line_errors(tmp_path, fake_cache, capsys):
+    path = tmp_path / "job.yaml"
+    path.write_text(YAML.format(cache="c", out=tmp_path / "o").replace("d_in: 16", "d_in: 12"))
+    with pytest.raises(DimensionMismatchError, match=r"sae.d_in is 12 .* d_in=16"):
+        train_from_yaml(path)
+    assert cli_main(["train", str(path)]) == 2
+    assert "error:" in capsys.readouterr().err
+    path.write_text("cache: c\nsae: {d_in: 16, d_sae: 64, top_k: 4}\nhook: blocks.0.hook_resid_pre\n")
+    with pytest.raises(ConfigError, match="TrainJobConfig.hook: .* differs from sae.hook_spec"):
+        train_from_yaml(path)
+    path.write_text("cache: c\nsae: {d_in: 16, d_sae: 64, top_k: 4}\ntraining: {lr: -1}\n")
+    with pytest.raises(ConfigError, match=r"job.yaml: TrainJobConfig.training -> TrainingConfig.lr"):
+        train_from_yaml(path)
+
+
+def test_missing_val_split_trains_without_validation(tmp_path, monkeypatch):
+    reader = FakeReader(splits=("train",))
+    monkeypatch.setattr(job_module, "_open_cache", lambda uri: reader)
+    path = tmp_path / "job.yaml"
+    path.write_text(YAML.format(cache="c", out=tmp_path / "o"))
+    result = train_from_yaml(path)
+    assert result.final.eval_tokens == 0 and result.final.explained_variance is not None
+
+
+def test_example_config_parses():
+    from pathlib import Path
+    cfg = TrainJobConfig.from_yaml(Path(__file__).parent.parent / "examples" / "train.yaml")
+    assert cfg.sae.architecture == "batchtopk"
