@@ -9,6 +9,11 @@ Public API (everything else in this package is internal):
                                            -- which text; deterministic train/val split by document
     WindowedTextDataset, train_mask_for, WindowError
                                            -- tokenize once into windows with attention/train masks
+    CacheConfig, build_cache               -- build (or resume) a sharded, verified activation cache
+    open_cache, CacheReader, SequenceBatch, CacheTokenSource
+                                           -- read it: shuffled token batches, whole windows
+    compact_logprobs, compact_kl           -- compact clean next-token distributions and their KL
+    CacheError, CacheExistsError, CorruptCacheError, CacheMismatchError, CacheInputError
 """
 
 from .errors import UserError
@@ -16,9 +21,18 @@ from .strict_config import ConfigError, StrictConfig
 from .corpus import CorpusError, CorpusSpec, Document, load_corpus, split_documents
 from .models import HookNameError, ModelLoadError, ModelSpec, load_model, model_identity, resolve_hook
 from .windowed import WindowedTextDataset, WindowError, train_mask_for
+from .cache_config import CacheConfig
+from .cache_errors import (CacheError, CacheExistsError, CacheInputError, CacheMismatchError,
+                           CorruptCacheError)
+from .builder import build_cache
+from .reader import CacheReader, CacheTokenSource, SequenceBatch, open_cache
+from .compact_logits import compact_kl, compact_logprobs
 
 __all__ = ["UserError", "ConfigError", "StrictConfig"]
 __all__ += ["ModelSpec", "load_model", "model_identity", "resolve_hook", "ModelLoadError",
             "HookNameError"]
 __all__ += ["CorpusSpec", "Document", "load_corpus", "split_documents", "CorpusError"]
 __all__ += ["WindowedTextDataset", "train_mask_for", "WindowError"]
+__all__ += ["CacheConfig", "build_cache", "open_cache", "CacheReader", "SequenceBatch",
+            "CacheTokenSource", "compact_logprobs", "compact_kl", "CacheError",
+            "CacheExistsError", "CorruptCacheError", "CacheMismatchError", "CacheInputError"]

@@ -148,8 +148,7 @@ class Storage:
 
     def delete_all(self) -> None:
         """Remove everything under the root (used by ``overwrite``)."""
-        for rel in self.list(""):
-            self.delete(rel)
+        self.fs.delete_dir_contents(self.root, missing_dir_ok=True)
 
     def remove_temporaries(self) -> int:
         """Delete the temp files a killed build left behind; returns how many."""

@@ -1,0 +1,629 @@
+"""build_cache: run the model over the corpus once and write a sharded, verified cache.
+
+What one build does:
+
+1. **Check the output.** ``build.json`` (the config and the model identity) is written before any
+   shard. Over an existing cache built from a different config, or with a different model, the
+   build stops with :class:`CacheExistsError` unless ``overwrite=True`` (which empties the output
+   first). A finished cache with the same config is returned as is.
+2. **Plan.** The corpus is tokenized into windows (train/val split by document), and each split's
+   windows are cut into shards of consecutive windows. The plan depends only on the config, so a
+   rerun produces the same shard boundaries.
+3. **Run.** Shards that are not yet committed are computed -- one model pass per batch of
+   windows through ``run_with_cache`` (only the stored hooks; ``stop_at_layer`` after the last
+   hooked block when no logits are needed) -- and written by a background thread while the next
+   shard computes. Each shard commits as three files: its tensors (``shards/NAME.safetensors``),
+   its per-token index (``index/NAME.parquet``), and last its record (``parts/NAME.json``, with
+   sizes and sha256 checksums); every file is written atomically (see :mod:`.storage`).
+4. **Commit.** When every shard has a record, the records are merged into ``manifest.json``,
+   written last: a cache without a manifest is unfinished, and the reader refuses it.
+
+**Resume.** After a kill at any moment (even SIGKILL mid-shard), rerunning the same build redoes
+only the shards without a record: the finished cache holds exactly the windows of an
+uninterrupted build, none twice, none missing (the computation is deterministic per shard).
+
+**Scale-out.** With ``num_workers > 1`` the shards are split into contiguous, disjoint slices over
+Ray actors (each loads the model once and writes its own shards to the shared storage -- a local
+path for a local Ray, an object store URI on a cluster); the driver then merges the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from .cache_config import CacheConfig
+from .cache_errors import CacheError, CacheExistsError, CacheInputError, CorruptCacheError
+from .compact_logits import compact_logprobs
+from .corpus import load_corpus, split_documents
+from .models import load_model, model_identity
+from .manifest import (
+    FORMAT, MANIFEST, SPLITS, VERSION, act_key, canonical_json, config_digest, read_manifest,
+    write_manifest,
+)
+from .shard_file import encode_shard
+from .storage import Storage
+from .windowed import WindowedTextDataset, train_mask_for
+
+log = logging.getLogger("activation_cache")
+
+BUILD_FILE = "build.json"
+FULL_LOGPROBS_MAX_VOCAB = 8192
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+# --------------------------------------------------------------------------------------------
+# plan
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Windows:
+    """The windows of one split: tokens [N, T] int64, attention_mask [N, T] bool, doc_id [N]."""
+
+    tokens: np.ndarray
+    attention_mask: np.ndarray
+    doc_id: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def take(self, start: int, stop: int) -> "Windows":
+        return Windows(self.tokens[start:stop], self.attention_mask[start:stop],
+                       self.doc_id[start:stop])
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One shard to compute: windows [start, stop) of a split."""
+
+    split: str
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.index:05d}"
+
+
+@dataclass
+class Layout:
+    """What every shard stores and how the model is run (shared by driver and workers)."""
+
+    hooks: list[str]
+    stored_hooks: list[str]
+    splice_hooks: dict[str, str]
+    d_in: dict[str, int]
+    seq_len: int
+    act_dtype: str
+    stop_at_layer: int | None
+    logits_k: int | None  # None: no logits stored
+    d_vocab: int
+    bos_token_id: int | None
+    pad_token_id: int | None
+    exclude_bos: bool
+    exclude_token_ids: list[int]
+    config_sha256: str
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def make_layout(cfg: CacheConfig, model, tokenizer_ids: tuple[int | None, int | None]) -> Layout:
+    """Check the hooks and window length against the model and decide what is stored."""
+    names = set(model.hook_dict)
+    n_ctx = int(model.cfg.n_ctx)
+    if cfg.max_text_length > n_ctx:
+        raise CacheInputError(
+            f"CacheConfig.max_text_length: windows of {cfg.max_text_length} tokens are longer "
+            f"than the model's context n_ctx={n_ctx}; use max_text_length <= {n_ctx}"
+        )
+    for h in cfg.hooks:
+        if h not in names:
+            close = sorted(n for n in names if n.endswith(h.rsplit(".", 1)[-1]))[:4]
+            raise CacheInputError(f"CacheConfig.hooks: {h!r} is not a hook of this model"
+                                  + (f" (e.g. {', '.join(close)})" if close else ""))
+    stored = list(cfg.hooks)
+    splice: dict[str, str] = {}
+    if cfg.splice_residual:
+        for h in cfg.hooks:
+            m = _BLOCK.match(h)
+            if not m:
+                raise CacheInputError(
+                    f"CacheConfig.store_splice_residual: hook {h!r} is not inside a block "
+                    "(blocks.L....), so there is no splice residual to store"
+                )
+            splice[h] = f"blocks.{m.group(1)}.hook_resid_pre"
+            if splice[h] not in stored:
+                stored.append(splice[h])
+    layers = [_BLOCK.match(h) for h in stored]
+    if cfg.store_logits or any(m is None for m in layers):
+        stop = None
+    else:
+        stop = max(int(m.group(1)) for m in layers) + 1
+        if stop >= model.cfg.n_layers:
+            stop = None
+    d_vocab = int(model.cfg.d_vocab_out if getattr(model.cfg, "d_vocab_out", -1) > 0
+                  else model.cfg.d_vocab)
+    logits_k = None
+    if cfg.store_logits:
+        if cfg.logits_top_k is None:
+            if d_vocab > FULL_LOGPROBS_MAX_VOCAB:
+                raise CacheInputError(
+                    f"CacheConfig.logits_top_k: null (full log-probs) is only allowed for "
+                    f"vocabularies of at most {FULL_LOGPROBS_MAX_VOCAB}; this model has {d_vocab}"
+                )
+            logits_k = d_vocab
+        else:
+            if cfg.logits_top_k > d_vocab:
+                raise CacheInputError(f"CacheConfig.logits_top_k: {cfg.logits_top_k} is larger "
+                                      f"than the vocabulary ({d_vocab})")
+            logits_k = cfg.logits_top_k
+    d_in = {h: _hook_width(model, h) for h in stored}
+    bos, pad = tokenizer_ids
+    return Layout(
+        hooks=list(cfg.hooks), stored_hooks=stored, splice_hooks=splice, d_in=d_in,
+        seq_len=cfg.max_text_length, act_dtype=cfg.dtype, stop_at_layer=stop, logits_k=logits_k,
+        d_vocab=d_vocab, bos_token_id=bos, pad_token_id=pad, exclude_bos=cfg.exclude_bos,
+        exclude_token_ids=list(cfg.exclude_token_ids), config_sha256=config_digest(cfg.to_dict()),
+    )
+
+
+def _hook_width(model, hook: str) -> int:
+    """The last dimension of a hook's activation, measured with a one-token forward pass."""
+    tokens = torch.zeros(1, 1, dtype=torch.long, device=model.cfg.device)
+    m = _BLOCK.match(hook)
+    stop = int(m.group(1)) + 1 if m and int(m.group(1)) + 1 < model.cfg.n_layers else None
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=stop)
+    act = cache[hook]
+    if act.ndim != 3:
+        raise CacheInputError(
+            f"CacheConfig.hooks: {hook!r} has activations of shape {tuple(act.shape)}; only "
+            "[batch, position, d] hooks can be cached (e.g. hook_resid_post, hook_mlp_out, "
+            "hook_attn_out)"
+        )
+    return int(act.shape[-1])
+
+
+def windows_per_shard(cfg: CacheConfig, layout: Layout) -> int:
+    if cfg.shard_tokens is not None:
+        return max(1, cfg.shard_tokens // layout.seq_len)
+    size = torch.finfo(_TORCH_DTYPES[layout.act_dtype]).bits // 8
+    per_pos = sum(layout.d_in.values()) * size + 4 + 2
+    if layout.logits_k:
+        per_pos += layout.logits_k * 8 + 8
+    return max(1, int(cfg.shard_mb * 1e6 // (per_pos * layout.seq_len + 16)))
+
+
+def plan_units(windows: dict[str, Windows], per_shard: int) -> list[Unit]:
+    units = []
+    for split in SPLITS:
+        n = len(windows[split])
+        for i, start in enumerate(range(0, n, per_shard)):
+            units.append(Unit(split, i, start, min(n, start + per_shard)))
+    return units
+
+
+# --------------------------------------------------------------------------------------------
+# computing and writing one shard
+# --------------------------------------------------------------------------------------------
+
+
+class ShardWriter:
+    """Computes shards with a loaded model and commits them to storage (driver or Ray actor)."""
+
+    def __init__(self, model, layout: Layout, storage: Storage, batch_size: int):
+        self.model = model
+        self.layout = layout
+        self.storage = storage
+        self.batch_size = batch_size
+        self.device = model.cfg.device
+
+    def compute(self, unit: Unit, w: Windows,
+                on_batch: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
+        """The shard's tensors (CPU), running the model batch by batch."""
+        lay = self.layout
+        dt = _TORCH_DTYPES[lay.act_dtype]
+        parts: dict[str, list[torch.Tensor]] = {}
+        for a in range(0, len(w), self.batch_size):
+            b = min(len(w), a + self.batch_size)
+            out = self.forward(torch.from_numpy(w.tokens[a:b]), torch.from_numpy(w.attention_mask[a:b]))
+            for k, v in out.items():
+                parts.setdefault(k, []).append(v.to(dt) if k.startswith("acts.") else v)
+            if on_batch is not None:
+                on_batch(int(w.attention_mask[a:b].sum()))
+        tensors = {k: torch.cat(v) for k, v in parts.items()}
+        tokens, am = torch.from_numpy(w.tokens), torch.from_numpy(w.attention_mask)
+        tensors["tokens"] = tokens.to(torch.int32)
+        tensors["attention_mask"] = am
+        tensors["train_mask"] = train_mask_for(
+            tokens, am, bos_token_id=lay.bos_token_id, exclude_bos=lay.exclude_bos,
+            exclude_token_ids=lay.exclude_token_ids)
+        tensors["sequence"] = torch.arange(unit.start, unit.stop, dtype=torch.int64)
+        tensors["doc_id"] = torch.from_numpy(w.doc_id.astype(np.int64))
+        return tensors
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One model pass: stored activations (and compact logits) of a batch of windows."""
+        lay = self.layout
+        toks = tokens.to(self.device, torch.long)
+        am = attention_mask.to(self.device)
+        want_logits = lay.logits_k is not None
+        out, cache = self.model.run_with_cache(
+            toks, attention_mask=am.long(), names_filter=list(lay.stored_hooks),
+            stop_at_layer=lay.stop_at_layer, return_type="logits" if want_logits else None,
+        )
+        result = {act_key(h): cache[h].detach().to("cpu") for h in lay.stored_hooks}
+        if want_logits:
+            topk_lp, topk_idx, lse = compact_logprobs(out, lay.logits_k)
+            nxt = torch.full(toks.shape, float("nan"), device=out.device)
+            gathered = out[:, :-1].float().gather(-1, toks[:, 1:, None]).squeeze(-1) - lse[:, :-1]
+            valid = am[:, :-1].bool() & am[:, 1:].bool()
+            nxt[:, :-1] = torch.where(valid, gathered, torch.full_like(gathered, float("nan")))
+            result.update(
+                clean_topk_logprobs=topk_lp.cpu(), clean_topk_indices=topk_idx.to(torch.int32).cpu(),
+                clean_logsumexp=lse.cpu(), clean_next_token_logprob=nxt.cpu(),
+            )
+        return result
+
+    def commit(self, unit: Unit, tensors: dict[str, torch.Tensor]) -> dict:
+        """Write the shard, its index and (last) its record; returns the record."""
+        data, rec = encode_shard(tensors)
+        file = f"shards/{unit.name}.safetensors"
+        self.storage.write_atomic(file, data)
+        del data
+        index = _index_bytes(unit, tensors)
+        index_file = f"index/{unit.name}.parquet"
+        self.storage.write_atomic(index_file, index)
+        am, tm = tensors["attention_mask"], tensors["train_mask"]
+        record = {
+            "name": unit.name, "split": unit.split, "file": file, "bytes": rec["bytes"],
+            "sha256": rec["sha256"], "first_sequence": unit.start,
+            "num_sequences": unit.stop - unit.start, "num_tokens": int(am.sum()),
+            "num_train_tokens": int(tm.sum()), "tensors": rec["tensors"],
+            "index_file": index_file, "index_bytes": len(index),
+            "index_sha256": hashlib.sha256(index).hexdigest(),
+            "config_sha256": self.layout.config_sha256,
+        }
+        self.storage.write_atomic(f"parts/{unit.name}.json", json.dumps(record).encode())
+        return record
+
+    def build(self, unit: Unit, w: Windows) -> dict:
+        return self.commit(unit, self.compute(unit, w))
+
+
+def _index_bytes(unit: Unit, t: dict[str, torch.Tensor]) -> bytes:
+    """The per-token Parquet index of a shard: one row per real (non-padding) token."""
+    am = t["attention_mask"].numpy()
+    rows, pos = np.nonzero(am)
+    table = pa.table({
+        "split": pa.array(np.full(len(rows), unit.split, dtype=object)).dictionary_encode(),
+        "shard": pa.array(np.full(len(rows), unit.index, dtype=np.int32)),
+        "row": pa.array(rows.astype(np.int32)),
+        "sequence": pa.array(t["sequence"].numpy()[rows]),
+        "position": pa.array(pos.astype(np.int32)),
+        "token_id": pa.array(t["tokens"].numpy()[rows, pos]),
+        "train_mask": pa.array(t["train_mask"].numpy()[rows, pos]),
+        "doc_id": pa.array(t["doc_id"].numpy()[rows]),
+    })
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+# --------------------------------------------------------------------------------------------
+# the build
+# --------------------------------------------------------------------------------------------
+
+
+def build_cache(cfg: CacheConfig, *, overwrite: bool = False, num_workers: int = 1,
+                address: str | None = None) -> str:
+    """Build (or resume building) the cache described by ``cfg``; returns its path or URI."""
+    if not isinstance(num_workers, int) or num_workers < 1:
+        raise CacheError(f"num_workers must be an integer >= 1, got {num_workers!r}")
+    storage = Storage(cfg.output)
+    if _check_existing(cfg, storage, overwrite):
+        log.info("cache %s is already complete", storage.uri)
+        return storage.uri
+    model = load_model(cfg.model)
+    identity = model_identity(model, cfg.model)
+    windows = make_windows(cfg, model)
+    return build_from_windows(cfg, model, identity, windows, storage=storage,
+                              num_workers=num_workers, address=address)
+
+
+def _check_existing(cfg: CacheConfig, storage: Storage, overwrite: bool) -> bool:
+    """Refuse a different config (unless overwrite); True when the same cache is complete."""
+    if not storage.exists(BUILD_FILE) and not storage.exists(MANIFEST):
+        leftovers = storage.list("")
+        if leftovers and not overwrite:
+            raise CacheExistsError(
+                f"{storage.describe('')}: not empty and not a cache ({leftovers[0]} ...); "
+                "choose another output or pass overwrite (--overwrite) to replace it"
+            )
+        return False
+    if overwrite:
+        log.info("overwrite: removing the existing cache at %s", storage.uri)
+        storage.delete_all()
+        return False
+    try:
+        previous = json.loads(storage.read_bytes(BUILD_FILE))["config"]
+    except (CacheError, KeyError, json.JSONDecodeError, TypeError):
+        previous = read_manifest(storage)["config"]
+    if canonical_json(previous) != canonical_json(cfg.to_dict()):
+        diff = sorted(k for k in set(previous) | set(cfg.to_dict())
+                      if canonical_json(previous.get(k)) != canonical_json(cfg.to_dict().get(k)))
+        raise CacheExistsError(
+            f"{storage.describe(BUILD_FILE)}: the cache there was built from a different config "
+            f"(differs in: {', '.join(diff)}); use another output or overwrite (--overwrite)"
+        )
+    return storage.exists(MANIFEST)
+
+
+def build_from_windows(cfg: CacheConfig, model, identity: dict, windows: dict[str, Windows], *,
+                       storage: Storage | None = None, num_workers: int = 1,
+                       address: str | None = None) -> str:
+    """The build after the model is loaded and the corpus windowed (see module doc)."""
+    storage = storage or Storage(cfg.output)
+    started = time.time()
+    tok = getattr(model, "tokenizer", None)
+    ids = (getattr(tok, "bos_token_id", None), getattr(tok, "pad_token_id", None))
+    layout = make_layout(cfg, model, ids)
+    windows = _cap_tokens(windows, cfg)
+    if len(windows["train"]) == 0:
+        raise CacheInputError(
+            f"CacheConfig.corpus: the corpus gives no training windows (empty documents, or "
+            f"every document went to val with val_fraction={cfg.val_fraction})"
+        )
+    build_info = {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(), "model": identity}
+    if storage.exists(BUILD_FILE):
+        old = json.loads(storage.read_bytes(BUILD_FILE))
+        if canonical_json(old.get("model")) != canonical_json(identity):
+            raise CacheExistsError(
+                f"{storage.describe(BUILD_FILE)}: this unfinished cache was started with another "
+                "model (its identity differs); use another output or overwrite (--overwrite)"
+            )
+    else:
+        storage.write_atomic(BUILD_FILE, json.dumps(build_info, indent=1).encode())
+    removed = storage.remove_temporaries()
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted build", removed)
+
+    units = plan_units(windows, windows_per_shard(cfg, layout))
+    done = {u.name for u in units if _committed(storage, u, layout)}
+    todo = [u for u in units if u.name not in done]
+    total = sum(int(windows[u.split].attention_mask[u.start:u.stop].sum()) for u in units)
+    remaining = sum(int(windows[u.split].attention_mask[u.start:u.stop].sum()) for u in todo)
+    if done:
+        log.info("resuming: %d of %d shards already committed", len(done), len(units))
+    with tqdm(total=total, initial=total - remaining, unit="tok", unit_scale=True,
+              desc="caching activations", dynamic_ncols=True) as bar:
+        if num_workers > 1 and len(todo) > 1:
+            _run_ray(cfg, identity, layout, windows, todo, storage, num_workers, address, bar)
+        else:
+            _run_local(ShardWriter(model, layout, storage, cfg.batch_size), windows, todo, bar)
+
+    records = [_read_record(storage, u) for u in units]
+    manifest = _manifest(cfg, identity, layout, windows, records, storage)
+    manifest["build_seconds"] = round(time.time() - started, 3)
+    write_manifest(storage, manifest)
+    log.info("cache committed at %s (%s tokens)", storage.uri,
+             ", ".join(f"{k}: {v['num_tokens']}" for k, v in manifest["splits"].items()))
+    return storage.uri
+
+
+def _cap_tokens(windows: dict[str, Windows], cfg: CacheConfig) -> dict[str, Windows]:
+    if cfg.max_tokens is None:
+        return windows
+    caps = {"val": int(round(cfg.max_tokens * cfg.val_fraction))}
+    caps["train"] = cfg.max_tokens - caps["val"]
+    out = {}
+    for split, w in windows.items():
+        counts = np.cumsum(w.attention_mask.sum(axis=1))
+        keep = int(np.searchsorted(counts, caps[split], side="left")) + 1 if caps[split] > 0 else 0
+        out[split] = w.take(0, min(len(w), keep))
+    return out
+
+
+def _committed(storage: Storage, unit: Unit, layout: Layout) -> bool:
+    try:
+        rec = json.loads(storage.read_bytes(f"parts/{unit.name}.json"))
+    except (CacheError, json.JSONDecodeError):
+        return False
+    return (rec.get("config_sha256") == layout.config_sha256
+            and rec.get("first_sequence") == unit.start
+            and rec.get("num_sequences") == unit.stop - unit.start
+            and storage.size(rec["file"]) == rec["bytes"]
+            and storage.size(rec["index_file"]) == rec["index_bytes"])
+
+
+def _read_record(storage: Storage, unit: Unit) -> dict:
+    try:
+        rec = json.loads(storage.read_bytes(f"parts/{unit.name}.json"))
+    except CacheError:
+        raise CorruptCacheError(f"{storage.describe(f'parts/{unit.name}.json')}: shard "
+                                f"{unit.name} was not committed by any worker") from None
+    rec.pop("config_sha256", None)
+    return rec
+
+
+def _run_local(writer: ShardWriter, windows: dict[str, Windows], todo: list[Unit], bar) -> None:
+    """Compute shards in this process; a background thread writes the previous one meanwhile."""
+    pending: queue.Queue = queue.Queue(maxsize=1)
+    failure: list[BaseException] = []
+
+    def write_loop() -> None:
+        while True:
+            item = pending.get()
+            if item is None:
+                return
+            if failure:
+                continue
+            try:
+                writer.commit(*item)
+            except BaseException as exc:  # re-raised in the main thread
+                failure.append(exc)
+
+    thread = threading.Thread(target=write_loop, name="cache-writer", daemon=True)
+    thread.start()
+    try:
+        for unit in todo:
+            if failure:
+                break
+            tensors = writer.compute(unit, windows[unit.split].take(unit.start, unit.stop),
+                                     on_batch=bar.update)
+            pending.put((unit, tensors))
+    finally:
+        pending.put(None)
+        thread.join()
+    if failure:
+        raise failure[0]
+
+
+def _run_ray(cfg: CacheConfig, identity: dict, layout: Layout, windows: dict[str, Windows],
+             todo: list[Unit], storage: Storage, num_workers: int, address: str | None,
+             bar) -> None:
+    """Split ``todo`` into contiguous disjoint slices over Ray actors; wait for all shards."""
+    import ray
+
+    we_started = not ray.is_initialized()
+    if we_started:
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+        if address is None:
+            kwargs["num_cpus"] = num_workers
+        ray.init(address=address, **kwargs)
+    actor_cls = ray.remote(num_cpus=1)(_RayShardWorker)
+    n = min(num_workers, len(todo))
+    actors = [actor_cls.remote(cfg.to_dict(), identity, layout.to_dict()) for _ in range(n)]
+    try:
+        refs: dict[Any, int] = {}
+        for i, actor in enumerate(actors):
+            for unit in todo[i * len(todo) // n:(i + 1) * len(todo) // n]:
+                w = windows[unit.split].take(unit.start, unit.stop)
+                ref = actor.build.remote(unit.__dict__, w.tokens, w.attention_mask, w.doc_id)
+                refs[ref] = int(w.attention_mask.sum())
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(ready[0])
+            except ray.exceptions.RayTaskError as exc:
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, CacheError):
+                    raise cause from None
+                raise
+            bar.update(refs[ready[0]])
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        if we_started:
+            ray.shutdown()
+
+
+class _RayShardWorker:
+    """A Ray actor: loads the model once, then builds the shards it is given."""
+
+    def __init__(self, cfg_dict: dict, identity: dict, layout_dict: dict):
+        torch.set_num_threads(1)
+        cfg = CacheConfig.from_dict(cfg_dict)
+        model = load_model(cfg.model)
+        if canonical_json(model_identity(model, cfg.model)) != canonical_json(identity):
+            raise CacheInputError(
+                f"CacheConfig.model: a Ray worker loaded a different model than the driver "
+                f"({identity.get('name')}); every node must see the same model file"
+            )
+        self.writer = ShardWriter(model, Layout(**layout_dict), Storage(cfg.output), cfg.batch_size)
+
+    def build(self, unit: dict, tokens: np.ndarray, attention_mask: np.ndarray,
+              doc_id: np.ndarray) -> str:
+        u = Unit(**unit)
+        self.writer.build(u, Windows(tokens, attention_mask, doc_id))
+        return u.name
+
+
+def _manifest(cfg: CacheConfig, identity: dict, layout: Layout, windows: dict[str, Windows],
+              records: list[dict], storage: Storage) -> dict:
+    first = records[0]
+    tensors = {name: {"dtype": e["dtype"], "shape": e["shape"][1:]}
+               for name, e in first["tensors"].items()}
+    splits = {}
+    for split in SPLITS:
+        shards = [r for r in records if r["split"] == split]
+        if not shards:
+            continue  # an empty split (val_fraction 0, or one document) is left out
+        splits[split] = {
+            "num_sequences": sum(r["num_sequences"] for r in shards),
+            "num_tokens": sum(r["num_tokens"] for r in shards),
+            "num_train_tokens": sum(r["num_train_tokens"] for r in shards),
+            "num_documents": int(len(np.unique(windows[split].doc_id))),
+            "shards": shards,
+        }
+    n_tokens = sum(s["num_tokens"] for s in splits.values())
+    per_item: dict[str, float] = {}
+    for r in records:
+        for name, e in r["tensors"].items():
+            per_item[name] = per_item.get(name, 0) + e["bytes"]
+        per_item["index (parquet)"] = per_item.get("index (parquet)", 0) + r["index_bytes"]
+    bytes_per_token = {k: round(v / max(1, n_tokens), 3) for k, v in per_item.items()}
+    total_bytes = sum(r["bytes"] + r["index_bytes"] for r in records)
+    bytes_per_token["total"] = round(total_bytes / max(1, n_tokens), 3)
+    return {
+        "format": FORMAT, "version": VERSION,
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": cfg.to_dict(), "config_sha256": layout.config_sha256, "model": identity,
+        "hooks": layout.hooks, "stored_hooks": layout.stored_hooks,
+        "splice_hooks": layout.splice_hooks, "d_in": layout.d_in, "seq_len": layout.seq_len,
+        "act_dtype": layout.act_dtype,
+        "logits": None if layout.logits_k is None else {
+            "k": layout.logits_k, "d_vocab": layout.d_vocab,
+            "full": layout.logits_k == layout.d_vocab},
+        "excluded": {"padding": True, "bos": layout.exclude_bos,
+                     "bos_token_id": layout.bos_token_id, "pad_token_id": layout.pad_token_id,
+                     "token_ids": layout.exclude_token_ids},
+        "tensors": tensors, "splits": splits, "bytes_per_token": bytes_per_token,
+        "total_bytes": total_bytes,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# corpus -> windows (C1's corpus and windowing code)
+# --------------------------------------------------------------------------------------------
+
+
+def make_windows(cfg: CacheConfig, model) -> dict[str, Windows]:
+    """Tokenize the corpus into windows, split by document into train and val.
+
+    ``doc_id`` of a window is the index of its document in the whole corpus (as loaded).
+    """
+    documents = load_corpus(cfg.corpus)
+    if not documents:
+        raise CacheInputError("CacheConfig.corpus: the corpus has no documents")
+    number = {d.doc_id: i for i, d in enumerate(documents)}
+    parts = dict(zip(SPLITS, split_documents(documents, cfg.val_fraction, cfg.seed)))
+    out = {}
+    for split, docs in parts.items():
+        ds = WindowedTextDataset(docs, model.tokenizer, cfg.max_text_length, cfg.prepend_bos,
+                                 exclude_bos=cfg.exclude_bos,
+                                 exclude_token_ids=cfg.exclude_token_ids,
+                                 n_ctx=int(model.cfg.n_ctx), show_progress=len(docs) > 50)
+        global_ids = np.asarray([number[d.doc_id] for d in docs], dtype=np.int64)
+        doc = global_ids[ds.doc_ids.numpy()] if len(ds) else np.zeros(0, dtype=np.int64)
+        out[split] = Windows(ds.tokens.numpy(), ds.attention_mask.numpy(), doc)
+    return out

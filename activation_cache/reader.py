@@ -1,0 +1,416 @@
+"""Reading a cache: ``open_cache`` -> :class:`CacheReader` -> token batches or whole windows.
+
+**Token batches** (``token_source(hook).iter_batches``, the trainer's ``ActivationSource``):
+float32 rows of the train-mask tokens only (no padding, no BOS unless the cache kept it). The
+shuffle is a *shard-mixing buffer*: each epoch the shards are put in a random order and grouped
+into chunks of about ``shuffle_buffer_tokens`` tokens; the tokens of a chunk (drawn from several
+shards) are permuted together, and batches are consecutive slices of the resulting stream (a batch
+may straddle two chunks; only the last batch of an epoch may be smaller). Everything is a pure
+function of ``(seed, epoch)`` and the manifest's token counts, so ``start_batch=n`` locates the
+chunk holding batch n without reading anything before it and yields exactly what the
+uninterrupted iteration yields from batch n on. A background thread reads the next chunk while
+the current one is consumed.
+
+**Windows** (``sequence_batches``, for end-to-end losses): whole windows with every stored tensor,
+in cache order; with ``shuffle=True`` the shard order and the window order inside each shard are
+permuted by ``seed`` (a block shuffle: each shard is read once per pass). The last batch may be
+smaller.
+
+**Verification.** ``open_cache`` checks the manifest's schema and that every shard and index file
+exists with its recorded size (one directory listing): truncated or missing files fail at open.
+Content checksums are verified *lazily*: the first time this reader reads a tensor of a shard it
+hashes exactly the bytes it read (sha256, ~1-2 GB/s per core, run in the read-ahead thread) and
+compares with the manifest; later reads of the same tensor are not re-hashed. So the first epoch
+pays one hash of the bytes it reads and nothing more, and a cache is never fully re-read just to
+open it. ``CacheReader.verify()`` checks every file's whole-file checksum up front;
+``open_cache(..., verify=False)`` skips content hashing altogether.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass, field, fields
+from typing import Iterator, Mapping
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import io
+import torch
+from torch import Tensor
+
+from .cache_errors import CacheMismatchError, CorruptCacheError
+from .manifest import MANIFEST, SPLITS, act_key, canonical_json, read_manifest
+from .read_ahead import read_ahead
+from .shard_file import read_header, read_tensor
+from .storage import Storage
+
+DEFAULT_BUFFER_BYTES = 256 * 2**20
+LOGIT_TENSORS = ("clean_topk_logprobs", "clean_topk_indices", "clean_logsumexp",
+                 "clean_next_token_logprob")
+
+
+@dataclass
+class SequenceBatch:
+    """Whole windows and everything stored for them (see ARCHITECTURE.md).
+
+    ``clean_next_token_logprob[b, t]`` is log p_clean(tokens[b, t+1]); NaN at the last position
+    and wherever token t or t+1 is padding. The logits fields are None when not stored.
+    """
+
+    tokens: Tensor  # [B, T] int64
+    attention_mask: Tensor  # [B, T] bool: real tokens (BOS included)
+    train_mask: Tensor  # [B, T] bool: tokens SAEs train/evaluate on
+    acts: dict[str, Tensor]  # hook -> [B, T, d] float32 (SAE hooks and splice residuals)
+    clean_topk_logprobs: Tensor | None = None  # [B, T, k] float32
+    clean_topk_indices: Tensor | None = None  # [B, T, k] int64
+    clean_logsumexp: Tensor | None = None  # [B, T] float32
+    clean_next_token_logprob: Tensor | None = None  # [B, T] float32
+    sequence: Tensor | None = None  # [B] int64: window number within its split
+    doc_id: Tensor | None = None  # [B] int64: document of each window
+
+    def to(self, device: torch.device | str) -> "SequenceBatch":
+        """A copy with every tensor on ``device``."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                v = v.to(device)
+            elif isinstance(v, dict):
+                v = {k: t.to(device) for k, t in v.items()}
+            out[f.name] = v
+        return SequenceBatch(**out)
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+def open_cache(path_or_uri: str, *, verify: bool = True) -> "CacheReader":
+    """Open a finished cache (local folder or pyarrow URI); see the module doc for checks."""
+    return CacheReader(Storage(path_or_uri), verify=verify)
+
+
+class CacheReader:
+    """A finished cache: its manifest, its token sources and its window batches."""
+
+    def __init__(self, storage: Storage, *, verify: bool = True):
+        self.storage = storage
+        self.uri = storage.uri
+        self.manifest: dict = read_manifest(storage)
+        self.verify_checksums = verify
+        self._verified: set[tuple[str, str]] = set()
+        self._headers_checked: set[str] = set()
+        self._lock = threading.Lock()
+        self._check_files()
+
+    # -- what is in the cache --------------------------------------------------------------
+    @property
+    def hooks(self) -> list[str]:
+        """The SAE hooks the cache was built for."""
+        return list(self.manifest["hooks"])
+
+    @property
+    def stored_hooks(self) -> list[str]:
+        """Every stored hook (SAE hooks and splice residuals)."""
+        return list(self.manifest["stored_hooks"])
+
+    def d_in(self, hook: str) -> int:
+        """The width of a stored hook's activations."""
+        self._require_hook(hook)
+        return int(self.manifest["d_in"][hook])
+
+    def num_tokens(self, split: str = "train", *, train_mask: bool = True) -> int:
+        """Train-mask tokens of a split (or all real tokens with train_mask=False)."""
+        info = self._split(split)
+        return int(info["num_train_tokens"] if train_mask else info["num_tokens"])
+
+    def num_sequences(self, split: str = "train") -> int:
+        return int(self._split(split)["num_sequences"])
+
+    def check_model(self, identity: Mapping) -> None:
+        """Raise :class:`CacheMismatchError` unless ``identity`` (model_identity()) is the cache's."""
+        mine = self.manifest["model"]
+        diff = [k for k in sorted(set(mine) | set(identity))
+                if canonical_json(mine.get(k)) != canonical_json(identity.get(k))]
+        if diff:
+            raise CacheMismatchError(
+                f"{self.storage.describe(MANIFEST)}: the cache was built with another model "
+                f"(differs in {', '.join(diff)}: cache has "
+                f"{ {k: mine.get(k) for k in diff[:3]} }, given { {k: identity.get(k) for k in diff[:3]} })"
+            )
+
+    def index(self, split: str | None = None) -> pd.DataFrame:
+        """The per-token index (split, shard, row, sequence, position, token_id, train_mask,
+        doc_id) as a pandas DataFrame, one row per real token."""
+        frames = []
+        for s in ([split] if split else list(self.manifest["splits"])):
+            for rec in self._split(s)["shards"]:
+                data = self.storage.read_bytes(rec["index_file"])
+                self._check_digest(data, rec["index_sha256"], rec["index_file"], "index")
+                frames.append(pq.read_table(io.BytesIO(data)).to_pandas())
+        if not frames:
+            return pd.DataFrame()
+        return pd.concat(frames, ignore_index=True)
+
+    def verify(self) -> None:
+        """Check every shard's and index's whole-file sha256 now (reads the whole cache)."""
+        for split in self.manifest["splits"]:
+            for rec in self._split(split)["shards"]:
+                for file, digest in ((rec["file"], rec["sha256"]),
+                                     (rec["index_file"], rec["index_sha256"])):
+                    self._check_digest(self.storage.read_bytes(file), digest, file, "file")
+                with self._lock:
+                    self._verified.update((rec["file"], n) for n in rec["tensors"])
+
+    # -- token batches ---------------------------------------------------------------------
+    def token_source(self, hook: str, split: str = "train", *, d_in: int | None = None,
+                     shuffle_buffer_tokens: int | None = None,
+                     read_ahead_chunks: int = 1) -> "CacheTokenSource":
+        """An ActivationSource of the train-mask tokens of ``hook`` in ``split``.
+
+        ``d_in``: the width the caller expects (raises CacheMismatchError if different).
+        ``shuffle_buffer_tokens``: tokens permuted together (default: 256 MiB of float32 rows,
+        at least one shard).
+        """
+        width = self.d_in(hook)
+        if d_in is not None and d_in != width:
+            raise CacheMismatchError(
+                f"{self.storage.describe(MANIFEST)}: hook {hook!r} has d_in={width} in this "
+                f"cache, but {d_in} was expected (an SAE for another model or hook?)"
+            )
+        info = self._split(split)
+        if info["num_train_tokens"] == 0:
+            raise CacheMismatchError(f"{self.storage.describe(MANIFEST)}: split {split!r} has "
+                                     "no train-mask tokens")
+        buffer = shuffle_buffer_tokens or max(1, DEFAULT_BUFFER_BYTES // (4 * width))
+        return CacheTokenSource(self, hook, split, buffer, read_ahead_chunks)
+
+    # -- window batches --------------------------------------------------------------------
+    def sequence_batches(self, split: str, batch_size: int, *, start_batch: int = 0,
+                         seed: int = 0, shuffle: bool = False,
+                         read_ahead_batches: int = 2) -> Iterator[SequenceBatch]:
+        """Batches of whole windows with every stored tensor (see the module doc)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        shards = self._split(split)["shards"]
+        order = []  # (shard number, row) in iteration order
+        shard_order = np.arange(len(shards))
+        rng = np.random.default_rng([seed, 7]) if shuffle else None
+        if rng is not None:
+            shard_order = rng.permutation(len(shards))
+        for s in shard_order:
+            rows = np.arange(shards[s]["num_sequences"])
+            if rng is not None:
+                rows = rng.permutation(rows)
+            order.extend((int(s), int(r)) for r in rows)
+        start = start_batch * batch_size
+
+        def produce() -> Iterator[SequenceBatch]:
+            loaded: dict[int, dict[str, Tensor]] = {}
+            for a in range(start, len(order), batch_size):
+                picks = order[a:a + batch_size]
+                needed = {s for s, _ in picks}
+                for s in list(loaded):
+                    if s not in needed:
+                        del loaded[s]
+                for s in needed:
+                    if s not in loaded:
+                        loaded[s] = self._read_shard(shards[s])
+                yield self._assemble(picks, loaded)
+
+        return read_ahead(produce, read_ahead_batches)
+
+    def _assemble(self, picks: list[tuple[int, int]], loaded: dict[int, dict[str, Tensor]]
+                  ) -> SequenceBatch:
+        def take(name: str) -> Tensor:
+            parts, i = [], 0
+            while i < len(picks):  # runs of consecutive rows of one shard -> one slice
+                s, r = picks[i]
+                j = i + 1
+                while j < len(picks) and picks[j][0] == s and picks[j][1] == picks[j - 1][1] + 1:
+                    j += 1
+                parts.append(loaded[s][name][r:r + (j - i)])
+                i = j
+            return parts[0].clone() if len(parts) == 1 else torch.cat(parts)
+
+        has_logits = self.manifest.get("logits") is not None
+        return SequenceBatch(
+            tokens=take("tokens").long(), attention_mask=take("attention_mask"),
+            train_mask=take("train_mask"),
+            acts={h: take(act_key(h)).float() for h in self.manifest["stored_hooks"]},
+            clean_topk_logprobs=take("clean_topk_logprobs").float() if has_logits else None,
+            clean_topk_indices=take("clean_topk_indices").long() if has_logits else None,
+            clean_logsumexp=take("clean_logsumexp").float() if has_logits else None,
+            clean_next_token_logprob=(take("clean_next_token_logprob").float()
+                                      if has_logits else None),
+            sequence=take("sequence"), doc_id=take("doc_id"),
+        )
+
+    # -- shard access ----------------------------------------------------------------------
+    def read_tensors(self, rec: Mapping, names: list[str]) -> dict[str, Tensor]:
+        """Read some tensors of one shard record (verifying them on first read)."""
+        out = {}
+        with self.storage.open_ranges(rec["file"]) as f:
+            if rec["file"] not in self._headers_checked:
+                self._check_header(f, rec)
+            for name in names:
+                entry = rec["tensors"].get(name)
+                if entry is None:
+                    raise CacheMismatchError(f"{f.name}: has no tensor {name!r}")
+                key = (rec["file"], name)
+                verify = self.verify_checksums and key not in self._verified
+                out[name] = read_tensor(f, entry, verify=verify, name=name)
+                if verify:
+                    with self._lock:
+                        self._verified.add(key)
+        return out
+
+    def _read_shard(self, rec: Mapping) -> dict[str, Tensor]:
+        return self.read_tensors(rec, list(rec["tensors"]))
+
+    def _check_header(self, f, rec: Mapping) -> None:
+        header = read_header(f)
+        for name, entry in rec["tensors"].items():
+            h = header.get(name)
+            if h is None or h["dtype"] != entry["dtype"] or list(h["shape"]) != entry["shape"]:
+                got = "missing" if h is None else f"{h['dtype']} {h['shape']}"
+                raise CorruptCacheError(
+                    f"{f.name}: tensor {name!r} is {got} in the file but {entry['dtype']} "
+                    f"{entry['shape']} in the manifest (the shard does not belong to this cache)"
+                )
+        with self._lock:
+            self._headers_checked.add(rec["file"])
+
+    def _check_files(self) -> None:
+        sizes = self.storage.sizes("shards")
+        sizes.update(self.storage.sizes("index"))
+        for split in self.manifest["splits"]:
+            for rec in self._split(split)["shards"]:
+                for file, size in ((rec["file"], rec["bytes"]), (rec["index_file"], rec["index_bytes"])):
+                    got = sizes.get(file)
+                    if got is None:
+                        raise CorruptCacheError(f"{self.storage.describe(file)}: shard file is "
+                                                "missing (listed in manifest.json)")
+                    if got != size:
+                        raise CorruptCacheError(
+                            f"{self.storage.describe(file)}: {got} bytes, but the manifest "
+                            f"records {size} (truncated or replaced); rebuild the cache"
+                        )
+
+    def _check_digest(self, data: bytes, digest: str, file: str, what: str) -> None:
+        if self.verify_checksums and hashlib.sha256(data).hexdigest() != digest:
+            raise CorruptCacheError(f"{self.storage.describe(file)}: {what} fails its sha256 "
+                                    "check (corrupted or changed after the build); rebuild the cache")
+
+    def _split(self, split: str) -> dict:
+        if split not in SPLITS:
+            raise CacheMismatchError(f"unknown split {split!r}: use 'train' or 'val'")
+        info = self.manifest["splits"].get(split)
+        if info is None:
+            raise CacheMismatchError(f"{self.storage.describe(MANIFEST)}: has no {split!r} split")
+        return info
+
+    def _require_hook(self, hook: str) -> None:
+        if hook not in self.manifest["d_in"]:
+            raise CacheMismatchError(
+                f"{self.storage.describe(MANIFEST)}: hook {hook!r} is not in this cache "
+                f"(it stores: {', '.join(self.manifest['stored_hooks'])})"
+            )
+
+
+class CacheTokenSource:
+    """The ActivationSource of one hook and split of a cache (see the module doc)."""
+
+    def __init__(self, reader: CacheReader, hook: str, split: str, buffer_tokens: int,
+                 read_ahead_chunks: int):
+        self.reader = reader
+        self.hook = hook
+        self.split = split
+        self.d_in = reader.d_in(hook)
+        self.shards = [r for r in reader._split(split)["shards"] if r["num_train_tokens"] > 0]
+        self.num_tokens = sum(r["num_train_tokens"] for r in self.shards)
+        self.buffer_tokens = buffer_tokens
+        self.read_ahead_chunks = read_ahead_chunks
+
+    def chunks(self, seed: int, epoch: int) -> list[list[int]]:
+        """The shard groups of an epoch, in order (a function of seed and epoch only)."""
+        order = np.random.default_rng([seed, epoch]).permutation(len(self.shards))
+        groups, current, size = [], [], 0
+        for s in order:
+            n = self.shards[s]["num_train_tokens"]
+            if current and size + n > self.buffer_tokens:
+                groups.append(current)
+                current, size = [], 0
+            current.append(int(s))
+            size += n
+        if current:
+            groups.append(current)
+        return groups
+
+    def load_chunk(self, group: list[int], seed: int, epoch: int, number: int) -> Tensor:
+        """The permuted float32 train-mask rows of a group of shards."""
+        key = act_key(self.hook)
+        pieces, index = [], []
+        for s in group:
+            t = self.reader.read_tensors(self.shards[s], ["train_mask", key])
+            flat = t[key].reshape(-1, self.d_in)
+            pieces.append(flat)
+            index.append(torch.nonzero(t["train_mask"].reshape(-1)).squeeze(1))
+        total = sum(len(i) for i in index)
+        perm = torch.from_numpy(np.random.default_rng([seed, epoch, number]).permutation(total))
+        out = torch.empty(total, self.d_in, dtype=torch.float32)
+        offset = 0
+        for flat, idx in zip(pieces, index):
+            # rows offset..offset+len(idx) of the concatenated stream land at perm^-1 positions
+            dest = torch.nonzero((perm >= offset) & (perm < offset + len(idx))).squeeze(1)
+            src = idx[perm[dest] - offset]
+            out.index_copy_(0, dest, flat.index_select(0, src).float())
+            offset += len(idx)
+        return out
+
+    def iter_batches(self, batch_size: int, *, seed: int, epoch: int,
+                     start_batch: int = 0) -> Iterator[Tensor]:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        groups = self.chunks(seed, epoch)
+        sizes = [sum(self.shards[s]["num_train_tokens"] for s in g) for g in groups]
+        ends = np.cumsum(sizes)
+        pos = start_batch * batch_size
+        if pos >= self.num_tokens:
+            return iter(())
+        first = int(np.searchsorted(ends, pos, side="right"))
+        skip = pos - (int(ends[first - 1]) if first else 0)
+
+        def produce() -> Iterator[Tensor]:
+            for number in range(first, len(groups)):
+                yield self.load_chunk(groups[number], seed, epoch, number)
+
+        return _batches(read_ahead(produce, self.read_ahead_chunks), batch_size, skip)
+
+
+def _batches(chunks: Iterator[Tensor], batch_size: int, skip: int) -> Iterator[Tensor]:
+    """Consecutive ``batch_size`` slices of the stream of chunks (the last one may be smaller)."""
+    carry: list[Tensor] = []
+    have = 0
+    for chunk in chunks:
+        if skip:
+            chunk, skip = chunk[skip:], 0
+        start = 0
+        if carry:
+            need = batch_size - have
+            carry.append(chunk[:need])
+            have += len(carry[-1])
+            start = need
+            if have < batch_size:
+                continue
+            yield torch.cat(carry)
+            carry, have = [], 0
+        n_full = (len(chunk) - start) // batch_size
+        for i in range(n_full):
+            yield chunk[start + i * batch_size:start + (i + 1) * batch_size]
+        rest = chunk[start + n_full * batch_size:]
+        if len(rest):
+            carry, have = [rest], len(rest)
+    if carry:
+        yield torch.cat(carry)

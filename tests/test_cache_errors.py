@@ -1,0 +1,153 @@
+"""Every bad input gets a UserError that names the file (or field) and the problem."""
+
+import json
+import os
+
+import pytest
+
+from _cache_helpers import build_tiny, random_windows, tiny_config, tiny_model
+from activation_cache.builder import build_from_windows
+from activation_cache.cache_config import CacheConfig
+from activation_cache.cache_errors import (
+    CacheError, CacheExistsError, CacheInputError, CacheMismatchError, CorruptCacheError,
+)
+from activation_cache.errors import UserError
+from activation_cache.reader import open_cache
+from activation_cache.strict_config import ConfigError
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+@pytest.fixture()
+def built(tmp_path):
+    uri, cfg, windows = build_tiny(tmp_path / "c")
+    return uri, cfg, windows, json.loads(open(os.path.join(uri, "manifest.json")).read())
+
+
+def first_shard(manifest):
+    return manifest["splits"]["train"]["shards"][0]
+
+
+def test_corrupted_shard_fails_its_checksum_on_first_read(built):
+    uri, _, _, m = built
+    rec = first_shard(m)
+    path = os.path.join(uri, rec["file"])
+    entry = rec["tensors"][f"acts.{HOOK}"]
+    with open(path, "r+b") as f:  # same size, one flipped byte inside the activations
+        f.seek(entry["offset"] + 5)
+        byte = f.read(1)
+        f.seek(entry["offset"] + 5)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    reader = open_cache(uri)  # sizes are fine: open succeeds
+    with pytest.raises(CorruptCacheError) as err:
+        list(reader.token_source(HOOK).iter_batches(8, seed=0, epoch=0))
+    assert path in str(err.value) and "sha256" in str(err.value)
+    with pytest.raises(CorruptCacheError, match="sha256"):
+        open_cache(uri).verify()
+    open_cache(uri, verify=False).token_source(HOOK)  # opting out of hashing is allowed
+
+
+def test_truncated_and_missing_shards_fail_at_open(built):
+    uri, _, _, m = built
+    rec = first_shard(m)
+    path = os.path.join(uri, rec["file"])
+    with open(path, "r+b") as f:
+        f.truncate(rec["bytes"] - 10)
+    with pytest.raises(CorruptCacheError) as err:
+        open_cache(uri)
+    assert path in str(err.value) and "truncated" in str(err.value)
+    os.unlink(path)
+    with pytest.raises(CorruptCacheError, match="missing"):
+        open_cache(uri)
+
+
+def test_bad_or_missing_manifest(built, tmp_path):
+    uri, _, _, m = built
+    man = os.path.join(uri, "manifest.json")
+    m2 = dict(m)
+    m2["splits"] = {"train": dict(m["splits"]["train"])}
+    m2["splits"]["train"]["shards"] = m["splits"]["train"]["shards"][1:]
+    open(man, "w").write(json.dumps(m2))
+    with pytest.raises(CorruptCacheError, match="manifest.json: shard train-00001: starts at"):
+        open_cache(uri)
+    m3 = dict(m)
+    m3["d_in"] = {HOOK: 65}
+    open(man, "w").write(json.dumps(m3))
+    with pytest.raises(CorruptCacheError, match="does not match seq_len=16 and d_in=65"):
+        open_cache(uri)
+    open(man, "w").write("{not json")
+    with pytest.raises(CorruptCacheError, match="manifest.json: not valid JSON"):
+        open_cache(uri)
+    os.unlink(man)
+    with pytest.raises(CacheError, match="did not finish"):
+        open_cache(uri)
+    with pytest.raises(CacheError, match="is not an activation cache"):
+        open_cache(str(tmp_path / "nothing"))
+
+
+def test_window_longer_than_context_and_unknown_hook(tmp_path):
+    with pytest.raises(CacheInputError, match="longer than the model's context n_ctx=32"):
+        build_tiny(tmp_path / "a", windows={"train": random_windows(4, seq=40),
+                                            "val": random_windows(0, seq=40)},
+                   max_text_length=40)
+    with pytest.raises(CacheInputError, match="'blocks.7.hook_resid_post' is not a hook"):
+        build_tiny(tmp_path / "b", hooks=("blocks.7.hook_resid_post",))
+    with pytest.raises(CacheInputError, match="larger than the vocabulary"):
+        build_tiny(tmp_path / "c", store_logits=True, logits_top_k=1000)
+
+
+def test_empty_corpus(tmp_path):
+    empty = random_windows(0)
+    with pytest.raises(CacheInputError, match="no training windows"):
+        build_tiny(tmp_path / "c", windows={"train": empty, "val": empty})
+
+
+def test_different_config_is_refused_unless_overwrite(built):
+    uri, cfg, windows, m = built
+    model, ident = tiny_model()
+    # same config: the complete cache is reused as is (nothing rebuilt)
+    from activation_cache.builder import _check_existing
+    from activation_cache.storage import Storage
+    assert _check_existing(cfg, Storage(uri), overwrite=False) is True
+    other = cfg.replace(dtype="float16")
+    with pytest.raises(CacheExistsError) as err:
+        _check_existing(other, Storage(uri), overwrite=False)
+    assert "differs in: dtype" in str(err.value) and "build.json" in str(err.value)
+    assert _check_existing(other, Storage(uri), overwrite=True) is False
+    assert os.listdir(uri) == []
+    build_from_windows(other, model, ident, windows)
+    assert open_cache(uri).manifest["act_dtype"] == "float16"
+
+
+def test_non_cache_folder_is_not_overwritten_silently(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    from activation_cache.builder import _check_existing
+    from activation_cache.storage import Storage
+    with pytest.raises(CacheExistsError, match="not empty and not a cache"):
+        _check_existing(tiny_config(tmp_path / "c"), Storage(str(tmp_path / "c")), overwrite=False)
+
+
+def test_model_identity_mismatch(built):
+    uri, *_ = built
+    reader = open_cache(uri)
+    _, ident = tiny_model()
+    reader.check_model(ident)
+    with pytest.raises(CacheMismatchError, match="another model"):
+        reader.check_model({**ident, "d_model": 128})
+
+
+def test_config_validation_names_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"CacheConfig.dtype: must be one of"):
+        CacheConfig(dtype="int8")
+    with pytest.raises(ConfigError, match=r"CacheConfig.hooks: listed more than once"):
+        CacheConfig(hooks=(HOOK, HOOK))
+    with pytest.raises(ConfigError, match=r"CacheConfig.shard_tokens: set exactly one"):
+        CacheConfig(shard_mb=10.0)
+    with pytest.raises(ConfigError, match=r"CacheConfig.val_fraction"):
+        CacheConfig(val_fraction=1.0)
+    with pytest.raises(ConfigError, match="unknown key"):
+        CacheConfig.from_dict({"hook": HOOK})
+    assert issubclass(CacheError, UserError)
+    cfg = CacheConfig(output=str(tmp_path), shard_mb=1.5, shard_tokens=None)
+    assert CacheConfig.from_yaml(cfg.to_yaml()) == cfg
