@@ -54,9 +54,21 @@ class NotAnExperimentError(UserError, FileNotFoundError):
     """``resume_sweep`` was pointed at a folder that holds no sweep."""
 
 
+def configure_logging() -> None:
+    """Send the sweep's log lines (logger ``sweep``) to stderr, once, unless the application
+    configured logging itself."""
+    root = logging.getLogger("sweep")
+    if not root.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("sae-sweep: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+
+
 def run_sweep(config_path: str | Path | SweepConfig, *, address: Optional[str] = None) -> pd.DataFrame:
     """Run the sweep described by ``config_path`` (YAML or a SweepConfig); return the results
     table. Refuses an experiment folder that already holds a sweep (resume it instead)."""
+    configure_logging()
     cfg = config_path if isinstance(config_path, SweepConfig) else SweepConfig.from_yaml(config_path)
     exp = cfg.experiment_path
     if (exp / SWEEP_FILE).exists():
@@ -77,6 +89,7 @@ def run_sweep(config_path: str | Path | SweepConfig, *, address: Optional[str] =
 
 def resume_sweep(experiment_dir: str | Path, *, address: Optional[str] = None) -> pd.DataFrame:
     """Continue the sweep in ``experiment_dir`` after its driver stopped; return the results."""
+    configure_logging()
     exp = Path(experiment_dir).expanduser().resolve()
     info = load_sweep_info(exp)
     if not info:
