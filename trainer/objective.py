@@ -122,13 +122,15 @@ class LocalObjective(Objective):
         sae.initialize_from_data(x, b_dec_init=self.config.b_dec_init,
                                  scale_inputs=self.config.scale_inputs)
 
-    def _apply_outlier_policy(self, batch: Tensor) -> Tensor:
+    def _apply_outlier_policy(self, batch: Tensor, norms: Optional[Tensor] = None) -> Tensor:
         if self.outlier_cap is None or self.config.outlier_policy == "none":
             return batch
-        norms = batch.norm(dim=1, keepdim=True)
+        if norms is None:
+            norms = batch.norm(dim=1)
         if self.config.outlier_policy == "drop":
-            return batch[(norms <= self.outlier_cap).squeeze(1)]
-        return batch * (self.outlier_cap / norms.clamp_min(self.outlier_cap))
+            keep = norms <= self.outlier_cap
+            return batch if bool(keep.all()) else batch[keep]  # no copy in the common case
+        return batch * (self.outlier_cap / norms.clamp_min(self.outlier_cap)).unsqueeze(1)
 
     def state_dict(self) -> dict[str, Any]:
         return {"outlier_cap": self.outlier_cap}
@@ -138,15 +140,21 @@ class LocalObjective(Objective):
 
     # -- the step --------------------------------------------------------------------------------
     def step(self, sae: SAE, batch: Tensor) -> StepOutput:
-        if not bool(torch.isfinite(batch).all()):
-            bad = int((~torch.isfinite(batch)).any(dim=-1).sum())
+        batch = batch.to(sae.W_enc.device, non_blocking=True)
+        # one pass over the batch gives the finiteness check (a NaN/inf makes its row's norm
+        # NaN/inf) and the norms the outlier policy and the explained-variance stat need
+        norms = batch.float().norm(dim=1)
+        if not bool(torch.isfinite(norms).all()):
+            bad = int((~torch.isfinite(norms)).sum())
             raise NonFiniteActivationError(
                 f"{bad} of {batch.shape[0]} activation rows contain NaN or inf; "
                 "not training on them (check the cache / model dtype)"
             )
-        batch = batch.to(sae.W_enc.device, non_blocking=True)
         n_in = batch.shape[0]
-        batch = self._apply_outlier_policy(batch)
+        if self.outlier_cap is not None and self.config.outlier_policy != "none":
+            batch = self._apply_outlier_policy(batch, norms)
+            if batch.shape[0] != n_in or self.config.outlier_policy == "clip":
+                norms = batch.float().norm(dim=1)
         if batch.shape[0] == 0:  # every token was an outlier: a no-op step
             zero = sum(p.sum() * 0.0 for p in sae.parameters())
             return StepOutput(zero, {"outlier_fraction": 1.0},
@@ -163,9 +171,14 @@ class LocalObjective(Objective):
             loss = loss + l1_coef * out["l1"]
             stats["l1"] = out["l1"].detach()
         with torch.no_grad():
-            xs, x_hat = out["x_scaled"], out["x_hat"]
-            total_var = (xs - xs.mean(0)).pow(2).sum()
-            stats["explained_variance"] = 1.0 - (xs - x_hat).pow(2).sum() / total_var.clamp_min(1e-30)
+            # explained variance of the batch without another pass over x - x_hat:
+            # SSE = mse * N * d; total = sum ||x_s||^2 - N ||mean(x_s)||^2 (in float64)
+            xs = out["x_scaled"]
+            n, d = xs.shape
+            scale2 = sae.input_scale.double() ** 2
+            total = norms.double().pow(2).sum() * scale2 - n * xs.mean(0).double().pow(2).sum()
+            sse = stats["mse"].double() * (n * d)
+            stats["explained_variance"] = 1.0 - sse / total.clamp_min(1e-30)
         if cfg.outlier_policy == "drop" and self.outlier_cap is not None:
             stats["outlier_fraction"] = 1.0 - batch.shape[0] / n_in
         return StepOutput(loss, stats, out["fired"])

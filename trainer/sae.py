@@ -178,9 +178,9 @@ class SAE(nn.Module):
         optimizer only rotates rows (assumes unit-norm rows, as training keeps them)."""
         if self.W_dec.grad is None:
             return
-        w = self.W_dec
-        parallel = (self.W_dec.grad * w).sum(dim=1, keepdim=True)
-        self.W_dec.grad -= parallel * w
+        w, grad = self.W_dec, self.W_dec.grad
+        parallel = torch.linalg.vecdot(grad, w).unsqueeze(1)
+        grad.addcmul_(parallel, w, value=-1.0)
 
     @torch.no_grad()
     def update_inactive_features(self, fired: Tensor) -> None:
