@@ -179,7 +179,7 @@ def test_selection_leaves_global_rng_alone():
     assert torch.equal(a, batch_topk_indices(pre, 600, sample_size=500))
 
 
-def test_gradcheck_float64():
+def test_gradcheck_float64(auxk_path):
     inputs = make_inputs(6, 4, 10, seed=9, dtype=torch.float64)
     xs = leaves(inputs)
 
@@ -215,8 +215,15 @@ def test_bad_shapes_raise():
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["pairs", "dead_columns"])
+def auxk_path(request, monkeypatch):
+    """Run an AuxK test through the selected-pairs path and through the dead-columns GEMMs."""
+    monkeypatch.setattr(sparse_ops, "_AUXK_DENSE_DENSITY", 2.0 if request.param == "pairs" else 0.0)
+    return request.param
+
+
 @pytest.mark.parametrize("k_aux,skew", [(3, False), (3, True), (100, False), (1, True)])
-def test_auxk_matches_dense_reference(k_aux, skew):
+def test_auxk_matches_dense_reference(k_aux, skew, auxk_path):
     inputs = make_inputs(48, 12, 64, seed=k_aux, skew=skew)
     dead = torch.zeros(64, dtype=torch.bool)
     dead[::3] = True  # 22 dead latents; k_aux=100 takes every positive one
@@ -236,7 +243,7 @@ def test_auxk_matches_dense_reference(k_aux, skew):
                                    msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
-def test_auxk_hand_computed():
+def test_auxk_hand_computed(auxk_path):
     # identity weights: pre = x; latents 0 and 2 are dead; k_aux = 1 per token
     x = torch.tensor([[1.0, 9.0, 3.0], [-1.0, 2.0, -4.0]])
     eye = torch.eye(3)
@@ -247,7 +254,7 @@ def test_auxk_hand_computed():
     assert aux.e_hat.tolist() == [[0.0, 0.0, 3.0], [0.0, 0.0, 0.0]]
 
 
-def test_auxk_without_dead_latents_is_zero():
+def test_auxk_without_dead_latents_is_zero(auxk_path):
     x, W_enc, b_enc, W_dec, b_dec = make_inputs(8, 4, 6)
     pre = (x - b_dec) @ W_enc + b_enc
     aux = auxk_reconstruct(x, W_enc, b_enc, W_dec, b_dec, pre, torch.zeros(6, dtype=torch.bool), 3)

@@ -31,7 +31,8 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import NamedTuple
+from functools import cached_property
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -54,6 +55,8 @@ _MARGIN_SIGMAS = 6.0
 # Fixed seed of the private sampling generator: the selection never touches the global RNG,
 # so training stays bit-for-bit reproducible whatever the kernel does.
 _SAMPLE_SEED = 0x5AE
+# AuxK selections denser than this among the dead columns run as GEMMs over those columns.
+_AUXK_DENSE_DENSITY = 0.05
 
 
 class TopKForward(NamedTuple):
@@ -66,13 +69,34 @@ class TopKForward(NamedTuple):
     pre_acts: Tensor  # [N, d_sae] encoder pre-activations (detached), for AuxK and thresholds
 
 
-class AuxKForward(NamedTuple):
-    """Outputs of the AuxK reconstruction from the dead latents."""
+class AuxKForward:
+    """Outputs of the AuxK reconstruction from the dead latents.
 
-    e_hat: Tensor  # [N, d_in] reconstruction of the residual (no b_dec), differentiable
-    values: Tensor  # [M_aux] selected dead-latent activations (> 0), differentiable
-    token_idx: Tensor  # [M_aux] int64 token of each selected activation
-    latent_idx: Tensor  # [M_aux] int64 (dead) latent of each selected activation
+    ``e_hat`` [N, d_in] is the reconstruction of the residual (no b_dec), differentiable. The
+    selection (``values`` [M_aux] > 0, differentiable; ``token_idx``, ``latent_idx`` [M_aux]
+    int64, sorted by token then latent) is materialised only when first asked for, since the
+    loss needs only ``e_hat``.
+    """
+
+    def __init__(self, e_hat: Tensor, selection: Callable[[], tuple[Tensor, Tensor, Tensor]]):
+        self.e_hat = e_hat
+        self._selection = selection
+
+    @cached_property
+    def _selected(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self._selection()
+
+    @property
+    def values(self) -> Tensor:
+        return self._selected[0]
+
+    @property
+    def token_idx(self) -> Tensor:
+        return self._selected[1]
+
+    @property
+    def latent_idx(self) -> Tensor:
+        return self._selected[2]
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,6 +371,35 @@ class _SparseDecode(torch.autograd.Function):
         return dv, dW_dec, None
 
 
+class _DeadColumnsEncode(torch.autograd.Function):
+    """acts[N, D] = the selected pre-activations of the dead columns (zero elsewhere), with the
+    encoder gradient computed over those D columns only."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, xc, acts, selected, dead):  # type: ignore[override]
+        ctx.save_for_backward(xc, W_enc, selected, dead)
+        return acts.clone()
+
+    @staticmethod
+    def backward(ctx, d_acts):  # type: ignore[override]
+        xc, W_enc, selected, dead = ctx.saved_tensors
+        need_x, need_w, need_be, need_bd = ctx.needs_input_grad[:4]
+        d_pre = torch.where(selected, d_acts, torch.zeros((), dtype=d_acts.dtype))
+        dx = dW_enc = db_enc = db_dec = None
+        w_dead = W_enc.index_select(1, dead) if (need_x or need_bd) else None
+        if need_w:
+            dW_enc = torch.zeros_like(W_enc).index_copy_(1, dead, xc.t() @ d_pre)
+        if need_be or need_bd:
+            db = d_pre.sum(0)
+            if need_be:
+                db_enc = W_enc.new_zeros(W_enc.shape[1]).index_copy_(0, dead, db)
+            if need_bd:
+                db_dec = -(w_dead @ db)
+        if need_x:
+            dx = d_pre @ w_dead.t()
+        return dx, dW_enc, db_enc, db_dec, None, None, None, None
+
+
 def _encode_decode(
     x: Tensor,
     W_enc: Tensor,
@@ -401,7 +454,7 @@ def auxk_reconstruct(
     dead_mask: Tensor,
     k_aux: int,
 ) -> AuxKForward:
-    """AuxK reconstruction from the dead latents, touching only the selected ones.
+    """AuxK reconstruction from the dead latents, touching only the dead latents.
 
     Per token, the top ``k_aux`` strictly positive pre-activations among the latents where
     ``dead_mask`` [d_sae] (bool) is true are selected from ``pre_acts`` (the detached
@@ -409,6 +462,11 @@ def auxk_reconstruct(
     The selected values are differentiable w.r.t. ``W_enc``, ``b_enc``, ``b_dec`` (and ``x``),
     as in the dense definition :func:`auxk_reconstruct_reference`; ``e_hat`` also w.r.t.
     ``W_dec``. With no dead latent, ``e_hat`` is zeros and the selection empty.
+
+    Work: when the selection is sparse among the dead columns (``k_aux / n_dead`` below
+    ``_AUXK_DENSE_DENSITY``) it runs on the selected pairs as the main kernel does; otherwise
+    (e.g. the reference k_aux = d_in / 2 with few dead latents) four GEMMs over the dead columns
+    only are cheaper than gathers of that many pairs. Both give the same result.
     """
     _check_shapes(x, W_enc, b_enc, W_dec, b_dec)
     n, d_sae = pre_acts.shape
@@ -421,20 +479,34 @@ def auxk_reconstruct(
         kk = min(k_aux, dead.numel())
         if kk == 0:
             empty = torch.zeros(0, dtype=torch.long, device=x.device)
-            return AuxKForward(torch.zeros_like(x), x.new_zeros(0), empty, empty)
+            return AuxKForward(torch.zeros_like(x), lambda: (x.new_zeros(0), empty, empty))
         sub = pre_acts.index_select(1, dead)  # [N, D]
-        if kk < dead.numel():
-            top = sub.topk(kk, dim=1, sorted=False)
-            cols, order = top.indices.sort(dim=1)
-            vals = top.values.gather(1, order)
-        else:
-            cols = torch.arange(kk, device=x.device).expand(n, kk)
-            vals = sub
+        xc = x - b_dec
+        if kk / dead.numel() >= _AUXK_DENSE_DENSITY:
+            if kk < dead.numel():
+                top = sub.topk(kk, dim=1, sorted=False).indices
+                selected = torch.zeros_like(sub, dtype=torch.bool).scatter_(1, top, True)
+                selected &= sub > 0
+            else:
+                selected = sub > 0
+            acts = torch.where(selected, sub, torch.zeros((), dtype=sub.dtype))
+    if kk / dead.numel() >= _AUXK_DENSE_DENSITY:
+        dense_acts = _DeadColumnsEncode.apply(x, W_enc, b_enc, b_dec, xc, acts, selected, dead)
+        e_hat = dense_acts @ W_dec.index_select(0, dead)
+
+        def selection() -> tuple[Tensor, Tensor, Tensor]:
+            token_idx, cols = selected.nonzero().unbind(1)
+            return dense_acts[token_idx, cols], token_idx, dead[cols]
+
+        return AuxKForward(e_hat, selection)
+    with torch.no_grad():
+        top = sub.topk(kk, dim=1, sorted=False)
+        cols, order = top.indices.sort(dim=1)  # ascending latents within each token
+        vals = top.values.gather(1, order)
         keep = vals > 0
         token_idx = torch.arange(n, device=x.device)[:, None].expand(n, kk)[keep]
         latent_idx = dead[cols[keep]]
         pre_values = vals[keep]
-        xc = x - b_dec
     pattern = SparsePattern(token_idx, latent_idx, n, d_sae)
     values, e_hat = _encode_decode(x, W_enc, b_enc, W_dec, b_dec, xc, pre_values, pattern)
-    return AuxKForward(e_hat, values, token_idx, latent_idx)
+    return AuxKForward(e_hat, lambda: (values, token_idx, latent_idx))
