@@ -21,13 +21,12 @@ from __future__ import annotations
 from typing import ClassVar, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import CheckpointMismatchError
 from .sae import SAE
 from .sae_config import SAEConfig
-from .sparse_ops import topk_sae_forward
+from .sparse_ops import auxk_reconstruct, topk_sae_forward
 
 
 class BatchTopKSAE(SAE):
@@ -75,7 +74,7 @@ class BatchTopKSAE(SAE):
         fired[out.latent_idx] = True
         values = out.values.detach()
         self._last_min_selected = values.min() if values.numel() else None
-        aux = self.get_auxiliary_loss(xs, out.x_hat, self.dead_mask())
+        aux = self.get_auxiliary_loss(xs, out.x_hat, self.dead_mask(), pre_acts=out.pre_acts)
         return {
             "mse": (out.x_hat - xs).pow(2).mean(),
             "l1": xs.new_zeros(()),
@@ -87,9 +86,11 @@ class BatchTopKSAE(SAE):
         }
 
     def get_auxiliary_loss(self, x: Tensor, x_recon: Tensor,
-                           dead_mask: Optional[Tensor] = None) -> Tensor:
+                           dead_mask: Optional[Tensor] = None,
+                           pre_acts: Optional[Tensor] = None) -> Tensor:
         """AuxK loss (module docstring) for scaled inputs ``x`` [N, d_in] and their
-        reconstruction ``x_recon``; ``dead_mask`` defaults to ``self.dead_mask()``."""
+        reconstruction ``x_recon``; ``dead_mask`` defaults to ``self.dead_mask()``;
+        ``pre_acts`` (detached [N, d_sae]) saves recomputing the encoder pre-activations."""
         if dead_mask is None:
             dead_mask = self.dead_mask()
         dead_idx = torch.nonzero(dead_mask).flatten()
@@ -98,13 +99,13 @@ class BatchTopKSAE(SAE):
             return x.new_zeros(())
         x = x.reshape(-1, self.cfg.d_in)
         residual = (x - x_recon.reshape_as(x)).detach()
-        # pre-activations of the dead latents only (with gradient to the encoder)
-        pre_dead = (x - self.b_dec) @ self.W_enc[:, dead_idx] + self.b_enc[dead_idx]
-        k_aux = min(int(self.cfg.top_k_aux), n_dead)
-        top = pre_dead.detach().topk(k_aux, dim=1, sorted=False)
-        values = torch.relu(pre_dead.gather(1, top.indices))
-        latents = dead_idx[top.indices]
-        recon = F.embedding_bag(latents, self.W_dec, per_sample_weights=values, mode="sum")
+        if pre_acts is None:
+            with torch.no_grad():
+                pre_acts = self.pre_activations(x)
+        # gradient to the encoder and decoder through the dead latents only
+        recon = auxk_reconstruct(x, self.W_enc, self.b_enc, self.W_dec, self.b_dec,
+                                 pre_acts.reshape(-1, self.cfg.d_sae), dead_mask,
+                                 int(self.cfg.top_k_aux)).e_hat
         err = (residual - recon).pow(2).sum(-1).mean()
         variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
         return err / variance.clamp_min(torch.finfo(variance.dtype).tiny)
