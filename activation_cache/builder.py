@@ -339,14 +339,14 @@ def build_cache(cfg: CacheConfig, *, overwrite: bool = False, num_workers: int =
     if not isinstance(num_workers, int) or num_workers < 1:
         raise CacheError(f"num_workers must be an integer >= 1, got {num_workers!r}")
     storage = Storage(cfg.output)
-    if _check_existing(cfg, storage, overwrite):
+    if not overwrite and _check_existing(cfg, storage, overwrite=False):
         log.info("cache %s is already complete", storage.uri)
-        return storage.uri
+        return storage.uri  # checked before loading the model: a finished cache is instant
     model = load_model(cfg.model)
     identity = model_identity(model, cfg.model)
     windows = make_windows(cfg, model)
     return build_from_windows(cfg, model, identity, windows, storage=storage,
-                              num_workers=num_workers, address=address)
+                              overwrite=overwrite, num_workers=num_workers, address=address)
 
 
 def _check_existing(cfg: CacheConfig, storage: Storage, overwrite: bool) -> bool:
@@ -378,10 +378,12 @@ def _check_existing(cfg: CacheConfig, storage: Storage, overwrite: bool) -> bool
 
 
 def build_from_windows(cfg: CacheConfig, model, identity: dict, windows: dict[str, Windows], *,
-                       storage: Storage | None = None, num_workers: int = 1,
-                       address: str | None = None) -> str:
+                       storage: Storage | None = None, overwrite: bool = False,
+                       num_workers: int = 1, address: str | None = None) -> str:
     """The build after the model is loaded and the corpus windowed (see module doc)."""
     storage = storage or Storage(cfg.output)
+    if _check_existing(cfg, storage, overwrite):
+        return storage.uri
     started = time.time()
     tok = getattr(model, "tokenizer", None)
     ids = (getattr(tok, "bos_token_id", None), getattr(tok, "pad_token_id", None))
