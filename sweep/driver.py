@@ -170,7 +170,7 @@ def _tune_config(cfg: SweepConfig, d_in: int) -> Any:
         scheduler=scheduler,
         num_samples=cfg.num_samples,
         time_budget_s=cfg.time_budget_s,
-        reuse_actors=False,
+        reuse_actors=True,
     )
 
 

@@ -44,7 +44,7 @@ TAIL_COLUMNS = ("step", "tokens_seen", "train_seconds", "training_iteration", "c
                 "final")
 # Keys the trainable reports next to the metrics that are not metrics.
 REPORT_META_KEYS = frozenset({"final", "node_id", "node_ip", "train_seconds", "step",
-                              "tokens_seen"})
+                              "tokens_seen", "error"})
 # Keys Ray Tune adds to every result; they are not part of our schema.
 TUNE_AUTO_KEYS = frozenset({
     "timestamp", "checkpoint_dir_name", "should_checkpoint", "done", "training_iteration",

@@ -53,7 +53,8 @@ class ResultsCallback(Callback):
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial,
                         result: dict, **info: Any) -> None:
-        self._pending.append(history_row(trial.trial_id, result))
+        if not result.get("error"):  # a diverged trial's last report holds no metrics
+            self._pending.append(history_row(trial.trial_id, result))
         if time.monotonic() - self._last_flush >= self.flush_every_s:
             self.flush(trials)
 
@@ -97,13 +98,14 @@ def trial_row(trial: Trial) -> TrialRow:
         Trial.RUNNING: "running", Trial.PENDING: "pending", Trial.PAUSED: "paused",
         Trial.ERROR: "failed",
     }.get(trial.status)
-    if status is None:  # TERMINATED: completed its budget, or stopped early (ASHA/time budget)
-        status = "completed" if result.get("final") else "stopped"
+    error = trial_error(trial) if trial.status == Trial.ERROR else result.get("error") or None
+    if status is None:  # TERMINATED: diverged, completed its budget, or stopped early (ASHA/time)
+        status = "failed" if error else "completed" if result.get("final") else "stopped"
     checkpoint = trial.checkpoint
     return TrialRow(
         trial_id=trial.trial_id,
         status=status,
-        error=trial_error(trial) if trial.status == Trial.ERROR else None,
+        error=error,
         num_failures=int(trial.run_metadata.num_failures),
         node_id=result.get("node_id") or None,
         node_ip=result.get("node_ip") or None,

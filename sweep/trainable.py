@@ -9,10 +9,11 @@ a lost worker, a lost node or a driver restart) and trains with ``trainer.train_
 MetricsRecord becomes one ``ray.tune.report(metrics, checkpoint=...)`` carrying the checkpoint
 the trainer wrote at that step, so Tune always holds the newest resumable state.
 
-A diverged trial (NaN/inf loss or objective metric) raises :class:`TrialDiverged` and ends as
-failed with that reason; it leaves a ``diverged.json`` marker in its trial folder so Tune's
-automatic retries (meant for lost processes and nodes) fail at once instead of re-training
-into the same NaN. The sweep goes on.
+A diverged trial (the trainer's NaN/inf loss, or a non-finite objective metric) ends with one
+last report that carries ``error`` (the reason) and NaN objective values, and then returns: the
+results table records it as ``failed`` with that reason, the searcher tells Optuna FAIL (never
+the NaN), and Tune does not retry it (its retries are for lost processes and nodes; re-training
+from the last checkpoint would only reach the same NaN). The sweep goes on.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from activation_cache import UserError
 
 logger = logging.getLogger("sweep.trial")
 
-DIVERGED_MARKER = "diverged.json"
 PROGRESS_FILE = "sweep_progress.json"
 
 
@@ -81,6 +81,15 @@ class RayReporter:
 
     def on_train_end(self, result: Any) -> None:
         pass
+
+    def report_failure(self, reason: str) -> None:
+        """The last report of a diverged trial: the reason, NaN objective values (the searcher
+        tells Optuna FAIL for them), no checkpoint."""
+        metrics = {name: float("nan") for name in self.monitored}
+        metrics.update(step=self.last_metrics.get("step"),
+                       tokens_seen=self.last_metrics.get("tokens_seen"),
+                       error=reason, final=False, node_id=self.node_id, node_ip=self.node_ip)
+        self._report(metrics, None)
 
     # -- reporting --------------------------------------------------------------------------
     def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[str], *,
@@ -151,9 +160,6 @@ def train_trial(params: Mapping[str, Any], *, job: Mapping[str, Any]) -> None:
     cfg = SweepConfig.from_dict(job["config"])
     torch.set_num_threads(max(1, int(cfg.resources_per_trial.cpu)))
     trial_dir = Path(tune.get_context().get_trial_dir())
-    marker = trial_dir / DIVERGED_MARKER
-    if marker.exists():  # a retry of a trial that diverged: fail again without re-training
-        raise TrialDiverged(json.loads(marker.read_text())["reason"])
 
     sae_cfg, train_cfg = build_trial_configs(cfg, params, job["d_in"])
     cache = open_cache(cfg.cache)
@@ -175,11 +181,11 @@ def train_trial(params: Mapping[str, Any], *, job: Mapping[str, Any]) -> None:
             result = _train(build_sae, train_sae, sae_cfg, train_source, train_cfg, val_source,
                             work, resume_dir, reporter, objective)
         except Exception as exc:
-            if _is_divergence(exc):
-                reason = str(exc) if isinstance(exc, TrialDiverged) else f"diverged: {exc}"
-                marker.write_text(json.dumps({"reason": reason}))
-                raise TrialDiverged(reason) from None
-            raise
+            if not _is_divergence(exc):
+                raise
+            reason = str(exc) if isinstance(exc, TrialDiverged) else f"diverged: {exc}"
+            reporter.report_failure(f"{type(exc).__name__}: {reason}")
+            return
         if not reporter.reported_final:
             _report_final(reporter, result, resume_dir)
 
