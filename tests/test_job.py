@@ -101,3 +101,27 @@ def test_example_config_parses():
     from pathlib import Path
     cfg = TrainJobConfig.from_yaml(Path(__file__).parent.parent / "examples" / "train.yaml")
     assert cfg.sae.architecture == "batchtopk"
+
+
+def test_train_from_yaml_on_a_real_tiny_cache(tmp_path):
+    """The whole path: activation cache (tiny model) -> train_from_yaml -> saved + exported SAE."""
+    from _cache_helpers import build_tiny  # tests/ is on sys.path (pytest rootdir insertion)
+
+    from activation_cache import open_cache
+    uri, _, _ = build_tiny(tmp_path / "cache")
+    hook = "blocks.0.hook_resid_post"
+    d_in = open_cache(uri).d_in(hook)
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        f"cache: {uri}\nout_dir: {tmp_path / 'run'}\n"
+        f"sae: {{d_in: {d_in}, d_sae: {4 * d_in}, top_k: 4, hook_spec: {hook}}}\n"
+        "training: {num_epochs: 3, train_batch_tokens: 64, lr: 0.005, log_freq: 2,"
+        " show_progress: false}\n")
+    result = train_from_yaml(path)
+    assert result.final.eval_tokens > 0  # the cache's val split was used
+    assert result.final.explained_variance is not None and result.steps > 0
+    assert (tmp_path / "run" / "saelens" / "sae_weights.safetensors").exists()
+    assert load_sae(tmp_path / "run" / "final").hook_spec == hook
+    path.write_text(path.read_text().replace(f"d_in: {d_in},", f"d_in: {d_in + 1},"))
+    with pytest.raises(DimensionMismatchError, match=f"d_in is {d_in + 1} .* d_in={d_in}"):
+        train_from_yaml(path, out_dir=tmp_path / "run2")

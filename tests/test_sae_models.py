@@ -128,8 +128,8 @@ def test_auxk_is_zero_without_dead_latents_and_scale_free():
     dead[::3] = True
     a1 = sae.get_auxiliary_loss(x, x_recon, dead)
     a10 = sae.get_auxiliary_loss(10 * x, 10 * x_recon, dead)  # b_enc = b_dec = 0: linear
-    assert float(a1) > 0
-    assert float(a10) == pytest.approx(float(a1), rel=1e-5)
+    assert float(a1.detach()) > 0
+    assert float(a10.detach()) == pytest.approx(float(a1.detach()), rel=1e-5)
 
 
 def test_dead_latents_after_n_batches_to_dead():
