@@ -10,13 +10,17 @@ Public API (everything else in this package is internal):
     Objective, LocalObjective, StepOutput               -- what a training step computes
     train_sae, TrainResult, train_from_yaml             -- training
     export_saelens                                      -- SAELens format
+    EndToEndObjective, SequenceSource, evaluate_sae_dir -- the SAE spliced into the live model:
+                                                           KL / block-MSE training, CE/KL metrics
     DimensionMismatchError, NonFiniteActivationError,
     TrainingDivergedError, CheckpointMismatchError      -- user errors (activation_cache.UserError)
 """
 
 from .batchtopk import BatchTopKSAE
+from .end_to_end import EndToEndObjective, SequenceSource
 from .errors import (CheckpointMismatchError, DimensionMismatchError, NonFiniteActivationError,
                      TrainingDivergedError)
+from .eval_job import evaluate_sae_dir
 from .job import TrainJobConfig, train_from_yaml
 from .metrics import MetricsRecord
 from .objective import LocalObjective, Objective, StepOutput
@@ -38,6 +42,7 @@ __all__ = [
     "Objective", "LocalObjective", "StepOutput",
     "train_sae", "TrainResult", "train_from_yaml",
     "export_saelens",
+    "EndToEndObjective", "SequenceSource", "evaluate_sae_dir",
     "DimensionMismatchError", "NonFiniteActivationError", "TrainingDivergedError",
     "CheckpointMismatchError",
 ]

@@ -104,6 +104,14 @@ def train_from_yaml(path: str | Path, *, out_dir: str | Path | None = None, resu
             reporter.on_message(f"cache has no {job.val_split!r} split: training without "
                                 "validation (metrics are training-batch averages)")
 
+    objective = None
+    if job.training.use_end_to_end:  # whole windows through the spliced model (trainer/end_to_end.py)
+        from .end_to_end import end_to_end_sources
+        objective, train_source, val_source = end_to_end_sources(
+            reader, job.training, hook, job.train_split,
+            job.val_split if val_source is not None else None)
+        reporter.on_message(objective.describe(train_source))
+
     resume_from = latest_checkpoint(out) if resume else None
     if not resume and (out / CHECKPOINTS_DIR).exists():
         reporter.on_message(f"--no-resume: removing the old checkpoints in {out / CHECKPOINTS_DIR}")
@@ -112,7 +120,7 @@ def train_from_yaml(path: str | Path, *, out_dir: str | Path | None = None, resu
     job.to_yaml(out / "job.yaml")
     sae = build_sae(job.sae, seed=job.training.seed)
     result = train_sae(sae, train_source, job.training, val_source=val_source, out_dir=out,
-                       resume_from=resume_from, reporter=reporter)
+                       resume_from=resume_from, reporter=reporter, objective=objective)
     if job.export_saelens:
         export_saelens(result.sae, out / "saelens")
         reporter.on_message(f"SAELens export: {out / 'saelens'}")

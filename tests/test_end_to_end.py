@@ -1,0 +1,377 @@
+"""End-to-end objective (trainer/end_to_end.py) and ``sae-sweep eval`` on a tiny model's cache."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from activation_cache import (CacheConfig, ModelSpec, compact_kl, load_model, model_identity,
+                              open_cache)
+from activation_cache.builder import Windows, build_from_windows
+from trainer import (BatchTopKSAE, EndToEndObjective, MetricsRecord, SAEConfig, SequenceSource,
+                     TrainingConfig, build_sae, evaluate_sae_dir, train_sae)
+from trainer.end_to_end import EndToEndDataError
+
+SEQ, BOS, PAD = 16, 1, 0
+HOOKS = ("blocks.1.hook_resid_post", "blocks.1.hook_mlp_out", "blocks.1.hook_attn_out")
+SPEC = ModelSpec(source="tiny", n_ctx=32, tiny_n_layers=3, tiny_d_model=32, tiny_d_mlp=64)
+D = 32
+
+
+def _windows(n: int, seed: int, first_doc: int = 0) -> Windows:
+    """Text-like windows: BOS, tokens from a skewed (Zipf-ish) distribution, right padding."""
+    rng = np.random.default_rng(seed)
+    probs = 1.0 / np.arange(1, 257) ** 1.1
+    toks = rng.choice(np.arange(3, 259), size=(n, SEQ), p=probs / probs.sum())
+    toks[:, 0] = BOS
+    am = np.ones((n, SEQ), dtype=bool)
+    for i in range(1, n, 2):
+        length = int(rng.integers(5, SEQ))
+        am[i, length:] = False
+        toks[i, length:] = PAD
+    return Windows(toks.astype(np.int64), am, first_doc + np.arange(n) // 2)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(SPEC)
+
+
+def _build(tmp_path_factory, model, name, n_train=48, n_val=16, **overrides):
+    out = tmp_path_factory.mktemp(name)
+    fields = dict(output=str(out), model=SPEC, hooks=HOOKS, max_text_length=SEQ,
+                  shard_tokens=SEQ * 64, batch_size=16, dtype="float32")
+    fields.update(overrides)
+    cfg = CacheConfig(**fields)
+    windows = {"train": _windows(n_train, 1), "val": _windows(n_val, 2, first_doc=1000)}
+    uri = build_from_windows(cfg, model, model_identity(model, SPEC), windows)
+    return open_cache(uri)
+
+
+@pytest.fixture(scope="module")
+def cache_full(tmp_path_factory, model):
+    """Compact logits (k=32 of 259), splice residuals."""
+    return _build(tmp_path_factory, model, "full", store_logits=True, logits_top_k=32)
+
+
+@pytest.fixture(scope="module")
+def cache_exact(tmp_path_factory, model):
+    """Every log-prob stored (k = vocabulary), splice residuals."""
+    return _build(tmp_path_factory, model, "exact", store_logits=True, logits_top_k=None)
+
+
+@pytest.fixture(scope="module")
+def cache_resid(tmp_path_factory, model):
+    """Splice residuals, no logits (the clean pass computes them)."""
+    return _build(tmp_path_factory, model, "resid", n_train=8, n_val=8,
+                  store_splice_residual=True)
+
+
+@pytest.fixture(scope="module")
+def cache_bare(tmp_path_factory, model):
+    """Neither logits nor splice residuals (full forward from the tokens)."""
+    return _build(tmp_path_factory, model, "bare", n_train=8, n_val=8)
+
+
+def _batch(reader, split="train", n=8):
+    return next(iter(SequenceSource(reader, split, HOOKS[0], shuffle=False).batches(n)))
+
+
+def _e2e_config(**kw) -> TrainingConfig:
+    base = dict(use_end_to_end=True, use_logit_kl=True, logit_kl_weight=1.0, batch_size=8,
+                show_progress=False, init_tokens=256, lr_warmup_steps=0, log_freq=1000,
+                checkpoint_every=None, save_best=False, threshold_warmup_steps=1000,
+                calibrate_threshold=False, outlier_policy="none")
+    base.update(kw)
+    return TrainingConfig(**base)
+
+
+def _standard_sae(hook=HOOKS[0], seed=0, d_sae=128) -> "torch.nn.Module":
+    layer, name = hook.split(".")[1], hook.split(".")[2]
+    return build_sae(SAEConfig(d_in=D, d_sae=d_sae, architecture="standard",
+                               hook_layer=int(layer), hook_name=name), seed=seed)
+
+
+def _identity_sae(hook=HOOKS[0]) -> BatchTopKSAE:
+    """BatchTopK with latents +e_i and -e_i and k = d_in: reconstructs every token exactly."""
+    layer, name = hook.split(".")[1], hook.split(".")[2]
+    sae = build_sae(SAEConfig(d_in=D, d_sae=2 * D, top_k=D, hook_layer=int(layer),
+                              hook_name=name))
+    eye = torch.eye(D)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+# -- the KL term ------------------------------------------------------------------------------
+
+
+def _reference_kl(model, sae, batch, hook):
+    """KL(clean ‖ spliced) by an independent route: full forwards, torch's kl_div."""
+    mask = batch.train_mask
+    x = batch.acts[hook]
+    recon, _ = sae(x)
+
+    def replace(value, hook):
+        return torch.where(mask[..., None], recon, value)
+
+    am = batch.attention_mask.long()
+    spliced = model.run_with_hooks(batch.tokens, attention_mask=am, fwd_hooks=[(hook, replace)])
+    clean = model(batch.tokens, attention_mask=am)
+    per_tok = F.kl_div(F.log_softmax(spliced, -1), F.log_softmax(clean, -1), log_target=True,
+                       reduction="none").sum(-1)
+    return per_tok[mask].mean()
+
+
+@pytest.mark.parametrize("hook", [HOOKS[0], HOOKS[2]])
+def test_kl_term_matches_an_independent_computation(model, cache_resid, hook):
+    batch = _batch(cache_resid)
+    sae = _standard_sae(hook)
+    obj = EndToEndObjective(model, _e2e_config(reconstruction_loss_weight=0.0))
+    out = obj.step(sae, batch)
+    ref = _reference_kl(model, sae, batch, hook).detach()
+    assert ref > 1e-3  # a random SAE really changes the output
+    assert float(out.stats["kl"]) == pytest.approx(float(ref), rel=1e-4)
+    # loss = KL + l1 term (reconstruction weight 0); the value is the true sum
+    l1 = float(out.stats["l1"]) * sae.cfg.l1_coefficient
+    assert float(out.loss.detach()) == pytest.approx(float(ref) + l1, rel=1e-4)
+
+
+def test_kl_gradient_equals_plain_autograd(model, cache_resid):
+    """The micro-batched, gradient-accumulating loss gives autograd's gradient of the KL."""
+    batch = _batch(cache_resid)
+    sae = _standard_sae()
+    obj = EndToEndObjective(model, _e2e_config(reconstruction_loss_weight=0.0, l1_coefficient=0.0),
+                            micro_batch_sequences=3)
+    obj.step(sae, batch).loss.backward()
+    ours = sae.W_enc.grad.clone()
+    sae.zero_grad()
+    _reference_kl(model, sae, batch, HOOKS[0]).backward()
+    torch.testing.assert_close(ours, sae.W_enc.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_identity_sae_leaves_the_model_unchanged(model, cache_resid, cache_full):
+    sae = _identity_sae()
+    obj = EndToEndObjective(model, _e2e_config())
+    # with a clean pass computed the same way, the KL is exactly zero
+    assert float(obj.step(sae, _batch(cache_resid)).stats["kl"]) == 0.0
+    # against the cached logits (a different but equivalent computation): float noise only
+    assert float(obj.step(sae, _batch(cache_full)).stats["kl"]) < 1e-6
+    sae.eval()
+    m = obj.evaluate(sae, SequenceSource(cache_full, "val", HOOKS[0], shuffle=False), None)
+    assert m["kl_div"] < 1e-6 and m["top1_agreement"] == 1.0
+    assert m["ce_loss_spliced"] == pytest.approx(m["ce_loss_clean"], abs=1e-5)
+    assert m["ce_loss_score"] == pytest.approx(1.0, abs=1e-4)
+    assert m["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_compact_logits_kl_is_the_cache_s_lower_bound(model, cache_full, cache_exact):
+    """With compact logits (k=32 of 259) the KL term is the cache's compact KL (a lower bound of
+    the exact KL, whose gap is the compact-logits error the cache reports); with every log-prob
+    stored (k = vocabulary) it is the exact KL."""
+    sae = _standard_sae()
+    obj = EndToEndObjective(model, _e2e_config())
+    batch = _batch(cache_full)
+    compact = float(obj.step(sae, batch).stats["kl"])
+    exact = float(obj.step(sae, _batch(cache_exact)).stats["kl"])
+    assert exact == pytest.approx(float(_reference_kl(model, sae, batch, HOOKS[0]).detach()), rel=1e-4)
+    # the cache's own compact KL of the independently spliced logits
+    mask = batch.train_mask
+    recon = sae(batch.acts[HOOKS[0]])[0].detach()
+    spliced = model.run_with_hooks(
+        batch.tokens, attention_mask=batch.attention_mask.long(),
+        fwd_hooks=[(HOOKS[0], lambda v, hook: torch.where(mask[..., None], recon, v))])
+    expected = compact_kl(batch.clean_topk_logprobs, batch.clean_topk_indices, spliced)[mask].mean()
+    assert compact == pytest.approx(float(expected), rel=1e-4)
+    assert 0 < compact <= exact
+
+
+# -- masking -------------------------------------------------------------------------------------
+
+
+def test_padding_values_change_nothing(model, cache_full):
+    batch = _batch(cache_full)
+    pad = ~batch.attention_mask
+    assert pad.any()
+    poisoned = copy.deepcopy(batch)
+    g = torch.Generator().manual_seed(0)
+    for name, value in poisoned.acts.items():
+        noise = torch.randn(value.shape, generator=g) * 100
+        poisoned.acts[name] = torch.where(pad[..., None], noise, value)
+    poisoned.clean_topk_logprobs = torch.where(pad[..., None], -1.0, batch.clean_topk_logprobs)
+    poisoned.tokens = torch.where(pad, 7, batch.tokens)
+    cfg = _e2e_config(use_block_mse=True)
+    results = []
+    for b in (batch, poisoned):
+        sae = _standard_sae()
+        out = EndToEndObjective(model, cfg).step(sae, b)
+        out.loss.backward()
+        results.append((float(out.loss.detach()), {k: float(v) for k, v in out.stats.items()},
+                        sae.W_enc.grad.clone()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    assert results[0][1] == pytest.approx(results[1][1], rel=1e-6)
+    torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-5, atol=1e-8)
+    # ...while a real (train-mask) token does change the loss: the test can fail
+    moved = copy.deepcopy(batch)
+    moved.acts[HOOKS[0]][batch.train_mask] += 5.0
+    out = EndToEndObjective(model, cfg).step(_standard_sae(), moved)
+    assert abs(float(out.loss) - results[0][0]) > 1e-3
+
+
+# -- gradients ---------------------------------------------------------------------------------
+
+
+def test_gradients_reach_the_sae_and_not_the_model(model, cache_full):
+    obj = EndToEndObjective(model, _e2e_config(reconstruction_loss_weight=0.0,
+                                               use_block_mse=True))
+    assert not model.training
+    assert all(not p.requires_grad for p in model.parameters())
+    sae = build_sae(SAEConfig(d_in=D, d_sae=128, top_k=4, hook_layer=1), seed=0)
+    out = obj.step(sae, _batch(cache_full))
+    out.loss.backward()
+    for name, p in sae.named_parameters():  # KL and block-MSE alone train every parameter
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in model.parameters())
+    assert out.fired.dtype == torch.bool and out.fired.any()
+
+
+def test_micro_batches_do_not_change_loss_or_gradient(model, cache_full):
+    batch = _batch(cache_full)
+    grads, losses = [], []
+    for micro in (1, 3, 64):
+        sae = _standard_sae()
+        obj = EndToEndObjective(model, _e2e_config(use_block_mse=True),
+                                micro_batch_sequences=micro)
+        out = obj.step(sae, batch)
+        out.loss.backward()
+        losses.append(float(out.loss))
+        grads.append(sae.W_dec.grad.clone())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6) == pytest.approx(losses[2], rel=1e-6)
+    torch.testing.assert_close(grads[0], grads[2], rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(grads[1], grads[2], rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("hook", [HOOKS[1], HOOKS[2]])
+def test_restart_and_full_forward_fallback_agree(model, cache_resid, cache_bare, hook):
+    """Same step from the cached splice residual and from the tokens (no residual stored)."""
+    cfg = _e2e_config(use_block_mse=True)
+    outs = []
+    for reader in (cache_resid, cache_bare):
+        src = SequenceSource(reader, "train", hook, shuffle=False)
+        sae = _standard_sae(hook)
+        out = EndToEndObjective(model, cfg).step(sae, next(iter(src.batches(8))))
+        out.loss.backward()
+        outs.append((float(out.loss), sae.W_enc.grad.clone(), src))
+    assert "blocks.1.hook_resid_pre" in outs[0][2].stored_hooks
+    assert "blocks.1.hook_resid_pre" not in outs[1][2].stored_hooks
+    assert outs[0][0] == pytest.approx(outs[1][0], rel=1e-5)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-4, atol=1e-7)
+
+
+def test_block_mse_layers_are_validated(model, cache_full):
+    obj = EndToEndObjective(model, _e2e_config(use_block_mse=True, block_mse_layers=(1,)))
+    with pytest.raises(EndToEndDataError, match="block_mse_layers.*not downstream"):
+        obj.step(_standard_sae(), _batch(cache_full))  # resid_post of block 1 is the hook itself
+
+
+# -- training ----------------------------------------------------------------------------------
+
+
+def _train(model, reader, *, kl: bool, seed: int = 0):
+    cfg = _e2e_config(use_logit_kl=True, logit_kl_weight=10.0 if kl else 0.0, lr=1e-2,
+                      num_epochs=3, batch_size=8, seed=seed)
+    torch.manual_seed(seed)
+    sae = build_sae(SAEConfig(d_in=D, d_sae=128, top_k=4, hook_layer=1), seed=seed)
+    train = SequenceSource(reader, "train", HOOKS[0])
+    val = SequenceSource(reader, "val", HOOKS[0], shuffle=False)
+    obj = EndToEndObjective(model, cfg)
+    result = train_sae(sae, train, cfg, val_source=val, objective=obj)
+    return result.final
+
+
+def test_end_to_end_training_lowers_kl_at_the_same_l0(model, cache_full):
+    """KL-weighted training vs MSE only (logit_kl_weight 0), same k, data, seed and steps."""
+    e2e = _train(model, cache_full, kl=True)
+    mse_only = _train(model, cache_full, kl=False)
+    assert e2e.l0_train == pytest.approx(mse_only.l0_train, rel=0.05)
+    assert e2e.kl_div < 0.9 * mse_only.kl_div  # measured: 0.076 vs 0.091
+    assert e2e.explained_variance > 0.2 and mse_only.explained_variance > 0.2
+    for rec in (e2e, mse_only):
+        for name in ("ce_loss_clean", "ce_loss_spliced", "ce_loss_zero_ablation", "ce_loss_delta",
+                     "ce_loss_score", "kl_div", "top1_agreement"):
+            assert getattr(rec, name) is not None and math.isfinite(getattr(rec, name)), name
+
+
+# -- evaluation --------------------------------------------------------------------------------
+
+
+def test_evaluate_metrics_against_independent_values(model, cache_full):
+    sae = _standard_sae()
+    sae.eval()
+    src = SequenceSource(cache_full, "val", HOOKS[0], shuffle=False)
+    obj = EndToEndObjective(model, _e2e_config())
+    m = obj.evaluate(sae, src, None)
+    # independent CE over the same positions (train mask, next token real)
+    batch = next(iter(src.batches(1000)))
+    am = batch.attention_mask.long()
+    pos = batch.train_mask[:, :-1] & batch.attention_mask[:, 1:]
+    clean = model(batch.tokens, attention_mask=am, return_type="loss", loss_per_token=True)
+    assert m["ce_loss_clean"] == pytest.approx(float(clean[pos].mean()), rel=1e-5)
+    recon, _ = sae(batch.acts[HOOKS[0]])
+    zero = torch.zeros_like(recon)
+    for value, key in ((recon, "ce_loss_spliced"), (zero, "ce_loss_zero_ablation")):
+        def replace(act, hook, value=value):
+            return torch.where(batch.train_mask[..., None], value, act)
+        ce = model.run_with_hooks(batch.tokens, attention_mask=am, return_type="loss",
+                                  loss_per_token=True, fwd_hooks=[(HOOKS[0], replace)])
+        assert m[key] == pytest.approx(float(ce[pos].mean()), rel=1e-5), key
+    assert m["ce_loss_delta"] == pytest.approx(m["ce_loss_spliced"] - m["ce_loss_clean"])
+    assert m["ce_loss_score"] == pytest.approx(
+        (m["ce_loss_zero_ablation"] - m["ce_loss_spliced"])
+        / (m["ce_loss_zero_ablation"] - m["ce_loss_clean"]))
+    assert 0.0 <= m["top1_agreement"] <= 1.0
+    assert m["eval_tokens"] == int(batch.train_mask.sum())
+    # max_tokens stops after the windows that cover it
+    part = obj.evaluate(sae, src, 20)
+    assert 20 <= part["eval_tokens"] < m["eval_tokens"]
+
+
+def test_evaluate_sae_dir_prints_every_metric(model, cache_full, tmp_path):
+    sae = _standard_sae()
+    sae.save(tmp_path / "sae")
+    buf = io.StringIO()
+    record = evaluate_sae_dir(tmp_path / "sae", cache=cache_full.uri, output_format="json",
+                              stream=buf, show_progress=False, model=model)
+    assert isinstance(record, MetricsRecord)
+    printed = json.loads(buf.getvalue())
+    for name in ("ce_loss_clean", "ce_loss_spliced", "ce_loss_zero_ablation", "ce_loss_delta",
+                 "ce_loss_score", "kl_div", "top1_agreement", "explained_variance", "mse",
+                 "l0_inference", "dead_fraction"):
+        assert printed[name] is not None and printed[name] == getattr(record, name), name
+    table = io.StringIO()
+    evaluate_sae_dir(tmp_path / "sae", cache=cache_full.uri, stream=table, show_progress=False,
+                     model=model, max_tokens=10)
+    assert "ce_loss_score" in table.getvalue() and "kl_div" in table.getvalue()
+
+
+def test_eval_cli_loads_the_model_from_the_cache(cache_full, tmp_path, capsys):
+    from sweep.cli import main
+
+    _standard_sae().save(tmp_path / "sae")
+    rc = main(["eval", str(tmp_path / "sae"), "--cache", cache_full.uri, "--format", "json",
+               "--max-tokens", "30"])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["kl_div"] > 0 and printed["ce_loss_clean"] > 0
+    rc = main(["eval", str(tmp_path / "sae"), "--cache", str(tmp_path / "nope")])
+    assert rc == 2

@@ -1,0 +1,546 @@
+"""End-to-end training and evaluation: the SAE spliced into the live (frozen) model.
+
+``EndToEndObjective`` implements the objective seam (trainer/objective.py) on whole windows
+(``SequenceBatch``es from the activation cache, served by :class:`SequenceSource`). One step:
+
+1. **The SAE's own terms**, from its training forward (``sae.training_forward``, so BatchTopK and
+   AuxK are exactly the local trainer's) on the train-mask tokens of the batch, in chunks of
+   ``activation_batch_size`` sequences (each chunk is one BatchTopK batch):
+   ``reconstruction_loss_weight × MSE`` + ``aux_penalty × AuxK`` (BatchTopK) or
+   ``l1_coefficient × L1`` (standard SAE).
+2. **The splice**: the reconstruction replaces the hook's activations on train-mask tokens only
+   (padding, BOS and excluded tokens keep their clean values) and the rest of the model runs,
+   restarting at the splice point from the cached residual (trainer/splice.py).
+3. **End-to-end terms**, averaged over the batch's train-mask tokens:
+   ``logit_kl_weight × KL(clean ‖ spliced)`` of the next-token distributions at temperature
+   ``kl_temperature`` (trainer/logit_kl.py), with the clean side from the cached compact logits,
+   or from a clean pass when the cache has none; and ``block_mse_weight × Σ_l MSE_l`` between the
+   clean and spliced ``blocks.{l}.hook_resid_post`` for each ``l`` of ``block_mse_layers``
+   (default: every layer after the splice), in the SAE's scaled units (raw × ``input_scale``,
+   like the reconstruction MSE), mean over train-mask tokens and model dimensions; the clean
+   residuals come from a clean pass started at the same point, without grad.
+
+**Memory.** The live pass runs the batch's sequences in micro-batches (``micro_batch_sequences``,
+by default sized so one micro-batch's logits stay under ``max_logit_elements``). Each
+micro-batch's end-to-end loss is back-propagated at once into a detached copy of the spliced
+values, and its graph is freed; the accumulated gradient then enters the returned loss through
+``((patch − patch.detach()) · grad).sum()`` — zero in value, exact in gradient. So the model's
+logits never exist for the whole batch and the loss the trainer backpropagates is the true sum.
+
+**Frozen model.** The objective puts the model in eval mode and turns off ``requires_grad`` on
+all its parameters; only the SAE receives gradients.
+
+Norm outliers (``TrainingConfig.outlier_policy``, cap from the initialisation tokens as in
+``LocalObjective``): ``drop`` leaves those tokens out of the splice (they keep clean values) and
+out of every loss; ``clip`` clips the SAE's input, while its output still replaces the token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from activation_cache import UserError
+
+from .batchtopk import BatchTopKSAE
+from .errors import NonFiniteActivationError
+from .evaluation import evaluate_reconstruction
+from .logit_kl import CompactClean, kl_from_logits, next_token_mask, next_token_nll
+from .objective import LocalObjective, Objective, StepOutput
+from .sae import SAE
+from .sparse_ops import topk_sae_forward
+from .splice import SpliceSite, splice_site, spliced_forward
+from .training_config import TrainingConfig
+
+DEFAULT_MAX_LOGIT_ELEMENTS = 2**25
+"""Default bound on one micro-batch's logits (sequences × positions × vocabulary): 128 MiB fp32."""
+
+
+class EndToEndDataError(UserError):
+    """The cache cannot serve end-to-end training or evaluation (the message says what is missing)."""
+
+
+# ------------------------------------------------------------------------------------------
+# the data: whole windows of one cache split
+# ------------------------------------------------------------------------------------------
+
+
+class SequenceSource:
+    """Whole windows of one split of an activation cache, for one SAE hook.
+
+    ``reader`` is an ``activation_cache.CacheReader`` (anything with its ``sequence_batches``,
+    ``token_source``, ``d_in``, ``num_tokens``, ``num_sequences``, ``hooks``, ``stored_hooks``
+    and ``manifest``). ``shuffle`` permutes the window order per (seed, epoch) for training.
+    """
+
+    def __init__(self, reader: Any, split: str, hook: str, *, shuffle: bool = True):
+        if hook not in reader.hooks:
+            raise EndToEndDataError(
+                f"cache {getattr(reader, 'uri', '')}: hook {hook!r} is not cached (cached: "
+                f"{', '.join(reader.hooks)})")
+        splits = reader.manifest.get("splits", {})
+        if split not in splits:
+            raise EndToEndDataError(f"cache {getattr(reader, 'uri', '')} has no {split!r} split "
+                                    f"(it has {', '.join(splits) or 'none'})")
+        self.reader, self.split, self.hook, self.shuffle = reader, split, hook, shuffle
+        self.d_in = int(reader.d_in(hook))
+        self.num_tokens = int(reader.num_tokens(split))
+        self.num_sequences = int(reader.num_sequences(split))
+        self.has_logits = reader.manifest.get("logits") is not None
+        self.stored_hooks = set(reader.stored_hooks)
+
+    def batches(self, batch_size: int, *, seed: int = 0, epoch: int = 0,
+                start_batch: int = 0) -> Iterator[Any]:
+        """SequenceBatches of ``batch_size`` windows (deterministic for seed and epoch)."""
+        return self.reader.sequence_batches(self.split, batch_size, start_batch=start_batch,
+                                            seed=seed * 1_000_003 + epoch, shuffle=self.shuffle)
+
+    def token_source(self) -> Any:
+        """The same split as shuffled token rows (initialisation, threshold calibration)."""
+        return self.reader.token_source(self.hook, self.split)
+
+    def describe_inputs(self, site: SpliceSite) -> str:
+        """Where a spliced pass starts with this cache (for messages)."""
+        if site.is_resid_post:
+            return f"block {site.layer + 1} (from the cached {site.hook_name})"
+        if site.residual_name in self.stored_hooks:
+            return f"block {site.layer} (from the cached {site.residual_name})"
+        return "the embeddings (the cache holds no splice residual: full forward)"
+
+
+class _WindowTokens:
+    """The train-mask rows of the first ``max_sequences`` windows, in order, as an
+    ActivationSource (so reconstruction metrics use exactly the tokens the splice saw)."""
+
+    def __init__(self, source: SequenceSource, batch_size: int, max_sequences: int):
+        self.source, self.batch_size, self.max_sequences = source, batch_size, max_sequences
+        self.d_in = source.d_in
+        self.num_tokens = source.num_tokens
+
+    def iter_batches(self, batch_size: int, *, seed: int = 0, epoch: int = 0,
+                     start_batch: int = 0) -> Iterator[Tensor]:
+        carry: list[Tensor] = []
+        held, seen, skip = 0, 0, start_batch
+        for batch in self.source.batches(self.batch_size):
+            if seen >= self.max_sequences:
+                break
+            n = min(len(batch), self.max_sequences - seen)
+            seen += n
+            rows = batch.acts[self.source.hook][:n][batch.train_mask[:n].bool()]
+            carry.append(rows)
+            held += rows.shape[0]
+            while held >= batch_size:
+                flat = torch.cat(carry)
+                out, rest = flat[:batch_size], flat[batch_size:]
+                carry, held = [rest], rest.shape[0]
+                if skip:
+                    skip -= 1
+                else:
+                    yield out
+        if held and not skip:
+            yield torch.cat(carry)
+
+
+# ------------------------------------------------------------------------------------------
+# the objective
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Accum:
+    """Sums over tokens for the evaluation metrics."""
+
+    kl: float = 0.0
+    kl_n: int = 0
+    top1: float = 0.0
+    ce_clean: float = 0.0
+    ce_spliced: float = 0.0
+    ce_zero: float = 0.0
+    ce_n: int = 0
+    block: float = 0.0
+
+
+class EndToEndObjective(Objective):
+    """KL / block-MSE through the spliced model, plus the SAE's own terms (module docstring).
+
+    ``model``: the frozen HookedTransformer the cache was built from (``activation_cache.
+    load_model`` of the manifest's model spec). ``kl_temperature`` divides both distributions'
+    logits in the KL training term (evaluation's ``kl_div`` is always at temperature 1).
+    ``micro_batch_sequences``: sequences per live pass (None: sized by ``max_logit_elements``).
+    """
+
+    def __init__(self, model: Any, config: TrainingConfig, *, kl_temperature: float = 1.0,
+                 micro_batch_sequences: Optional[int] = None,
+                 max_logit_elements: int = DEFAULT_MAX_LOGIT_ELEMENTS):
+        super().__init__(config)
+        if not (math.isfinite(kl_temperature) and kl_temperature > 0):
+            raise ValueError(f"kl_temperature must be > 0, got {kl_temperature}")
+        if micro_batch_sequences is not None and micro_batch_sequences < 1:
+            raise ValueError(f"micro_batch_sequences must be >= 1, got {micro_batch_sequences}")
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model = model
+        self.kl_temperature = float(kl_temperature)
+        self.micro_batch_sequences = micro_batch_sequences
+        self.max_logit_elements = int(max_logit_elements)
+        self.local = LocalObjective(config)
+        self.device = next(model.parameters()).device
+
+    # -- seam hooks -------------------------------------------------------------------------
+    def iter_batches(self, source: SequenceSource, *, epoch: int, start_batch: int) -> Iterator[Any]:
+        return source.batches(self.config.batch_size, seed=self.config.seed, epoch=epoch,
+                              start_batch=start_batch)
+
+    def steps_per_epoch(self, source: SequenceSource) -> int:
+        return max(1, math.ceil(source.num_sequences / self.config.batch_size))
+
+    def batch_tokens(self, batch: Any) -> int:
+        return int(batch.train_mask.sum())
+
+    def initialize(self, sae: SAE, source: SequenceSource) -> None:
+        """Input scale, b_dec and the outlier cap from the split's tokens (as LocalObjective)."""
+        self.local.initialize(sae, source.token_source())
+
+    def finalize(self, sae: SAE, train_source: Any, val_source: Any) -> Optional[str]:
+        """Calibrate BatchTopK's inference threshold on held-out tokens (as LocalObjective)."""
+        return self.local.finalize(sae, train_source.token_source(),
+                                   None if val_source is None else val_source.token_source())
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.local.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.local.load_state_dict(state)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def site(self, sae: SAE) -> SpliceSite:
+        return splice_site(str(sae.cfg.hook_spec), int(self.model.cfg.n_layers))
+
+    def describe(self, source: SequenceSource) -> str:
+        """One line saying what the end-to-end terms are and where the live passes start."""
+        site = splice_site(source.hook, int(self.model.cfg.n_layers))
+        parts = []
+        if self.config.use_logit_kl:
+            clean = ("cached compact clean logits" if source.has_logits
+                     else "a clean pass per batch (the cache stores no logits)")
+            parts.append(f"KL(clean || spliced) x {self.config.logit_kl_weight} from {clean}")
+        layers = self.block_layers(site)
+        if layers:
+            parts.append(f"block-MSE x {self.config.block_mse_weight} at layers {layers}")
+        return (f"end-to-end: {'; '.join(parts)}; live passes start at "
+                f"{source.describe_inputs(site)}")
+
+    def block_layers(self, site: SpliceSite) -> list[int]:
+        """Layers whose resid_post enters block-MSE (validated against the splice point)."""
+        if not self.config.use_block_mse:
+            return []
+        layers = self.config.block_mse_layers
+        if layers is None:
+            layers = site.downstream_layers()
+        bad = [l for l in layers if not site.first_affected_resid_post <= l < site.n_layers]
+        if bad:
+            raise EndToEndDataError(
+                f"TrainingConfig.block_mse_layers: {bad} not downstream of the splice at "
+                f"{site.hook_name} (allowed: {site.first_affected_resid_post}.."
+                f"{site.n_layers - 1})")
+        return sorted(set(layers))
+
+    def _micro(self, batch: Any) -> int:
+        if self.micro_batch_sequences is not None:
+            return self.micro_batch_sequences
+        per_seq = int(batch.tokens.shape[1]) * int(self.model.cfg.d_vocab)
+        return max(1, self.max_logit_elements // max(per_seq, 1))
+
+    @staticmethod
+    def _pass_inputs(batch: Any, site: SpliceSite, sl: slice) -> dict[str, Tensor]:
+        """The cheapest start for a live pass over sequences ``sl`` (see trainer/splice.py)."""
+        kw: dict[str, Tensor] = {"attention_mask": batch.attention_mask[sl].long()}
+        if site.is_resid_post and site.hook_name in batch.acts:
+            kw["hook_value"] = batch.acts[site.hook_name][sl]
+        elif site.residual_name in batch.acts:
+            kw["resid_pre"] = batch.acts[site.residual_name][sl]
+        else:
+            kw["tokens"] = batch.tokens[sl]
+        return kw
+
+    def _mask(self, batch: Any, x: Tensor) -> Tensor:
+        mask = batch.train_mask.bool()
+        cap = self.local.outlier_cap
+        if cap is not None and self.config.outlier_policy == "drop":
+            mask = mask & (x.norm(dim=-1) <= cap)
+        return mask
+
+    def _hook_acts(self, batch: Any, sae: SAE) -> Tensor:
+        hook = str(sae.cfg.hook_spec)
+        if hook not in batch.acts:
+            raise EndToEndDataError(f"the sequence batches hold no activations for the SAE's "
+                                    f"hook {hook!r} (they have {', '.join(batch.acts)})")
+        return batch.acts[hook]
+
+    # -- the step ----------------------------------------------------------------------------
+    def step(self, sae: SAE, batch: Any) -> StepOutput:
+        cfg = self.config
+        if not cfg.use_end_to_end:
+            raise ValueError("EndToEndObjective needs TrainingConfig.use_end_to_end: true")
+        batch = batch.to(self.device)
+        x = self._hook_acts(batch, sae)
+        mask = self._mask(batch, x)
+        rows = x[mask]
+        if not bool(torch.isfinite(rows).all()):
+            bad = int((~torch.isfinite(rows)).any(dim=-1).sum())
+            raise NonFiniteActivationError(f"{bad} of {rows.shape[0]} train-mask activation rows "
+                                           "contain NaN or inf; not training on them")
+        n_tok = rows.shape[0]
+        if n_tok == 0:  # nothing to train on in this batch: a no-op step
+            zero = sum(p.sum() * 0.0 for p in sae.parameters())
+            return StepOutput(zero, {}, torch.zeros(sae.cfg.d_sae, dtype=torch.bool,
+                                                    device=sae.W_enc.device))
+        if cfg.outlier_policy == "clip" and self.local.outlier_cap is not None:
+            rows_in = self.local._apply_outlier_policy(rows)
+        else:
+            rows_in = rows
+
+        # 1. the SAE's own terms, chunked by activation_batch_size sequences
+        per_seq = mask.sum(1).tolist()
+        terms = {"mse": 0.0, "aux": 0.0, "l1": 0.0, "l0": 0.0}
+        x_hats, fired = [], None
+        start = 0
+        for a in range(0, len(per_seq), cfg.activation_batch_size):
+            n = int(sum(per_seq[a:a + cfg.activation_batch_size]))
+            if n == 0:
+                continue
+            out = sae.training_forward(rows_in[start:start + n])
+            start += n
+            for key in terms:
+                terms[key] = terms[key] + out[key] * (n / n_tok)
+            x_hats.append(out["x_hat"])
+            fired = out["fired"] if fired is None else fired | out["fired"]
+        x_hat_raw = torch.cat(x_hats).float() / sae.input_scale
+        loss = cfg.reconstruction_loss_weight * terms["mse"]
+        stats: dict[str, Any] = {"mse": terms["mse"].detach(), "l0": terms["l0"]}
+        if isinstance(sae, BatchTopKSAE):
+            loss = loss + sae.cfg.aux_penalty * terms["aux"]
+            stats["aux"] = terms["aux"].detach()
+        else:
+            l1 = cfg.l1_coefficient if cfg.l1_coefficient is not None else sae.cfg.l1_coefficient
+            loss = loss + l1 * terms["l1"]
+            stats["l1"] = terms["l1"].detach()
+
+        # 2-3. splice and end-to-end terms, micro-batch by micro-batch
+        patch = torch.zeros_like(x).masked_scatter(mask[..., None], x_hat_raw.to(x.dtype))
+        e2e_value, grad, e2e_stats = self._live_losses(sae, batch, patch.detach(), mask, n_tok)
+        stats.update(e2e_stats)
+        loss = loss + e2e_value
+        if grad is not None:
+            loss = loss + ((patch - patch.detach()) * grad).sum()
+        return StepOutput(loss, stats, fired)
+
+    def _live_losses(self, sae: SAE, batch: Any, patch: Tensor, mask: Tensor, n_tok: int
+                     ) -> tuple[Tensor, Optional[Tensor], dict[str, Any]]:
+        """E2E loss value, its gradient w.r.t. ``patch`` (None without grad) and stats."""
+        cfg = self.config
+        site = self.site(sae)
+        layers = self.block_layers(site)
+        use_kl = cfg.use_logit_kl
+        cached = batch.clean_topk_logprobs is not None
+        need_clean_logits = use_kl and not cached
+        scale = float(sae.input_scale)
+        leaf = patch.requires_grad_(torch.is_grad_enabled())
+        kl_sum = torch.zeros((), device=patch.device)
+        block_sum = torch.zeros((), device=patch.device)
+        mb = self._micro(batch)
+        for a in range(0, patch.shape[0], mb):
+            sl = slice(a, a + mb)
+            m = mask[sl]
+            if not bool(m.any()):
+                continue
+            kw = self._pass_inputs(batch, site, sl)
+            clean = None
+            if layers or need_clean_logits:
+                with torch.no_grad():
+                    clean = spliced_forward(self.model, site, patch=None, mask=None,
+                                            capture_layers=layers,
+                                            need_logits=need_clean_logits, **kw)
+            out = spliced_forward(self.model, site, patch=leaf[sl], mask=m,
+                                  capture_layers=layers, need_logits=use_kl, **kw)
+            part = torch.zeros((), device=patch.device)
+            if use_kl:
+                compact = None if not cached else CompactClean(
+                    batch.clean_topk_logprobs[sl], batch.clean_topk_indices[sl])
+                kl = kl_from_logits(out.logits[m],
+                                    clean_logits=None if cached else clean.logits[m],
+                                    compact=None if compact is None else CompactClean(
+                                        compact.topk_logprobs[m], compact.topk_indices[m]),
+                                    temperature=self.kl_temperature).sum()
+                part = part + cfg.logit_kl_weight * kl / n_tok
+                kl_sum = kl_sum + kl.detach()
+            for layer in layers:
+                diff = (out.resid_post[layer] - clean.resid_post[layer])[m] * scale
+                sq = diff.pow(2).mean(-1).sum()
+                part = part + cfg.block_mse_weight * sq / n_tok
+                block_sum = block_sum + sq.detach()
+            if leaf.requires_grad:
+                part.backward()
+        value = (cfg.logit_kl_weight * kl_sum + cfg.block_mse_weight * block_sum) / n_tok
+        stats: dict[str, Any] = {}
+        if use_kl:
+            stats["kl"] = kl_sum / n_tok
+        if layers:
+            stats["block_mse"] = block_sum / n_tok
+        grad = leaf.grad if leaf.requires_grad else None
+        return value, grad, stats
+
+    # -- evaluation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, sae: SAE, val_source: SequenceSource, max_tokens: Optional[int]
+                 ) -> dict[str, Any]:
+        """Reconstruction metrics plus ce_loss_clean / spliced / zero_ablation / delta / score,
+        kl_div (clean ‖ spliced, temperature 1) and top1_agreement on ``val_source``, over whole
+        windows until ``max_tokens`` train-mask tokens are covered (None: the whole split).
+
+        CE counts positions on the train mask whose next token is real; KL and top-1 count every
+        train-mask position. The spliced SAE uses its inference encoding (BatchTopK: the
+        threshold) once it has one, else the training encoding over the evaluation batch.
+        ``block_mse`` is reported when ``use_block_mse`` is on.
+        """
+        site = self.site(sae)
+        layers = self.block_layers(site)
+        acc = _Accum()
+        n_seq, n_tok = 0, 0
+        total = val_source.num_tokens if max_tokens is None else min(max_tokens,
+                                                                      val_source.num_tokens)
+        bar = tqdm(total=total, desc="e2e eval", unit="tok", leave=False,
+                   disable=not self.config.show_progress)
+        for batch in val_source.batches(self.config.batch_size):
+            batch = batch.to(self.device)
+            x = self._hook_acts(batch, sae)
+            mask = batch.train_mask.bool()
+            rows = x[mask]
+            if rows.shape[0]:
+                x_hat = _reconstruct_for_eval(sae, rows)
+                patch = torch.zeros_like(x).masked_scatter(mask[..., None], x_hat.to(x.dtype))
+                self._eval_batch(sae, batch, site, layers, patch, mask, acc)
+            n_seq += len(batch)
+            n_tok += rows.shape[0]
+            bar.update(min(rows.shape[0], max(total - bar.n, 0)))
+            if max_tokens is not None and n_tok >= max_tokens:
+                break
+        bar.close()
+        if n_tok == 0:
+            return {}
+        metrics = evaluate_reconstruction(
+            sae, _WindowTokens(val_source, self.config.batch_size, n_seq), max_tokens=None,
+            batch_tokens=self.config.train_batch_tokens)
+        metrics.update(_e2e_metrics(acc, layers))
+        return metrics
+
+    def _eval_batch(self, sae: SAE, batch: Any, site: SpliceSite, layers: list[int],
+                    patch: Tensor, mask: Tensor, acc: _Accum) -> None:
+        cached = batch.clean_topk_logprobs is not None
+        scale = float(sae.input_scale)
+        ce_pos_all = next_token_mask(mask, batch.attention_mask)
+        for a in range(0, patch.shape[0], self._micro(batch)):
+            sl = slice(a, a + self._micro(batch))
+            m, ce_pos = mask[sl], ce_pos_all[sl]
+            if not bool(m.any()):
+                continue
+            kw = self._pass_inputs(batch, site, sl)
+            tokens = batch.tokens[sl]
+            clean = None
+            if layers or not cached:
+                clean = spliced_forward(self.model, site, patch=None, mask=None,
+                                        capture_layers=layers, need_logits=not cached, **kw)
+            spliced = spliced_forward(self.model, site, patch=patch[sl], mask=m,
+                                      capture_layers=layers, **kw)
+            zero = spliced_forward(self.model, site, patch=torch.zeros_like(patch[sl]), mask=m,
+                                   **kw)
+            if cached:
+                compact = CompactClean(batch.clean_topk_logprobs[sl][m],
+                                       batch.clean_topk_indices[sl][m])
+                kl = kl_from_logits(spliced.logits[m], compact=compact)
+                top_clean = compact.topk_indices.gather(
+                    -1, compact.topk_logprobs.argmax(-1, keepdim=True)).squeeze(-1)
+                ce_clean = -batch.clean_next_token_logprob[sl][ce_pos]
+            else:
+                kl = kl_from_logits(spliced.logits[m], clean_logits=clean.logits[m])
+                top_clean = clean.logits[m].argmax(-1)
+                ce_clean = next_token_nll(clean.logits, tokens)[ce_pos]
+            acc.kl += float(kl.double().sum())
+            acc.kl_n += int(m.sum())
+            acc.top1 += float((spliced.logits[m].argmax(-1) == top_clean).sum())
+            acc.ce_clean += float(ce_clean.double().sum())
+            acc.ce_spliced += float(next_token_nll(spliced.logits, tokens)[ce_pos].double().sum())
+            acc.ce_zero += float(next_token_nll(zero.logits, tokens)[ce_pos].double().sum())
+            acc.ce_n += int(ce_pos.sum())
+            for layer in layers:
+                diff = (spliced.resid_post[layer] - clean.resid_post[layer])[m] * scale
+                acc.block += float(diff.double().pow(2).mean(-1).sum())
+
+
+def _reconstruct_for_eval(sae: SAE, rows: Tensor) -> Tensor:
+    """Raw-space reconstruction: the inference encoding, or BatchTopK over ``rows`` while a
+    BatchTopK SAE has no threshold yet."""
+    if isinstance(sae, BatchTopKSAE) and float(sae.threshold) < 0:
+        out = topk_sae_forward(sae.scale_input(rows), sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec,
+                               sae.k)
+        return out.x_hat.float() / sae.input_scale
+    was_training = sae.training
+    sae.eval()
+    try:
+        x_hat, _ = sae(rows)
+    finally:
+        sae.train(was_training)
+    return x_hat.float()
+
+
+def _e2e_metrics(acc: _Accum, layers: list[int]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if acc.kl_n:
+        out["kl_div"] = acc.kl / acc.kl_n
+        out["top1_agreement"] = acc.top1 / acc.kl_n
+        if layers:
+            out["block_mse"] = acc.block / acc.kl_n
+    if acc.ce_n:
+        clean, spliced, zero = (acc.ce_clean / acc.ce_n, acc.ce_spliced / acc.ce_n,
+                                acc.ce_zero / acc.ce_n)
+        out.update(ce_loss_clean=clean, ce_loss_spliced=spliced, ce_loss_zero_ablation=zero,
+                   ce_loss_delta=spliced - clean)
+        out["ce_loss_score"] = (zero - spliced) / (zero - clean) if zero != clean else None
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# wiring: the model of a cache, and the sources/objective of an end-to-end job
+# ------------------------------------------------------------------------------------------
+
+
+def load_cache_model(reader: Any) -> Any:
+    """Load the model a cache was built from (its manifest's ModelSpec) and check that it is the
+    same model (identity and fingerprint), so the splice never runs against another model."""
+    from activation_cache import ModelSpec, load_model, model_identity
+
+    spec_dict = reader.manifest.get("config", {}).get("model")
+    if spec_dict is None:
+        raise EndToEndDataError(f"cache {getattr(reader, 'uri', '')}: its manifest records no "
+                                "model spec (config.model); rebuild it with `sae-sweep cache`")
+    spec = ModelSpec.from_dict(spec_dict)
+    model = load_model(spec)
+    reader.check_model(model_identity(model, spec))
+    return model
+
+
+def end_to_end_sources(reader: Any, config: TrainingConfig, hook: str, train_split: str,
+                       val_split: Optional[str], *, model: Any = None
+                       ) -> tuple[EndToEndObjective, SequenceSource, Optional[SequenceSource]]:
+    """The objective and sequence sources of an end-to-end job on a cache (``sae-sweep train``
+    with ``use_end_to_end``). Loads the cache's model unless ``model`` is given."""
+    model = model if model is not None else load_cache_model(reader)
+    train = SequenceSource(reader, train_split, hook, shuffle=True)
+    val = SequenceSource(reader, val_split, hook, shuffle=False) if val_split else None
+    return EndToEndObjective(model, config), train, val
