@@ -169,8 +169,8 @@ def test_vanilla_sae_relu_l1_hand_case():
     x = torch.tensor([[1.0, -2.0], [3.0, 2.0]])
     out = sae.training_forward(x)
     # f = relu(x) = [[1, 0], [3, 2]]; L1 = mean(1, 5) = 3; x_hat = f; mse = (0+4+0+0)/4 = 1
-    assert float(out["l1"]) == pytest.approx(3.0)
-    assert float(out["mse"]) == pytest.approx(1.0)
+    assert out["l1"].item() == pytest.approx(3.0)
+    assert out["mse"].item() == pytest.approx(1.0)
     assert out["fired"].tolist() == [True, True]
     assert float(out["l0"]) == pytest.approx(1.5)
     x_recon, feats = sae(x)
@@ -241,3 +241,16 @@ def test_wrong_d_in_and_mismatched_weights_are_clear_errors(tmp_path):
         load_sae(tmp_path / "s")
     with pytest.raises(CheckpointMismatchError, match="does not exist"):
         load_sae(tmp_path / "nothing")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_cuda_device_on_a_cpu_machine(tmp_path):
+    from activation_cache import ConfigError
+    with pytest.raises(ConfigError, match="SAEConfig.device: 'cuda' but CUDA is not available"):
+        build_sae(SAEConfig(d_in=8, d_sae=32, top_k=4, device="cuda"))
+    sae = build_sae(SAEConfig(d_in=8, d_sae=32, top_k=4), seed=0)
+    sae.save(tmp_path / "s")
+    cfg = json.loads((tmp_path / "s" / "config.json").read_text())
+    cfg["device"] = "cuda"  # as if saved on a GPU machine
+    (tmp_path / "s" / "config.json").write_text(json.dumps(cfg))
+    assert load_sae(tmp_path / "s").W_enc.device.type == "cpu"

@@ -252,12 +252,15 @@ class SAE(nn.Module):
     def load(cls, path: str | Path, device: Optional[str] = None, load_history: bool = False):
         """Rebuild the SAE saved in ``path`` (the class named by its config's architecture).
 
-        Returns the SAE, or ``(sae, history)`` when ``load_history`` is true.
+        ``device`` overrides the saved device (a saved cuda device falls back to cpu when CUDA is
+        unavailable). Returns the SAE, or ``(sae, history)`` when ``load_history`` is true.
         """
         from .registry import SAE_REGISTRY
 
         path = Path(path)
         cfg = read_sae_config(path)
+        if device is None and cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            device = "cpu"  # saved on a GPU machine, loaded on a CPU one
         if device is not None:
             cfg = cfg.replace(device=device)
         klass = SAE_REGISTRY[cfg.architecture]

@@ -130,7 +130,11 @@ class SAEConfig(StrictConfig):
         """The parameter device (``"auto"`` resolved: cuda when available)."""
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"SAEConfig.device: {self.device!r} but CUDA is not available on "
+                              "this machine (use 'cpu' or 'auto')")
+        return device
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
