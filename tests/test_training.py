@@ -300,3 +300,10 @@ def test_console_reporter_writes_one_line_per_record(tmp_path):
               reporter=ConsoleReporter(show_progress=False, stream=stream))
     lines = [l for l in stream.getvalue().splitlines() if l.startswith("step ")]
     assert len(lines) == 2 and "ev " in lines[0] and "l0 3.0" in lines[0]
+
+
+def test_empty_source_is_a_clear_error():
+    from trainer import EmptySourceError
+    sae = build_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, top_k=3), seed=0)
+    with pytest.raises(EmptySourceError, match="yielded no tokens"):
+        train_sae(sae, TensorSource(torch.zeros(0, D_IN)), quiet(), reporter=ListReporter())

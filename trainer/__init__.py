@@ -12,14 +12,14 @@ Public API (everything else in this package is internal):
     export_saelens                                      -- SAELens format
     EndToEndObjective, SequenceSource, evaluate_sae_dir -- the SAE spliced into the live model:
                                                            KL / block-MSE training, CE/KL metrics
-    DimensionMismatchError, NonFiniteActivationError,
+    DimensionMismatchError, NonFiniteActivationError, EmptySourceError,
     TrainingDivergedError, CheckpointMismatchError      -- user errors (activation_cache.UserError)
 """
 
 from .batchtopk import BatchTopKSAE
 from .end_to_end import EndToEndObjective, SequenceSource
-from .errors import (CheckpointMismatchError, DimensionMismatchError, NonFiniteActivationError,
-                     TrainingDivergedError)
+from .errors import (CheckpointMismatchError, DimensionMismatchError, EmptySourceError,
+                     NonFiniteActivationError, TrainingDivergedError)
 from .eval_job import evaluate_sae_dir
 from .job import TrainJobConfig, train_from_yaml
 from .metrics import MetricsRecord
@@ -43,6 +43,7 @@ __all__ = [
     "train_sae", "TrainResult", "train_from_yaml",
     "export_saelens",
     "EndToEndObjective", "SequenceSource", "evaluate_sae_dir",
-    "DimensionMismatchError", "NonFiniteActivationError", "TrainingDivergedError",
+    "DimensionMismatchError", "NonFiniteActivationError", "EmptySourceError",
+    "TrainingDivergedError",
     "CheckpointMismatchError",
 ]

@@ -22,3 +22,7 @@ class TrainingDivergedError(UserError, RuntimeError):
 
 class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint or saved SAE was written with a different configuration, or is incomplete."""
+
+
+class EmptySourceError(UserError, ValueError):
+    """An activation source yielded no tokens."""

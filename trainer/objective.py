@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .batchtopk import BatchTopKSAE
-from .errors import NonFiniteActivationError
+from .errors import EmptySourceError, NonFiniteActivationError
 from .evaluation import evaluate_reconstruction
 from .sae import SAE
 from .sources import ActivationSource
@@ -102,7 +102,7 @@ class LocalObjective(Objective):
             if total >= self.config.init_tokens:
                 break
         if total == 0:
-            raise NonFiniteActivationError("the training source yielded no tokens")
+            raise EmptySourceError("the training source yielded no tokens")
         x = torch.cat(chunks).float()
         if not torch.isfinite(x).all():
             raise NonFiniteActivationError(

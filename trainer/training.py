@@ -47,7 +47,8 @@ class TrainResult:
     """What ``train_sae`` returns."""
 
     sae: SAE
-    """The trained SAE (unfolded: it still takes raw activations through ``input_scale``)."""
+    """The trained SAE, in eval mode (inference encoding); unfolded: raw activations go
+    through its ``input_scale`` (``sae.save`` folds it)."""
     history: list[MetricsRecord]
     final: Optional[MetricsRecord]
     steps: int
