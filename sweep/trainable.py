@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -159,7 +160,6 @@ def train_trial(params: Mapping[str, Any], *, job: Mapping[str, Any]) -> None:
 
     cfg = SweepConfig.from_dict(job["config"])
     torch.set_num_threads(max(1, int(cfg.resources_per_trial.cpu)))
-    trial_dir = Path(tune.get_context().get_trial_dir())
 
     sae_cfg, train_cfg = build_trial_configs(cfg, params, job["d_in"])
     cache = open_cache(cfg.cache)
@@ -170,10 +170,12 @@ def train_trial(params: Mapping[str, Any], *, job: Mapping[str, Any]) -> None:
     ctx = ray.get_runtime_context()
     reporter = RayReporter(monitored=cfg.objective.monitored_metrics(),
                            max_tokens=train_cfg.max_tokens, node_id=ctx.get_node_id(), node_ip=ray.util.get_node_ip_address())
-    work = trial_dir / "work"
-    shutil.rmtree(work, ignore_errors=True)  # a previous attempt's files; Tune holds the state
+    # The trainer's own folder is scratch space outside the trial folder (whose files Tune
+    # syncs as artifacts): Tune holds the state in the checkpoints it is handed.
+    work = Path(tempfile.mkdtemp(prefix=f"sae-sweep-{tune.get_context().get_trial_id()}-"))
     checkpoint = tune.get_checkpoint()
     with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, work, True)
         resume_dir = stack.enter_context(checkpoint.as_directory()) if checkpoint else None
         if resume_dir is not None:
             reporter.time_offset = _elapsed_at(resume_dir)
@@ -201,7 +203,7 @@ def _elapsed_at(checkpoint_dir: str) -> float:
 
 def _train(build_sae, train_sae, sae_cfg, train_source, train_cfg, val_source, work, resume_dir,
            reporter, objective):
-    sae = build_sae(sae_cfg)
+    sae = build_sae(sae_cfg, seed=train_cfg.seed)  # seeded initial weights: reproducible trials
     kwargs: dict[str, Any] = dict(val_source=val_source, out_dir=str(work),
                                   resume_from=resume_dir, reporter=reporter)
     if objective is not None:

@@ -1,0 +1,175 @@
+"""Fault tolerance and multi-node placement (slow: each test runs real sweeps on real Ray).
+
+* a trial's worker process is SIGKILLed mid-training: Tune retries it from its last checkpoint
+  and its final row and metrics equal those of an uninterrupted run;
+* the driver (`sae-sweep sweep` in a subprocess) is SIGKILLed mid-sweep: `sae-sweep sweep
+  --resume` finishes it with the same number of trials, none run twice, a complete table;
+* a simulated two-node cluster (ray.cluster_utils.Cluster, nodes with their own custom
+  resources) runs trials on both nodes, reading the same cache.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import ray
+import yaml
+
+from sweep import SweepConfig, load_history, load_results, run_sweep
+from sweep_helpers import build_tiny_cache, tiny_sweep
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+SAE_SWEEP = str(Path(sys.executable).with_name("sae-sweep"))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return build_tiny_cache(tmp_path_factory.mktemp("cache") / "tiny")
+
+
+def _long_trials(cache, exp, **overrides):
+    """Trials of ~100 steps (a few seconds each) with a checkpoint every 10 steps."""
+    data = tiny_sweep(cache, exp, tokens_per_trial=100 * 1024, **overrides)
+    data["training"].update(train_batch_tokens=1024, log_freq=10, checkpoint_every=10,
+                            eval_max_tokens=512)
+    return data
+
+
+def _fixed_space():
+    return {"d_sae": {"type": "categorical", "choices": [2048]},
+            "top_k": {"type": "categorical", "choices": [8]}}
+
+
+def _kill_trial_worker_after_checkpoint(tune_dir: Path, killed: dict, stop: threading.Event):
+    """Watch the trials' result.json; SIGKILL the trial's process once it has reported a
+    checkpoint but is not finished."""
+    while not stop.is_set():
+        for result_file in tune_dir.glob("*/result.json"):
+            lines = [json.loads(ln) for ln in result_file.read_text().splitlines() if ln.strip()]
+            with_ckpt = [r for r in lines if r.get("checkpoint_dir_name")]
+            if with_ckpt and not lines[-1].get("final") and lines[-1]["step"] < 60:
+                killed.update(pid=lines[-1]["pid"], step=lines[-1]["step"])
+                os.kill(lines[-1]["pid"], signal.SIGKILL)
+                return
+        time.sleep(0.05)
+
+
+def test_sigkill_of_a_trial_worker_resumes_from_its_checkpoint(cache, tmp_path):
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        ref = run_sweep(SweepConfig.from_dict(_long_trials(
+            cache, tmp_path / "reference", search_space=_fixed_space(), num_samples=1,
+            max_concurrent_trials=1)))
+        cfg = SweepConfig.from_dict(_long_trials(
+            cache, tmp_path / "killed", search_space=_fixed_space(), num_samples=1,
+            max_concurrent_trials=1, max_failures=2))
+        killed: dict = {}
+        stop = threading.Event()
+        watcher = threading.Thread(target=_kill_trial_worker_after_checkpoint,
+                                   args=(cfg.experiment_path / "tune", killed, stop), daemon=True)
+        watcher.start()
+        results = run_sweep(cfg)
+        stop.set()
+    finally:
+        ray.shutdown()
+    assert killed, "the trial finished before it could be killed"
+    row = results.iloc[0]
+    assert row["status"] == "completed" and row["final"] and row["num_failures"] == 1
+    assert row["tokens_seen"] == ref.iloc[0]["tokens_seen"]
+    assert row["step"] == 100 and row["tokens_seen"] > 0.8 * 100 * 1024
+    # resumed bit-for-bit: the same final metrics as the run that was never interrupted
+    for metric in ("fvu", "l0", "mse", "dead_fraction"):
+        assert row[metric] == pytest.approx(ref.iloc[0][metric], rel=1e-6, abs=1e-9), metric
+    steps = list(load_history(cfg.experiment_path)["step"])
+    assert steps == list(range(10, 101, 10))      # every step once, as if nothing happened
+
+
+def _wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _completed(exp: Path) -> int:
+    try:
+        return int((pd.read_parquet(exp / "results.parquet")["status"] == "completed").sum())
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def test_sigkill_of_the_driver_then_resume_finishes_the_sweep(cache, tmp_path):
+    exp = tmp_path / "sweep"
+    config = tmp_path / "sweep.yaml"
+    data = _long_trials(cache, exp, num_samples=4, max_concurrent_trials=2)
+    config.write_text(yaml.safe_dump(data))
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", TQDM_DISABLE="1")
+    driver = subprocess.Popen([SAE_SWEEP, "sweep", str(config)], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        _wait_for(lambda: _completed(exp) >= 1, 240, "a first finished trial")
+        before = load_results(exp)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    time.sleep(3)  # let the old Ray processes notice their driver is gone
+    finished_before = set(before[before["status"] == "completed"]["trial_id"])
+    assert 1 <= len(finished_before) < 4
+
+    resumed = subprocess.run([SAE_SWEEP, "sweep", "--resume", str(exp)], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=480)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    results = load_results(exp)
+    assert len(results) == 4 and results["trial_id"].is_unique
+    assert (results["status"] == "completed").all() and results["final"].all()
+    assert set(before["trial_id"]) <= set(results["trial_id"])
+    # no trial ran twice: the ones finished before the kill kept their final rows
+    for tid in finished_before:
+        old = before.set_index("trial_id").loc[tid]
+        new = results.set_index("trial_id").loc[tid]
+        assert new["train_seconds"] == old["train_seconds"] and new["fvu"] == old["fvu"]
+    history = load_history(exp)
+    assert not history.duplicated(["trial_id", "step"]).any()
+    assert (history.groupby("trial_id")["step"].max() == 100).all()
+    cfg = SweepConfig.from_dict(data)
+    study = optuna.load_study(study_name=cfg.study_name, storage=cfg.optuna_storage_url())
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 4
+    assert not [t for t in study.trials if t.state.name == "RUNNING"]
+
+
+def test_trials_run_on_two_nodes_of_a_simulated_cluster_reading_one_cache(cache, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [cluster.add_node(num_cpus=1, resources={"sae_slot": 1, f"node_{name}": 1})
+             for name in ("a", "b")]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        cfg = SweepConfig.from_dict(_long_trials(
+            cache, tmp_path / "sweep", num_samples=4, max_concurrent_trials=2,
+            resources_per_trial={"cpu": 1, "custom": {"sae_slot": 1}}))
+        results = run_sweep(cfg)
+        worker_ids = {n.node_id for n in nodes}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert (results["status"] == "completed").all() and len(results) == 4
+    used = set(results["node_id"])
+    assert len(used) == 2 and used <= worker_ids        # both worker nodes, never the head
+    assert json.loads((cfg.experiment_path / "sweep.json").read_text())["config"]["cache"] == cache
