@@ -139,6 +139,11 @@ def test_missing_and_unreadable_sources(tmp_path, monkeypatch):
         load_model(ModelSpec(source="hf_dir", path=str(tmp_path / "empty")))
     with pytest.raises(ModelLoadError, match=r"'gpt-17' is not an official transformer_lens model name"):
         load_model(ModelSpec(source="name", name="gpt-17"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hub"))
+    with pytest.raises(ModelLoadError, match=r"could not load 'gpt2' from the HuggingFace hub or its "
+                                             r"local cache \(HF_HUB_OFFLINE=1\): [^\n]*$"):
+        load_model(ModelSpec(source="name", name="gpt2-small"))
 
 
 def test_cuda_without_cuda_is_a_user_error():
