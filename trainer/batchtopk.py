@@ -18,7 +18,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import ClassVar, Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -30,7 +30,10 @@ from .sparse_ops import auxk_reconstruct, topk_sae_forward
 
 
 class BatchTopKSAE(SAE):
-    """BatchTopK SAE with AuxK and a learned fp32 inference threshold (``architecture: batchtopk``)."""
+    """BatchTopK SAE with AuxK and a learned fp32 inference threshold.
+
+    ``architecture: batchtopk``; see the module docstring.
+    """
 
     architecture: ClassVar[str] = "batchtopk"
 
@@ -121,7 +124,8 @@ class BatchTopKSAE(SAE):
             self.threshold.copy_(torch.where(self.threshold < 0, m, ema))
 
     @torch.no_grad()
-    def calibrate_threshold(self, batches, max_tokens: int, chunk_candidates: int = 2) -> Optional[float]:
+    def calibrate_threshold(self, batches: Iterable[Tensor], max_tokens: int,
+                            chunk_candidates: int = 2) -> Optional[float]:
         """Set theta so that ``top_k`` x n_tokens activations of ``batches`` exceed it.
 
         ``batches``: iterable of raw [n, d_in] tensors, consumed up to ``max_tokens`` tokens.

@@ -57,7 +57,8 @@ class TrainJobConfig(StrictConfig):
     def validate(self) -> None:
         self._require(isinstance(self.cache, str) and bool(self.cache), "cache",
                       f"must be a cache folder or URI, got {self.cache!r}")
-        self._require(isinstance(self.sae, SAEConfig), "sae", "must be a mapping of SAEConfig fields")
+        self._require(isinstance(self.sae, SAEConfig), "sae",
+                      "must be a mapping of SAEConfig fields")
         self._require(isinstance(self.training, TrainingConfig), "training",
                       "must be a mapping of TrainingConfig fields")
         if self.hook is None:
@@ -105,7 +106,8 @@ def train_from_yaml(path: str | Path, *, out_dir: str | Path | None = None, resu
                                 "validation (metrics are training-batch averages)")
 
     objective = None
-    if job.training.use_end_to_end:  # whole windows through the spliced model (trainer/end_to_end.py)
+    if job.training.use_end_to_end:
+        # whole windows through the spliced model (trainer/end_to_end.py)
         from .end_to_end import end_to_end_sources
         objective, train_source, val_source = end_to_end_sources(
             reader, job.training, hook, job.train_split,

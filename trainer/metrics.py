@@ -88,7 +88,8 @@ class MetricsRecord:
         unknown = sorted(set(data) - names)
         if unknown:
             raise CheckpointMismatchError(
-                f"MetricsRecord: unknown field(s) {', '.join(unknown)} (written by a newer version?)"
+                f"MetricsRecord: unknown field(s) {', '.join(unknown)} "
+                "(written by a newer version?)"
             )
         return cls(**dict(data))
 

@@ -167,7 +167,8 @@ class LocalObjective(Objective):
             loss = loss + sae.cfg.aux_penalty * out["aux"]
             stats["aux"] = out["aux"].detach()
         else:
-            l1_coef = cfg.l1_coefficient if cfg.l1_coefficient is not None else sae.cfg.l1_coefficient
+            l1_coef = (cfg.l1_coefficient if cfg.l1_coefficient is not None
+                       else sae.cfg.l1_coefficient)
             loss = loss + l1_coef * out["l1"]
             stats["l1"] = out["l1"].detach()
         with torch.no_grad():

@@ -302,7 +302,8 @@ class _Loop:
             step=state.step, tokens_seen=state.tokens_seen, epoch=state.epoch, lr=self.lr,
             loss=loss, loss_terms=terms,
             elapsed_s=time.perf_counter() - self.started,
-            tokens_per_s=self.window.tokens / elapsed if elapsed > 0 and self.window.tokens else None,
+            tokens_per_s=(self.window.tokens / elapsed
+                          if elapsed > 0 and self.window.tokens else None),
         )
         was_training = sae.training
         sae.eval()

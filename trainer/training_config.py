@@ -158,7 +158,8 @@ class TrainingConfig(StrictConfig):
             self._require(isinstance(value, int) and value >= 0, name,
                           f"must be an integer >= 0, got {value!r}")
         if self.lr is not None:
-            self._require(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+            self._require(math.isfinite(self.lr) and self.lr > 0, "lr",
+                          f"must be > 0, got {self.lr}")
         for name in ("adam_beta1", "adam_beta2", "threshold_beta"):
             value = getattr(self, name)
             self._require(0 <= value < 1, name, f"must be in [0, 1), got {value}")
@@ -183,11 +184,13 @@ class TrainingConfig(StrictConfig):
                           "is set but use_block_mse is false")
             self._require(all(isinstance(i, int) and i >= 0 for i in self.block_mse_layers)
                           and len(self.block_mse_layers) > 0, "block_mse_layers",
-                          f"must be a non-empty list of layer indices, got {self.block_mse_layers!r}")
+                          "must be a non-empty list of layer indices, "
+                          f"got {self.block_mse_layers!r}")
         self._require(self.outlier_policy in OUTLIER_POLICIES, "outlier_policy",
                       f"must be one of {', '.join(OUTLIER_POLICIES)}, got {self.outlier_policy!r}")
         self._require(self.outlier_norm_multiple > 1, "outlier_norm_multiple",
-                      f"must be > 1 (a multiple of the median norm), got {self.outlier_norm_multiple}")
+                      "must be > 1 (a multiple of the median norm), "
+                      f"got {self.outlier_norm_multiple}")
         self._require(self.b_dec_init in B_DEC_INITS, "b_dec_init",
                       f"must be one of {', '.join(B_DEC_INITS)}, got {self.b_dec_init!r}")
         names = numeric_metric_names()
