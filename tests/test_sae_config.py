@@ -11,6 +11,7 @@ def test_hook_spec_is_derived_and_follows_layer_and_name():
     assert cfg.hook_spec == "blocks.9.hook_resid_post"
     moved = cfg.replace(hook_layer=3, hook_name="hook_mlp_out")
     assert moved.hook_spec == "blocks.3.hook_mlp_out"
+    assert SAEConfig(d_in=8, d_sae=32, top_k=4, hook_layer="14").hook_spec == "blocks.14.hook_resid_post"
     explicit = SAEConfig(d_in=8, d_sae=32, top_k=4, hook_spec="hook_embed")
     assert explicit.hook_spec == "hook_embed"
     assert SAEConfig.from_dict(explicit.to_dict()).hook_spec == "hook_embed"

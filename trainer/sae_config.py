@@ -80,6 +80,8 @@ class SAEConfig(StrictConfig):
 
     # -- validation -----------------------------------------------------------------------
     def validate(self) -> None:
+        if isinstance(self.hook_layer, str) and self.hook_layer.strip().isdigit():
+            self.hook_layer = int(self.hook_layer)  # the design notes stored it as a string
         for name in ("d_in", "d_sae", "hook_layer", "n_batches_to_dead"):
             value = getattr(self, name)
             self._require(isinstance(value, int) and not isinstance(value, bool), name,
