@@ -13,7 +13,9 @@ batch's ``k * N`` slots. Everything after the selection involves only the M <= k
   ``db_dec = -W_enc @ db_enc`` (x itself only gets a gradient when it asks for one).
 
 ``topk_sae_forward`` implements this with two ``torch.autograd.Function``s sharing one
-:class:`SparsePattern`. ``auxk_reconstruct`` reuses both for the AuxK (dead-latent) term.
+:class:`SparsePattern`. ``auxk_reconstruct`` (the AuxK dead-latent term) reuses both when
+its selection is sparse among the dead latents, and otherwise runs GEMMs over the dead columns
+only (with k_aux = d_in / 2 and a few hundred dead latents, that is cheaper than gathers).
 ``topk_sae_forward_reference`` and ``auxk_reconstruct_reference`` are the plain dense autograd
 definitions the fast paths are tested against.
 
@@ -245,9 +247,8 @@ def batch_topk_indices(
 class SparsePattern:
     """M selected (token, latent) pairs of an [N, d_sae] matrix, sorted by token.
 
-    ``latent_order``/``latent_offsets`` (the same pairs grouped by latent, for the scatter-sums
-    of the backward pass) are computed on first use and shared by everything that uses the
-    pattern.
+    The grouping by latent that the backward scatter-sums need (:meth:`by_latent`) is computed
+    on first use and shared by everything that uses the pattern.
     """
 
     token_idx: Tensor  # [M] int64, non-decreasing
@@ -371,33 +372,42 @@ class _SparseDecode(torch.autograd.Function):
         return dv, dW_dec, None
 
 
-class _DeadColumnsEncode(torch.autograd.Function):
-    """acts[N, D] = the selected pre-activations of the dead columns (zero elsewhere), with the
-    encoder gradient computed over those D columns only."""
+class _DeadColumnsDecode(torch.autograd.Function):
+    """e_hat = acts @ W_dec[dead] for dense activations over the D dead columns (zero where not
+    selected), with every gradient computed over those columns only: d_acts = g @ W_dec[dead]^T
+    masked to the selection, dW_dec[dead] = acts^T g, dW_enc[:, dead] = xc^T d_pre,
+    db_enc[dead] = sum d_pre, db_dec = -W_enc[:, dead] @ db_enc[dead]."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, xc, acts, selected, dead):  # type: ignore[override]
-        ctx.save_for_backward(xc, W_enc, selected, dead)
-        return acts.clone()
+    def forward(ctx, x, W_enc, b_enc, b_dec, W_dec, xc, acts, dead):  # type: ignore[override]
+        w_dec_dead = W_dec.index_select(0, dead)
+        ctx.save_for_backward(xc, W_enc, W_dec, acts, dead, w_dec_dead)
+        return acts @ w_dec_dead
 
     @staticmethod
-    def backward(ctx, d_acts):  # type: ignore[override]
-        xc, W_enc, selected, dead = ctx.saved_tensors
-        need_x, need_w, need_be, need_bd = ctx.needs_input_grad[:4]
-        d_pre = torch.where(selected, d_acts, torch.zeros((), dtype=d_acts.dtype))
-        dx = dW_enc = db_enc = db_dec = None
-        w_dead = W_enc.index_select(1, dead) if (need_x or need_bd) else None
-        if need_w:
+    def backward(ctx, g):  # type: ignore[override]
+        xc, W_enc, W_dec, acts, dead, w_dec_dead = ctx.saved_tensors
+        need_x, need_we, need_be, need_bd, need_wd = ctx.needs_input_grad[:5]
+        dx = dW_enc = db_enc = db_dec = dW_dec = None
+        g = g.contiguous()
+        if need_wd:
+            dW_dec = torch.zeros_like(W_dec).index_copy_(0, dead, acts.t() @ g)
+        if not (need_x or need_we or need_be or need_bd):
+            return dx, dW_enc, db_enc, db_dec, dW_dec, None, None, None
+        # selected entries are exactly the positive ones (ReLU'd, zero elsewhere)
+        d_pre = (g @ w_dec_dead.t()).mul_(acts > 0)
+        if need_we:
             dW_enc = torch.zeros_like(W_enc).index_copy_(1, dead, xc.t() @ d_pre)
+        w_enc_dead = W_enc.index_select(1, dead) if (need_x or need_bd) else None
         if need_be or need_bd:
             db = d_pre.sum(0)
             if need_be:
                 db_enc = W_enc.new_zeros(W_enc.shape[1]).index_copy_(0, dead, db)
             if need_bd:
-                db_dec = -(w_dead @ db)
+                db_dec = -(w_enc_dead @ db)
         if need_x:
-            dx = d_pre @ w_dead.t()
-        return dx, dW_enc, db_enc, db_dec, None, None, None, None
+            dx = d_pre @ w_enc_dead.t()
+        return dx, dW_enc, db_enc, db_dec, dW_dec, None, None, None
 
 
 def _encode_decode(
@@ -482,31 +492,34 @@ def auxk_reconstruct(
             return AuxKForward(torch.zeros_like(x), lambda: (x.new_zeros(0), empty, empty))
         sub = pre_acts.index_select(1, dead)  # [N, D]
         xc = x - b_dec
-        if kk / dead.numel() >= _AUXK_DENSE_DENSITY:
-            if kk < dead.numel():
-                top = sub.topk(kk, dim=1, sorted=False).indices
-                selected = torch.zeros_like(sub, dtype=torch.bool).scatter_(1, top, True)
-                selected &= sub > 0
-            else:
-                selected = sub > 0
-            acts = torch.where(selected, sub, torch.zeros((), dtype=sub.dtype))
+        if kk < dead.numel():
+            top = sub.topk(kk, dim=1, sorted=False)
+            cols, vals = top.indices, top.values
+        else:
+            cols, vals = torch.arange(kk, device=x.device).expand(n, kk), sub
+
+    def selected_pairs() -> tuple[Tensor, Tensor, Tensor]:
+        """(token_idx, latent_idx, pre-activation) of the positive selections, sorted."""
+        with torch.no_grad():
+            sorted_cols, order = cols.sort(dim=1)
+            sorted_vals = vals.gather(1, order)
+            keep = sorted_vals > 0
+            token_idx = torch.arange(n, device=x.device)[:, None].expand(n, kk)[keep]
+            return token_idx, dead[sorted_cols[keep]], sorted_vals[keep]
+
     if kk / dead.numel() >= _AUXK_DENSE_DENSITY:
-        dense_acts = _DeadColumnsEncode.apply(x, W_enc, b_enc, b_dec, xc, acts, selected, dead)
-        e_hat = dense_acts @ W_dec.index_select(0, dead)
+        with torch.no_grad():
+            acts = torch.zeros_like(sub).scatter_(1, cols, vals.clamp(min=0))
+        e_hat = _DeadColumnsDecode.apply(x, W_enc, b_enc, b_dec, W_dec, xc, acts, dead)
 
         def selection() -> tuple[Tensor, Tensor, Tensor]:
-            token_idx, cols = selected.nonzero().unbind(1)
-            return dense_acts[token_idx, cols], token_idx, dead[cols]
+            token_idx, latent_idx, pre_values = selected_pairs()
+            pattern = SparsePattern(token_idx, latent_idx, n, d_sae)
+            values = _SelectedEncode.apply(x, W_enc, b_enc, b_dec, xc, pre_values, pattern)
+            return values, token_idx, latent_idx
 
         return AuxKForward(e_hat, selection)
-    with torch.no_grad():
-        top = sub.topk(kk, dim=1, sorted=False)
-        cols, order = top.indices.sort(dim=1)  # ascending latents within each token
-        vals = top.values.gather(1, order)
-        keep = vals > 0
-        token_idx = torch.arange(n, device=x.device)[:, None].expand(n, kk)[keep]
-        latent_idx = dead[cols[keep]]
-        pre_values = vals[keep]
+    token_idx, latent_idx, pre_values = selected_pairs()
     pattern = SparsePattern(token_idx, latent_idx, n, d_sae)
     values, e_hat = _encode_decode(x, W_enc, b_enc, W_dec, b_dec, xc, pre_values, pattern)
     return AuxKForward(e_hat, lambda: (values, token_idx, latent_idx))
