@@ -8,6 +8,9 @@ Three things Ray's wrapper does not do (see ANCHORS.md, "Ray Tune + Optuna pitfa
 * **Constraints.** When the objective has constraints (e.g. ``l0 <= 64``), the violation of each
   is stored on the Optuna trial before ``tell`` so the sampler's ``constraints_func`` (TPE and
   NSGA-II support it) learns where the feasible region is.
+* **Trials finished twice.** When the driver dies after a trial finished but before Tune saved
+  that, the resumed Tune re-runs it from its final checkpoint (the trainer only re-reports);
+  Optuna already holds the result, so those reports are ignored instead of crashing the sweep.
 * **Orphans after a driver crash.** Trials the study had handed out but Ray never recorded
   (the driver died between Optuna's ``ask`` and Ray's experiment checkpoint) are marked FAIL on
   restore, so the study does not carry phantom RUNNING trials.
@@ -56,7 +59,12 @@ class SweepSearcher(OptunaSearch):
         value = result.get(self.metric)
         if not _finite(value):
             return
-        super().on_trial_result(trial_id, result)
+        try:
+            super().on_trial_result(trial_id, result)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # after a driver crash Tune may re-run a trial Optuna already recorded as finished
+            # (it restarts from the final checkpoint and only re-reports): nothing to add
+            pass
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None,
                           error: bool = False) -> None:

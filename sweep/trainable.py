@@ -218,6 +218,9 @@ def _report_final(reporter: RayReporter, result: Any, resume_dir: Optional[str])
     metrics = record_to_metrics(record) if record is not None else dict(reporter.last_metrics)
     for key in ("final", "node_id", "node_ip"):
         metrics.pop(key, None)
+    if reporter.time_offset:  # the clock stored with the checkpoint we restarted from
+        metrics["train_seconds"] = max(float(metrics.get("train_seconds") or 0.0),
+                                       reporter.time_offset)
     checkpoint_dir = getattr(result, "last_checkpoint", None) or resume_dir
     reporter.report(metrics, str(checkpoint_dir) if checkpoint_dir else None, final=True)
 
