@@ -271,3 +271,23 @@ def test_smollm2_loss_on_shakespeare_is_sane(smollm2, one_thread):
     # A real model: a few nats per token, far below the uniform ln(49152) = 10.8.
     assert 2.0 < loss < 6.0, loss
     assert loss < math.log(49152) - 4
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_smollm2_hooks_equal_the_gguf_model_in_transformers(smollm2, one_thread):
+    """The converted SmolLM2 computes exactly what transformers computes from the GGUF file."""
+    from transformers import AutoModelForCausalLM
+
+    gguf = models_module.smollm2_gguf_path()
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                              dtype=torch.float32, local_files_only=True).eval()
+    toks = smollm2.to_tokens("Now is the winter of our discontent made glorious summer")
+    with torch.no_grad():
+        ref = hf(toks, output_hidden_states=True)
+        logits, cache = smollm2.run_with_cache(toks, names_filter=lambda n: "resid_post" in n)
+    # hidden_states[L + 1] is block L's output (the last entry is after the final norm).
+    for layer in (0, 6, 28):
+        torch.testing.assert_close(cache[f"blocks.{layer}.hook_resid_post"],
+                                   ref.hidden_states[layer + 1], atol=2e-3, rtol=1e-4)
+    torch.testing.assert_close(logits, ref.logits, atol=2e-3, rtol=1e-4)
