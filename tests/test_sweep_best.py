@@ -123,3 +123,14 @@ def test_history_merge_keeps_latest_report_of_a_step():
 def test_missing_results_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no results table"):
         print_best(tmp_path)
+
+
+def test_cli_best_and_its_user_errors(experiment, capsys):
+    from sweep.cli import main
+
+    assert main(["best", str(experiment), "--top", "1", "--format", "csv"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("trial_id,status,fvu") and out[1].startswith("d,completed,0.1")
+    assert main(["best", str(experiment), "--where", "nope > 1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sae-sweep best: error: --where 'nope > 1'") and "Traceback" not in err
