@@ -58,8 +58,10 @@ class CacheConfig(StrictConfig):
     dtype: str = "float16"
     """Storage dtype of activations: float32, float16 or bfloat16 (read back as float32)."""
 
-    shard_tokens: int | None = 65536
-    """Target token slots (windows x max_text_length) per shard file; set this or shard_mb."""
+    shard_tokens: int | None = 16384
+    """Target token slots (windows x max_text_length) per shard file; set this or shard_mb.
+    Smaller shards mix better: the reader's shuffle buffer permutes tokens drawn from several
+    randomly chosen shards at once (about 256 MiB of float32 rows by default)."""
 
     shard_mb: float | None = None
     """Target shard size in MB (10^6 bytes) instead of shard_tokens."""

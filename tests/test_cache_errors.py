@@ -151,3 +151,10 @@ def test_config_validation_names_the_field(tmp_path):
     assert issubclass(CacheError, UserError)
     cfg = CacheConfig(output=str(tmp_path), shard_mb=1.5, shard_tokens=None)
     assert CacheConfig.from_yaml(cfg.to_yaml()) == cfg
+
+
+def test_example_config_parses():
+    from pathlib import Path
+    cfg = CacheConfig.from_yaml(Path(__file__).parents[1] / "examples" / "cache.yaml")
+    assert cfg.model.source == "smollm2" and cfg.corpus.source == "shakespeare"
+    assert cfg.hooks == ("blocks.6.hook_resid_post",) and cfg.max_tokens == 20000
