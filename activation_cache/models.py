@@ -27,6 +27,7 @@ must reconstruct when it is spliced back or exported to SAELens.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -40,7 +41,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -186,7 +187,8 @@ def load_model(spec: ModelSpec | None = None) -> Any:
     elif spec.source == "name":
         model = _load_by_name(spec)
     else:
-        model = _assemble(_converted_entry(spec), spec)
+        with _converted(spec) as entry:
+            model = _assemble(entry, spec)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -196,17 +198,18 @@ def load_model(spec: ModelSpec | None = None) -> Any:
 def model_identity(model: Any, spec: ModelSpec) -> dict[str, Any]:
     """What a cache records to be sure it is read against the same model.
 
-    Keys: ``name``, ``source``, ``source_sha256`` (of the GGUF file, of the HF folder's files,
-    of the tiny recipe; null for a hub name whose files cannot be located), ``dtype``,
+    Keys: ``name``, ``source_sha256`` (of the GGUF file, of the HF folder's files, of the tiny
+    recipe; null for a hub name whose files cannot be located), ``dtype``,
     ``d_model``, ``n_layers``, ``n_heads``, ``d_vocab``, ``n_ctx``, ``tokenizer`` (class, size,
     special ids), ``hook_names`` (sorted) and ``fingerprint``: the sha256 of all of the above,
-    so two identities are the same model exactly when their fingerprints are equal.
+    so two identities are the same model exactly when their fingerprints are equal. The spec's
+    ``source`` is deliberately not part of it: the embedded SmolLM2 and the same file given as
+    ``source: gguf`` are the same model.
     """
     cfg = model.cfg
     tok = model.tokenizer
     ident: dict[str, Any] = {
         "name": spec.label,
-        "source": spec.source,
         "source_sha256": source_sha256(spec),
         "dtype": spec.dtype,
         "d_model": int(cfg.d_model),
@@ -385,22 +388,39 @@ class _ConvertedEntry:
 _convert_lock = threading.Lock()
 
 
-def _converted_entry(spec: ModelSpec) -> _ConvertedEntry:
-    """The cache entry of a file-based source, converting it first when it is not there yet."""
+@contextlib.contextmanager
+def _converted(spec: ModelSpec) -> Iterator[_ConvertedEntry]:
+    """The converted form of a file-based source, converting it first when it is not cached.
+
+    Conversions are cached under :func:`cache_root` (written to a temporary name, renamed when
+    complete, so a crash or a concurrent process never leaves half an entry). When that folder
+    cannot be written, the conversion goes to a temporary folder that is removed afterwards.
+    """
     digest = source_sha256(spec)
-    key = f"{spec.source}-{digest[:24]}-tl{_version('transformer-lens')}-v{_CONVERTER_VERSION}"
+    key = f"{digest[:32]}-tl{_version('transformer-lens')}-v{_CONVERTER_VERSION}"
     entry = _ConvertedEntry(cache_root() / "models" / key)
     if entry.meta_file.is_file():
-        return entry
+        yield entry
+        return
     with _convert_lock:
         if entry.meta_file.is_file():
-            return entry
-        log.info("converting %s to transformer_lens once (cached in %s)", spec.label, entry.root)
+            yield entry
+            return
         hf_model, tokenizer = _load_hf(spec)
-        entry.root.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=entry.root.parent))
-        staging.chmod(0o755)
         try:
+            entry.root.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=entry.root.parent))
+        except OSError as exc:
+            log.warning("cannot cache the converted model in %s (%s); converting to a temporary "
+                        "folder for this run only", entry.root.parent, exc)
+            with tempfile.TemporaryDirectory(prefix="sae-sweep-model-") as tmp:
+                scratch = _ConvertedEntry(Path(tmp))
+                _write_entry(scratch, hf_model, tokenizer, spec, digest)
+                yield scratch
+            return
+        log.info("converting %s to transformer_lens once (cached in %s)", spec.label, entry.root)
+        try:
+            staging.chmod(0o755)
             _write_entry(_ConvertedEntry(staging), hf_model, tokenizer, spec, digest)
             try:
                 os.rename(staging, entry.root)
@@ -409,7 +429,7 @@ def _converted_entry(spec: ModelSpec) -> _ConvertedEntry:
                     raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    return entry
+    yield entry
 
 
 def _write_entry(entry: _ConvertedEntry, hf_model: Any, tokenizer: Any, spec: ModelSpec,
@@ -573,9 +593,9 @@ def _build_tiny(spec: ModelSpec) -> Any:
 def _assemble_tokenizer_only(spec: ModelSpec) -> Any:
     from transformers import AutoTokenizer
 
-    entry = _converted_entry(spec)
-    return AutoTokenizer.from_pretrained(str(entry.tokenizer_dir), add_bos_token=True,
-                                         local_files_only=True)
+    with _converted(spec) as entry:
+        return AutoTokenizer.from_pretrained(str(entry.tokenizer_dir), add_bos_token=True,
+                                             local_files_only=True)
 
 
 def _hub_snapshot_dir(name: str) -> Path | None:

@@ -195,7 +195,7 @@ def test_hf_dir_matches_transformers_exactly(hf_dir, tmp_path, monkeypatch):
                                atol=1e-4, rtol=1e-4)
     assert model.cfg.n_ctx == 64 and not model.training
     assert all(not p.requires_grad for p in model.parameters())
-    assert len(list((tmp_path / "models").glob("hf_dir-*/meta.json"))) == 1
+    assert len(list((tmp_path / "models").glob("*/meta.json"))) == 1
 
     # The second load comes from the converted cache without touching transformers' loader,
     def no_hf_load(spec):
@@ -209,6 +209,17 @@ def test_hf_dir_matches_transformers_exactly(hf_dir, tmp_path, monkeypatch):
     assert load_model(spec.replace(n_ctx=32)).cfg.n_ctx == 32
     with pytest.raises(ModelLoadError, match=r"ModelSpec\.n_ctx: 65 exceeds the model's own context length 64"):
         load_model(spec.replace(n_ctx=65))
+
+
+def test_unwritable_cache_converts_to_a_temporary_folder(hf_dir, tmp_path, monkeypatch):
+    path, hf = hf_dir
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("SAE_SWEEP_CACHE_DIR", str(blocker / "cache"))
+    model = load_model(ModelSpec(source="hf_dir", path=str(path)))
+    toks = model.to_tokens("abc")
+    with torch.no_grad():
+        torch.testing.assert_close(model(toks), hf(toks).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_hf_dir_identity_follows_the_files(hf_dir, tmp_path, monkeypatch):
@@ -241,9 +252,17 @@ def test_smollm2_shape_and_identity(smollm2, tiny):
     assert len(ident["source_sha256"]) == 64
     assert ident == model_identity(smollm2, spec)
     assert ident["fingerprint"] != model_identity(tiny, ModelSpec(source="tiny"))["fingerprint"]
-    # The same file named as a GGUF path is the same source (and reuses the converted cache).
+
+
+
+@pytest.mark.model
+def test_the_embedded_file_as_a_gguf_path_is_the_same_model(smollm2, monkeypatch):
+    def no_hf_load(spec):
+        raise AssertionError("the converted model should come from the cache")
+    monkeypatch.setattr(models_module, "_load_hf", no_hf_load)
     gguf_spec = ModelSpec(source="gguf", path=str(models_module.smollm2_gguf_path()))
-    assert models_module.source_sha256(gguf_spec) == ident["source_sha256"]
+    model = load_model(gguf_spec)
+    assert model_identity(model, gguf_spec) == model_identity(smollm2, ModelSpec())
 
 
 @pytest.fixture
@@ -254,6 +273,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.mark.model
+def test_tiny_with_the_smollm2_tokenizer(smollm2):
+    tiny = load_model(ModelSpec(source="tiny", tiny_tokenizer="smollm2"))
+    assert tiny.cfg.d_vocab == 49152
+    text = "Now is the winter of our discontent"
+    assert torch.equal(tiny.to_tokens(text), smollm2.to_tokens(text))
 
 
 @pytest.mark.model
