@@ -375,3 +375,58 @@ def test_eval_cli_loads_the_model_from_the_cache(cache_full, tmp_path, capsys):
     assert printed["kl_div"] > 0 and printed["ce_loss_clean"] > 0
     rc = main(["eval", str(tmp_path / "sae"), "--cache", str(tmp_path / "nope")])
     assert rc == 2
+
+
+class _StopAtCheckpoint:
+    """A reporter that simulates a kill right after the checkpoint of ``step``."""
+
+    def __init__(self, step=None):
+        self.step = step
+
+    def on_train_start(self, **kw):
+        pass
+
+    def on_step(self, step):
+        pass
+
+    def on_metrics(self, record, checkpoint_dir):
+        if checkpoint_dir and record.step == self.step:
+            raise KeyboardInterrupt
+
+    def on_message(self, text):
+        pass
+
+    def on_train_end(self, result):
+        pass
+
+
+def test_end_to_end_training_resumes_bit_for_bit(model, cache_full, tmp_path):
+    from safetensors.torch import load_file
+
+    from trainer.checkpoint import latest_checkpoint
+
+    cfg = _e2e_config(num_epochs=1, checkpoint_every=3, log_freq=3, lr=1e-2,
+                      outlier_policy="drop", outlier_norm_multiple=1.5, use_block_mse=True)
+
+    def run(out, reporter, resume_from=None, seed=0):
+        sae = build_sae(SAEConfig(d_in=D, d_sae=64, top_k=4, hook_layer=1), seed=seed)
+        return train_sae(sae, SequenceSource(cache_full, "train", HOOKS[0]), cfg,
+                         val_source=SequenceSource(cache_full, "val", HOOKS[0], shuffle=False),
+                         objective=EndToEndObjective(model, cfg), out_dir=out,
+                         reporter=reporter, resume_from=resume_from)
+
+    straight = run(tmp_path / "a", _StopAtCheckpoint())
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", _StopAtCheckpoint(step=3))
+    ckpt = latest_checkpoint(tmp_path / "b")
+    assert ckpt.name == "step_00000003"
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    resumed = run(tmp_path / "b", _StopAtCheckpoint(), resume_from=ckpt, seed=99)
+    assert resumed.steps == straight.steps == 6  # 48 windows / 8 per step
+    w_a = load_file(str(tmp_path / "a" / "final" / "weights.safetensors"))
+    w_b = load_file(str(tmp_path / "b" / "final" / "weights.safetensors"))
+    for name in w_a:
+        assert torch.equal(w_a[name], w_b[name]), name
+    assert straight.final.kl_div == resumed.final.kl_div
+    # the objective's state (the outlier cap) travels in the checkpoint
+    assert "outlier_cap" in json.dumps(state)
