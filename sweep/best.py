@@ -76,6 +76,8 @@ def select_best(
         mode = obj_modes[obj_metrics.index(metric)] if metric in obj_metrics else "min"
 
     candidates = frame[frame["status"].isin(RANKED_STATUSES)] if "status" in frame else frame
+    if candidates.empty:  # nothing finished yet: there are no metric columns to query
+        return candidates[[c for c in ("trial_id", "status") if c in candidates.columns]]
     for constraint in objective.get("constraints") or []:
         candidates = apply_where(candidates, _constraint_query(constraint))
     if where:

@@ -70,6 +70,7 @@ def run_sweep(config_path: str | Path | SweepConfig, *, address: Optional[str] =
     table. Refuses an experiment folder that already holds a sweep (resume it instead)."""
     configure_logging()
     cfg = config_path if isinstance(config_path, SweepConfig) else SweepConfig.from_yaml(config_path)
+    cfg = _absolute_paths(cfg)  # trials (on any node) and --resume (from any cwd) agree
     exp = cfg.experiment_path
     if (exp / SWEEP_FILE).exists():
         raise ExperimentExistsError(
@@ -94,8 +95,9 @@ def resume_sweep(experiment_dir: str | Path, *, address: Optional[str] = None) -
     info = load_sweep_info(exp)
     if not info:
         raise NotAnExperimentError(f"{exp}: no {SWEEP_FILE}; not a sweep's experiment folder")
-    cfg = SweepConfig.from_dict(info["config"])
-    return _run(cfg, int(info["d_in"]), info["tune_path"], restore=True, address=address)
+    cfg = SweepConfig.from_dict(info["config"]).replace(experiment_dir=str(exp))
+    tune_path = info["tune_path"] if cfg.storage_path else str(exp / TUNE_NAME)
+    return _run(cfg, int(info["d_in"]), tune_path, restore=True, address=address)
 
 
 def cache_width(cfg: SweepConfig) -> int:
@@ -222,6 +224,15 @@ def ray_session(address: Optional[str] = None, **init_kwargs: Any) -> Iterator[N
         yield
     finally:
         ray.shutdown()
+
+
+def _absolute_paths(cfg: SweepConfig) -> SweepConfig:
+    changes = {"experiment_dir": str(cfg.experiment_path)}
+    if "://" not in cfg.cache:
+        changes["cache"] = str(Path(cfg.cache).expanduser().resolve())
+    if cfg.storage_path and "://" not in cfg.storage_path:
+        changes["storage_path"] = str(Path(cfg.storage_path).expanduser().resolve())
+    return cfg.replace(**changes)
 
 
 def _tune_path(cfg: SweepConfig) -> str:

@@ -162,10 +162,7 @@ def train_trial(params: Mapping[str, Any], *, job: Mapping[str, Any]) -> None:
     torch.set_num_threads(max(1, int(cfg.resources_per_trial.cpu)))
 
     sae_cfg, train_cfg = build_trial_configs(cfg, params, job["d_in"])
-    cache = open_cache(cfg.cache)
-    train_source = cache.token_source(cfg.hook, "train")
-    val_source = cache.token_source(cfg.hook, "val")
-    objective = _objective(cache, cfg, sae_cfg, train_cfg)
+    objective, train_source, val_source = _sources(open_cache(cfg.cache), cfg.hook, train_cfg)
 
     ctx = ray.get_runtime_context()
     reporter = RayReporter(monitored=cfg.objective.monitored_metrics(),
@@ -225,14 +222,22 @@ def _report_final(reporter: RayReporter, result: Any, resume_dir: Optional[str])
     reporter.report(metrics, str(checkpoint_dir) if checkpoint_dir else None, final=True)
 
 
-def _objective(cache: Any, cfg: Any, sae_cfg: Any, train_cfg: Any) -> Any:
-    """The trainer's end-to-end objective when the training config asks for it (else None:
-    the trainer's default local reconstruction objective)."""
+def _sources(cache: Any, hook: str, train_cfg: Any) -> tuple[Any, Any, Any]:
+    """``(objective, train_source, val_source)`` on the shared cache: shuffled token rows and
+    the trainer's default objective, or -- with ``use_end_to_end`` -- whole windows and the
+    trainer's EndToEndObjective on the model the cache was built from (checked against the
+    cache's recorded identity, so the splice never runs against another model)."""
     if not train_cfg.use_end_to_end:
-        return None
-    from trainer import EndToEndObjective  # type: ignore[attr-defined]
+        return None, cache.token_source(hook, "train"), cache.token_source(hook, "val")
+    from activation_cache import ModelSpec, load_model, model_identity
+    from trainer import EndToEndObjective, SequenceSource
 
-    return EndToEndObjective.from_cache(cache, sae_cfg, train_cfg)
+    spec = ModelSpec.from_dict(cache.manifest.get("config", {}).get("model") or {})
+    model = load_model(spec)
+    cache.check_model(model_identity(model, spec))
+    return (EndToEndObjective(model, train_cfg),
+            SequenceSource(cache, "train", hook, shuffle=True),
+            SequenceSource(cache, "val", hook, shuffle=False))
 
 
 def _is_divergence(exc: BaseException) -> bool:
