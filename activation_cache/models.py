@@ -517,7 +517,7 @@ def _hooked(cfg: Any, tokenizer: Any, state_dict: dict[str, torch.Tensor], spec:
     state_dict = ProcessWeights.process_weights(
         state_dict, model.cfg, fold_ln=False, center_writing_weights=False, center_unembed=False,
         fold_value_biases=False, refactor_factored_attn_matrices=False)
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(state_dict, strict=True, assign=True)
     return model.to(spec.device, print_details=False)
 
 
