@@ -205,6 +205,11 @@ def test_hf_dir_matches_transformers_exactly(hf_dir, tmp_path, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
     ident = model_identity(again, spec)
     assert ident == model_identity(model, spec)
+    # Another dtype comes from the same cached conversion,
+    half = load_model(spec.replace(dtype="bfloat16"))
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        torch.testing.assert_close(half(toks).float(), logits, atol=0.1, rtol=0.05)
     # and a shorter context is allowed, a longer one is not.
     assert load_model(spec.replace(n_ctx=32)).cfg.n_ctx == 32
     with pytest.raises(ModelLoadError, match=r"ModelSpec\.n_ctx: 65 exceeds the model's own context length 64"):
