@@ -13,7 +13,7 @@ _WORDS = ("the king queen sword love death night day crown blood heart hand eye 
           "ghost letter daughter father honour").split()
 
 
-def build_tiny_cache(path: Path, *, max_tokens: int = 6000) -> str:
+def build_tiny_cache(path: Path, *, max_tokens: int = 6000, store_logits: bool = False) -> str:
     """A cache of the tiny random model (d_in 64) on a few generated text files."""
     from activation_cache import CacheConfig, CorpusSpec, ModelSpec, build_cache
 
@@ -28,7 +28,8 @@ def build_tiny_cache(path: Path, *, max_tokens: int = 6000) -> str:
         output=str(path), model=ModelSpec(source="tiny", n_ctx=64),
         corpus=CorpusSpec(source="files", paths=(str(texts),)), hooks=(HOOK,),
         max_text_length=64, batch_size=16, dtype="float32", shard_tokens=2048,
-        max_tokens=max_tokens, val_fraction=0.25)
+        max_tokens=max_tokens, val_fraction=0.25, store_logits=store_logits,
+        logits_top_k=None if store_logits else 64)
     return build_cache(cfg)
 
 
