@@ -168,7 +168,8 @@ def load_checkpoint(path: str | Path, *, sae: SAE, optimizer: torch.optim.Optimi
     if diff:
         raise CheckpointMismatchError(
             f"{path}: checkpoint was written with another training config; differing fields: "
-            + "; ".join(diff) + ". Resume with the original values or start a new run.")
+            + "; ".join(diff) + ". Resume with the original values, or start over (a new output "
+            "folder, or `sae-sweep train --no-resume`).")
 
     sae.load_weights(path / WEIGHTS_FILE)
     tensors = load_file(str(path / STATE_TENSORS_FILE))
