@@ -181,20 +181,18 @@ def make_searcher(cfg: SweepConfig, d_in: int) -> Any:
     import optuna
 
     from .search_space import SearchSpace
-    from .searcher import ConstraintsFunc, SweepSearcher
+    from .searcher import SweepSearcher
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     constraints = list(cfg.objective.constraints)
-    constraints_func = ConstraintsFunc(len(constraints)) if constraints else None
     if cfg.sampler == "nsgaii":
-        sampler = optuna.samplers.NSGAIISampler(seed=cfg.seed, constraints_func=constraints_func,
+        sampler = optuna.samplers.NSGAIISampler(seed=cfg.seed,
                                                 population_size=max(4, cfg.max_concurrent_trials * 2))
     elif cfg.sampler == "random":
         sampler = optuna.samplers.RandomSampler(seed=cfg.seed)
     else:
         sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.startup_trials(),
-                                             multivariate=True, group=True, constant_liar=True,
-                                             constraints_func=constraints_func)
+                                             multivariate=True, group=True, constant_liar=True)
     cfg.experiment_path.mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.RDBStorage(cfg.optuna_storage_url())
     objective = cfg.objective

@@ -6,8 +6,8 @@ Three things Ray's wrapper does not do (see ANCHORS.md, "Ray Tune + Optuna pitfa
   raise, and Ray only logs it: the study keeps a trial RUNNING forever. Here such a trial is
   told as FAIL, and non-finite intermediate values are not reported at all.
 * **Constraints.** When the objective has constraints (e.g. ``l0 <= 64``), the violation of each
-  is stored on the Optuna trial before ``tell`` so the sampler's ``constraints_func`` (TPE and
-  NSGA-II support it) learns where the feasible region is.
+  is set on the Optuna trial (``Trial.set_constraint``) before ``tell``, so TPE and NSGA-II
+  learn where the feasible region is.
 * **Trials finished twice.** When the driver dies after a trial finished but before Tune saved
   that, the resumed Tune re-runs it from its final checkpoint (the trainer only re-reports);
   Optuna already holds the result, so those reports are ignored instead of crashing the sweep.
@@ -28,19 +28,6 @@ from ray.tune.search.optuna import OptunaSearch
 from .sweep_config import ConstraintSpec
 
 logger = logging.getLogger("sweep.searcher")
-
-CONSTRAINTS_ATTR = "constraints"
-
-
-class ConstraintsFunc:
-    """Picklable ``constraints_func`` for Optuna samplers: reads the violations we stored."""
-
-    def __init__(self, n_constraints: int):
-        self.n_constraints = n_constraints
-
-    def __call__(self, trial: optuna.trial.FrozenTrial) -> Sequence[float]:
-        return trial.user_attrs.get(CONSTRAINTS_ATTR, [1.0] * self.n_constraints)
-
 
 class SweepSearcher(OptunaSearch):
     """OptunaSearch that never passes NaN to Optuna and records constraint violations."""
@@ -72,11 +59,12 @@ class SweepSearcher(OptunaSearch):
             return
         ot_trial = self._ot_trials[trial_id]
         values = [None if result is None else result.get(m) for m in self.metrics]
-        if self._constraints and result is not None:
-            violations = [ConstraintSpec.from_dict(c).violation(_float(result.get(c["metric"])))
-                          for c in self._constraints]
-            ot_trial.set_user_attr(CONSTRAINTS_ATTR, violations)
         ot_trial.set_user_attr("ray_trial_id", trial_id)
+        if self._constraints and result is not None:
+            for c in self._constraints:
+                spec = ConstraintSpec.from_dict(c)
+                ot_trial.set_constraint(spec.as_query().replace("`", ""),
+                                        spec.violation(_float(result.get(spec.metric))))
         try:
             if error or result is None or not all(_finite(v) for v in values):
                 self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)

@@ -82,8 +82,8 @@ def test_searcher_never_tells_optuna_a_nan(tmp_path):
     trials = s._ot_study.get_trials(deepcopy=False)
     states = [t.state.name for t in trials]
     assert states == ["FAIL", "COMPLETE", "FAIL", "COMPLETE"]
-    assert trials[1].values == [0.2] and trials[1].user_attrs["constraints"] == [2.0]
-    assert trials[3].user_attrs["constraints"] == [-6.0]
+    assert trials[1].values == [0.2] and trials[1].constraints == {"l0 <= 10.0": 2.0}
+    assert trials[3].constraints == {"l0 <= 10.0": -6.0}
 
 
 def test_searcher_pareto_and_orphans(tmp_path):

@@ -1,0 +1,59 @@
+"""How the driver assembles Tune and Optuna from a SweepConfig (no trials run here)."""
+
+import optuna
+import pytest
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
+
+from sweep import SweepConfig, resume_sweep
+from sweep.driver import NotAnExperimentError, _tune_config, make_searcher
+from sweep.search_space import SearchSpace
+from sweep.searcher import SweepSearcher
+from sweep_helpers import tiny_sweep
+
+
+def cfg_for(tmp_path, **overrides):
+    return SweepConfig.from_dict(tiny_sweep("unused-cache", tmp_path / "exp", **overrides))
+
+
+def test_tune_config_single_objective_with_asha_and_constraints(tmp_path):
+    cfg = cfg_for(tmp_path, max_concurrent_trials=3, num_samples=9, time_budget_s=60,
+                  scheduler={"type": "asha", "grace_period": 2, "max_t": 8},
+                  objective={"metric": "fvu", "mode": "min",
+                             "constraints": [{"metric": "l0", "max": 12}]})
+    tc = _tune_config(cfg, d_in=64)
+    assert isinstance(tc.search_alg, ConcurrencyLimiter) and tc.search_alg.max_concurrent == 3
+    searcher = tc.search_alg.searcher
+    assert isinstance(searcher, SweepSearcher) and isinstance(searcher._space, SearchSpace)
+    assert (searcher.metric, searcher.mode) == ("fvu", "min")
+    sampler = searcher._ot_study.sampler
+    assert isinstance(sampler, optuna.samplers.TPESampler)
+    assert isinstance(tc.scheduler, ASHAScheduler)
+    assert (tc.scheduler.metric, tc.scheduler._mode) == ("fvu", "min")
+    assert tc.num_samples == 9 and tc.time_budget_s == 60
+    # the study lives in EXPERIMENT_DIR/optuna.db and is found again by name
+    assert (cfg.experiment_path / "optuna.db").exists()
+    assert optuna.load_study(study_name="sae-sweep", storage=cfg.optuna_storage_url())
+
+
+def test_pareto_objective_puts_metric_lists_on_the_searcher(tmp_path):
+    cfg = cfg_for(tmp_path, sampler="nsgaii",
+                  objective={"metric": ["fvu", "l0"], "mode": ["min", "min"],
+                             "constraints": [{"metric": "dead_fraction", "max": 0.5}]})
+    searcher = make_searcher(cfg, d_in=64)
+    assert searcher.metric == ["fvu", "l0"] and searcher.mode == ["min", "min"]
+    assert isinstance(searcher._ot_study.sampler, optuna.samplers.NSGAIISampler)
+    assert [d.name for d in searcher._ot_study.directions] == ["MINIMIZE", "MINIMIZE"]
+    assert _tune_config(cfg, 64).scheduler is None
+
+
+def test_any_optuna_storage_url_and_study_name(tmp_path):
+    url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    cfg = cfg_for(tmp_path, optuna_storage=url, study_name="mine")
+    make_searcher(cfg, d_in=64)
+    assert optuna.load_study(study_name="mine", storage=url)
+
+
+def test_resume_of_a_folder_without_a_sweep_is_a_user_error(tmp_path):
+    with pytest.raises(NotAnExperimentError, match="sweep.json"):
+        resume_sweep(tmp_path)
