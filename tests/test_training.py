@@ -133,9 +133,10 @@ def test_resuming_a_finished_run_does_nothing(tmp_path):
     first = train_sae(build_sae(cfg, seed=0), TensorSource(sparse_data(512)), tc,
                       out_dir=tmp_path, reporter=ListReporter())
     from trainer.checkpoint import latest_checkpoint
+    rep = ListReporter()
     again = train_sae(build_sae(cfg, seed=1), TensorSource(sparse_data(512)), tc,
-                      out_dir=tmp_path, resume_from=latest_checkpoint(tmp_path),
-                      reporter=ListReporter())
+                      out_dir=tmp_path, resume_from=latest_checkpoint(tmp_path), reporter=rep)
+    assert rep.result is again and rep.steps == [] and "already finished" in rep.messages[-1]
     assert again.steps == first.steps
     assert torch.equal(again.sae.W_enc, first.sae.W_enc)
     assert len(again.history) == len(first.history)

@@ -173,9 +173,12 @@ def train_sae(sae: SAE, train_source: Any, config: TrainingConfig, *, val_source
         sae.normalize_decoder()
     history = [MetricsRecord.from_dict(r) for r in state.history]
 
-    if state.finished:
-        final = history[-1] if history else None
-        return _result(sae, state, history, final, out, None)
+    if state.finished:  # resumed from the checkpoint written at the end: nothing left to do
+        sae.eval()
+        result = _result(sae, state, history, history[-1] if history else None, out, None)
+        reporter.on_message(f"training had already finished at step {state.step}")
+        reporter.on_train_end(result)
+        return result
 
     loop = _Loop(sae, train_source, val_source, config, objective, optimizer, reporter, out,
                  state, history)
