@@ -152,7 +152,11 @@ def _run(cfg: SweepConfig, d_in: int, tune_path: str, *, restore: bool,
                 ),
             )
         tuner.fit()
-    return load_results(cfg.experiment_path)
+    results = load_results(cfg.experiment_path)
+    counts = results["status"].value_counts().to_dict()
+    logger.info("sweep %s: %s; query it with `sae-sweep best %s`", cfg.experiment_path,
+                ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), cfg.experiment_path)
+    return results
 
 
 def _tune_config(cfg: SweepConfig, d_in: int) -> Any:

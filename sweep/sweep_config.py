@@ -450,6 +450,15 @@ class SweepConfig(StrictConfig):
                           "search_space.block_mse_weight",
                           "has no effect unless training.use_end_to_end and "
                           "training.use_block_mse are true")
+        # objective metrics must be ones the trials report
+        known = reported_metric_names()
+        for name in self.objective.monitored_metrics():
+            self._require(name in known, "objective.metric",
+                          f"{name!r} is not a reported metric; known: {', '.join(sorted(known))}")
+            self._require(name not in END_TO_END_METRICS or e2e, "objective.metric",
+                          f"{name!r} is only computed by end-to-end training; set "
+                          "training.use_end_to_end (and a cache with clean logits) or use a "
+                          "reconstruction metric such as fvu")
         # objective/scheduler coherence
         if self.objective.is_pareto:
             self._require(self.scheduler.type == "none" or self.scheduler.metric is not None,
@@ -490,6 +499,21 @@ class SweepConfig(StrictConfig):
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+END_TO_END_METRICS = frozenset({"ce_loss_clean", "ce_loss_spliced", "ce_loss_zero_ablation",
+                                "ce_loss_delta", "ce_loss_score", "kl_div", "top1_agreement",
+                                "block_mse"})
+
+
+def reported_metric_names() -> frozenset[str]:
+    """Metrics a trial reports: the numeric MetricsRecord fields, plus ``l0`` (inference L0, else
+    training L0) and ``train_seconds`` that the sweep derives (see sweep.trainable)."""
+    from trainer import MetricsRecord
+
+    numeric = {f.name for f in dataclasses.fields(MetricsRecord)
+               if f.type in ("int", "float", "Optional[float]", "Optional[int]")}
+    return frozenset((numeric - {"lr", "elapsed_s"}) | {"l0", "train_seconds", "lr_current"})
 
 
 def sae_field_names() -> frozenset[str]:

@@ -174,3 +174,16 @@ def test_trial_configs_route_fields_and_check_space_uses_trainer_validation():
         "top_k": {"type": "int", "low": 2, "high": 8}}))
     with pytest.raises(ConfigError, match="would be invalid.*top_k_aux"):
         check_space(bad, d_in=8)
+
+
+def test_objective_metrics_must_be_reported_and_computable():
+    with pytest.raises(ConfigError, match="objective.metric: 'fvuu' is not a reported metric"):
+        SweepConfig.from_dict(base(objective={"metric": "fvuu"}))
+    with pytest.raises(ConfigError, match="'ce_loss_delta' is only computed by end-to-end"):
+        SweepConfig.from_dict(base(objective={"metric": ["ce_loss_delta", "l0"]}))
+    with pytest.raises(ConfigError, match="'kl_div' is only computed by end-to-end"):
+        SweepConfig.from_dict(base(objective={"metric": "fvu", "constraints": [
+            {"metric": "kl_div", "max": 0.1}]}))
+    ok = SweepConfig.from_dict(base(training={"use_end_to_end": True},
+                                    objective={"metric": ["ce_loss_delta", "l0"]}))
+    assert ok.objective.metrics == ("ce_loss_delta", "l0")
