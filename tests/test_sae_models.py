@@ -254,3 +254,12 @@ def test_cuda_device_on_a_cpu_machine(tmp_path):
     cfg["device"] = "cuda"  # as if saved on a GPU machine
     (tmp_path / "s" / "config.json").write_text(json.dumps(cfg))
     assert load_sae(tmp_path / "s").W_enc.device.type == "cpu"
+
+
+def test_float64_sae_keeps_its_precision_through_the_scaling():
+    sae = build_sae(SAEConfig(d_in=8, d_sae=32, top_k=4, dtype="float64"), seed=0)
+    x = torch.randn(16, 8, dtype=torch.float64) * 10
+    sae.initialize_from_data(x)
+    xs = sae.scale_input(x)
+    assert xs.dtype == torch.float64
+    assert torch.equal(xs, x * sae.input_scale.double())

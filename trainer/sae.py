@@ -124,7 +124,8 @@ class SAE(nn.Module):
     def scale_input(self, x: Tensor) -> Tensor:
         """Raw activations -> the SAE's internal (scaled) space, in the parameter dtype."""
         x = self.check_input(x).to(device=self.W_enc.device)
-        return (x.float() * self.input_scale).to(self.dtype)
+        work = torch.promote_types(self.dtype, torch.float32)  # scale in fp32 (or fp64)
+        return (x.to(work) * self.input_scale.to(work)).to(self.dtype)
 
     def pre_activations(self, x_scaled: Tensor) -> Tensor:
         return (x_scaled - self.b_dec) @ self.W_enc + self.b_enc
@@ -137,7 +138,8 @@ class SAE(nn.Module):
     def decode(self, features: Tensor) -> Tensor:
         """Latent activations [..., d_sae] -> reconstructed raw activations [..., d_in]."""
         out = features.to(self.dtype) @ self.W_dec + self.b_dec
-        return (out.float() / self.input_scale).to(self.dtype)
+        work = torch.promote_types(self.dtype, torch.float32)
+        return (out.to(work) / self.input_scale.to(work)).to(self.dtype)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(x_recon, features)`` for raw activations ``x`` (any leading dimensions)."""
