@@ -20,8 +20,10 @@ sinks when no BOS is prepended) remove more.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -97,6 +99,12 @@ class WindowedTextDataset(Dataset):
         if not (_is_int(exclude_first_positions) and 0 <= exclude_first_positions <= max_length):
             raise WindowError(f"exclude_first_positions: must be an integer in [0, {max_length}], "
                               f"got {exclude_first_positions!r}")
+        bad_ids = [t for t in exclude_token_ids if not (_is_int(t) and t >= 0)]
+        if bad_ids:
+            raise WindowError(f"exclude_token_ids: token ids must be integers >= 0, got {bad_ids}")
+        if not callable(tokenizer):
+            raise WindowError(f"tokenizer: expected a HuggingFace tokenizer (e.g. model.tokenizer), "
+                              f"got {type(tokenizer).__name__}")
         self.documents: list[Document] = [
             t if isinstance(t, Document) else Document(str(i), _as_text(t, i))
             for i, t in enumerate(texts)
@@ -108,23 +116,30 @@ class WindowedTextDataset(Dataset):
             raise WindowError("prepend_bos: the tokenizer has no BOS token; set prepend_bos: false")
         self.pad_token_id = _pad_id(tokenizer)
 
-        content = self.max_length - (1 if self.prepend_bos else 0)
-        pieces: list[tuple[int, list[int]]] = []
-        for doc_index, ids in enumerate(_tokenize(tokenizer, self.documents, show_progress)):
-            for start in range(0, len(ids), content):
-                pieces.append((doc_index, ids[start:start + content]))
-
-        n, t = len(pieces), self.max_length
-        self.tokens = torch.full((n, t), self.pad_token_id, dtype=torch.int64)
-        self.attention_mask = torch.zeros((n, t), dtype=torch.bool)
-        self.doc_ids = torch.empty(n, dtype=torch.int64)
         offset = 1 if self.prepend_bos else 0
-        for row, (doc_index, chunk) in enumerate(pieces):
-            if self.prepend_bos:
-                self.tokens[row, 0] = self.bos_token_id
-            self.tokens[row, offset:offset + len(chunk)] = torch.tensor(chunk, dtype=torch.int64)
-            self.attention_mask[row, :offset + len(chunk)] = True
-            self.doc_ids[row] = doc_index
+        content = self.max_length - offset
+        per_doc = _tokenize(tokenizer, self.documents, show_progress)
+        counts = [-(-len(ids) // content) for ids in per_doc]  # windows per document (ceil)
+        n, t = sum(counts), self.max_length
+        tokens = np.full((n, t), self.pad_token_id, dtype=np.int64)
+        attention = np.zeros((n, t), dtype=bool)
+        doc_ids = np.repeat(np.arange(len(per_doc), dtype=np.int64), counts)
+        row = 0
+        for ids, count in zip(per_doc, counts):
+            full = len(ids) // content
+            if full:
+                tokens[row:row + full, offset:] = ids[:full * content].reshape(full, content)
+                attention[row:row + full] = True
+            rest = len(ids) - full * content
+            if rest:  # the document's last window, padded
+                tokens[row + full, offset:offset + rest] = ids[full * content:]
+                attention[row + full, :offset + rest] = True
+            row += count
+        if self.prepend_bos:
+            tokens[:, 0] = self.bos_token_id
+        self.tokens = torch.from_numpy(tokens)
+        self.attention_mask = torch.from_numpy(attention)
+        self.doc_ids = torch.from_numpy(doc_ids)
         self.train_mask = train_mask_for(
             self.tokens, self.attention_mask, bos_token_id=self.bos_token_id,
             exclude_bos=exclude_bos, exclude_token_ids=exclude_token_ids,
@@ -152,11 +167,12 @@ class WindowedTextDataset(Dataset):
         return int(self.train_mask.sum())
 
 
-def _tokenize(tokenizer: Any, documents: list[Document], show_progress: bool) -> list[list[int]]:
-    """Token ids of every document, without special tokens added or parsed from the text."""
+def _tokenize(tokenizer: Any, documents: list[Document], show_progress: bool) -> list[np.ndarray]:
+    """Token ids (int64 arrays) of every document, without special tokens added or parsed from
+    the text; documents go through the tokenizer in small batches to bound memory."""
     from tqdm.auto import tqdm
 
-    out: list[list[int]] = []
+    out: list[np.ndarray] = []
     batch = 16
     with tqdm(total=len(documents), desc="tokenizing", unit="doc", disable=not show_progress) as bar:
         for start in range(0, len(documents), batch):
@@ -165,7 +181,7 @@ def _tokenize(tokenizer: Any, documents: list[Document], show_progress: bool) ->
             # token (otherwise text could forge BOS tokens).
             encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=True,
                                 verbose=False)["input_ids"]
-            out.extend(list(ids) for ids in encoded)
+            out.extend(np.asarray(ids, dtype=np.int64) for ids in encoded)
             bar.update(len(texts))
     return out
 
@@ -192,4 +208,4 @@ def _as_text(value: Any, index: int) -> str:
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -92,9 +92,13 @@ def test_bad_window_length(tok, bad):
         WindowedTextDataset(["abc"], tok, max_length=bad)
 
 
-def test_bad_text_type(tok):
+def test_bad_inputs_name_the_argument(tok):
     with pytest.raises(WindowError, match=r"texts\[1\]"):
         WindowedTextDataset(["abc", 3], tok, max_length=4)
+    with pytest.raises(WindowError, match=r"exclude_token_ids: .* got \['x', -1\]"):
+        WindowedTextDataset(["abc"], tok, max_length=4, exclude_token_ids=["x", 5, -1])
+    with pytest.raises(WindowError, match="tokenizer: expected a HuggingFace tokenizer"):
+        WindowedTextDataset(["abc"], "gpt2", max_length=4)
 
 
 def test_train_mask_for_hand_case():
@@ -104,3 +108,25 @@ def test_train_mask_for_hand_case():
     assert m.int().tolist() == [[0, 0, 1, 0, 0], [1, 0, 1, 0, 0]]
     m = train_mask_for(tokens, attn, bos_token_id=1, exclude_bos=False, exclude_first_positions=2)
     assert m.int().tolist() == [[0, 0, 1, 1, 0], [0, 0, 1, 0, 0]]
+
+
+@pytest.mark.parametrize("max_length, prepend_bos", [(2, True), (5, True), (7, False), (1, False)])
+def test_matches_a_plain_reference_on_random_documents(tok, max_length, prepend_bos):
+    gen = torch.Generator().manual_seed(max_length)
+    alphabet = "abcdefgh é\n"
+    texts = ["".join(alphabet[i] for i in torch.randint(len(alphabet), (int(n),), generator=gen))
+             for n in torch.randint(0, 30, (12,), generator=gen)]
+    ds = WindowedTextDataset(texts, tok, max_length=max_length, prepend_bos=prepend_bos)
+    rows, docs, lengths = [], [], []
+    head = [BOS] if prepend_bos else []
+    size = max_length - len(head)
+    for d, text in enumerate(texts):
+        toks = ids(text)
+        for start in range(0, len(toks), size):
+            chunk = head + toks[start:start + size]
+            rows.append(chunk + [PAD] * (max_length - len(chunk)))
+            docs.append(d)
+            lengths.append(len(chunk))
+    assert ds.tokens.tolist() == rows
+    assert ds.doc_ids.tolist() == docs
+    assert ds.attention_mask.tolist() == [[p < n for p in range(max_length)] for n in lengths]
