@@ -19,6 +19,7 @@ import pandas as pd
 from activation_cache import UserError
 
 from .results import FIXED_COLUMNS, load_results, load_sweep_info
+from .sweep_config import ConstraintSpec, searchable_names
 
 OUTPUT_FORMATS = ("table", "csv", "json")
 RANKED_STATUSES = ("completed", "stopped")
@@ -79,7 +80,7 @@ def select_best(
     if candidates.empty:  # nothing finished yet: there are no metric columns to query
         return candidates[[c for c in ("trial_id", "status") if c in candidates.columns]]
     for constraint in objective.get("constraints") or []:
-        candidates = apply_where(candidates, _constraint_query(constraint))
+        candidates = apply_where(candidates, ConstraintSpec.from_dict(constraint).as_query())
     if where:
         candidates = apply_where(candidates, where)
 
@@ -159,19 +160,8 @@ def _display_columns(frame: pd.DataFrame, ranked: Sequence[str]) -> pd.DataFrame
 
 def _param_columns(frame: pd.DataFrame) -> list[str]:
     """The hyperparameter columns: those named after a searchable SAE/training field."""
-    from .sweep_config import searchable_names
-
     names = searchable_names()
     return [c for c in frame.columns if c in names and c not in FIXED_COLUMNS]
-
-
-def _constraint_query(constraint: dict[str, Any]) -> str:
-    parts = []
-    if constraint.get("min") is not None:
-        parts.append(f"`{constraint['metric']}` >= {constraint['min']!r}")
-    if constraint.get("max") is not None:
-        parts.append(f"`{constraint['metric']}` <= {constraint['max']!r}")
-    return " and ".join(parts)
 
 
 def _require_columns(frame: pd.DataFrame, names: Sequence[str]) -> None:

@@ -376,7 +376,7 @@ class SweepConfig(StrictConfig):
             self._require(key in sae_fields, f"sae.{key}",
                           f"unknown SAEConfig field; known: {', '.join(sorted(sae_fields))}")
             self._require(key not in DERIVED_SAE_FIELDS, f"sae.{key}",
-                          f"is set by the sweep (from the cache and `hook`); remove it")
+                          "is set by the sweep (from the cache and `hook`); remove it")
         for key in self.training:
             self._require(key in train_fields, f"training.{key}",
                           f"unknown TrainingConfig field; known: {', '.join(sorted(train_fields))}")
@@ -477,9 +477,6 @@ class SweepConfig(StrictConfig):
             return self.optuna_storage
         return f"sqlite:///{self.experiment_path / 'optuna.db'}"
 
-    def tune_storage_path(self) -> str:
-        return self.storage_path or str(self.experiment_path / "tune")
-
     def startup_trials(self) -> int:
         if self.n_startup_trials is not None:
             return self.n_startup_trials
@@ -523,10 +520,8 @@ def sae_field_names() -> frozenset[str]:
 
 
 def training_field_names() -> frozenset[str]:
-    try:
-        from trainer import TrainingConfig
-    except ImportError:  # pragma: no cover - the trainer always exports it once built
-        return frozenset()
+    from trainer import TrainingConfig
+
     return frozenset(f.name for f in dataclasses.fields(TrainingConfig))
 
 

@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -248,11 +247,3 @@ def _is_divergence(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(exc, TrainingDivergedError)
-
-
-def node_identity() -> dict[str, str]:
-    """Where this process runs (used in tests and logs)."""
-    import ray
-
-    return {"node_id": ray.get_runtime_context().get_node_id(),
-            "node_ip": ray.util.get_node_ip_address(), "pid": str(os.getpid())}
