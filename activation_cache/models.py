@@ -39,6 +39,7 @@ import re
 import shutil
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -508,10 +509,9 @@ def _hooked(cfg: Any, tokenizer: Any, state_dict: dict[str, torch.Tensor], spec:
     dict in one strict call instead of transformer_lens's one call per key (which walks the
     module tree each time: ~15 s for SmolLM2's 574 tensors, against ~1 s).
     """
-    from transformer_lens import HookedTransformer
     from transformer_lens.weight_processing import ProcessWeights
 
-    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    model = _new_hooked_transformer(cfg, tokenizer)
     state_dict = {k: v.to(spec.torch_dtype) for k, v in state_dict.items()}
     state_dict = model.fill_missing_keys(state_dict)
     state_dict = ProcessWeights.process_weights(
@@ -519,6 +519,18 @@ def _hooked(cfg: Any, tokenizer: Any, state_dict: dict[str, torch.Tensor], spec:
         fold_value_biases=False, refactor_factored_attn_matrices=False)
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.to(spec.device, print_details=False)
+
+
+def _new_hooked_transformer(cfg: Any, tokenizer: Any) -> Any:
+    """``HookedTransformer(cfg, tokenizer)``, not yet moved to a device, without its deprecation
+    notice (transformer-lens 3.x points to TransformerBridge; the project targets the
+    HookedTransformer API on purpose, see ARCHITECTURE.md)."""
+    from transformer_lens import HookedTransformer
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="HookedTransformer is deprecated",
+                                category=DeprecationWarning)
+        return HookedTransformer(cfg, tokenizer, move_to_device=False)
 
 
 def _load_by_name(spec: ModelSpec) -> Any:
@@ -555,7 +567,7 @@ def _load_by_name(spec: ModelSpec) -> Any:
 
 
 def _build_tiny(spec: ModelSpec) -> Any:
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import HookedTransformerConfig
 
     if spec.tiny_tokenizer == "bytes":
         from .byte_tokenizer import byte_tokenizer
@@ -586,7 +598,7 @@ def _build_tiny(spec: ModelSpec) -> Any:
     # Seed a forked RNG so building a tiny model neither depends on nor disturbs global state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.tiny_seed)
-        model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+        model = _new_hooked_transformer(cfg, tokenizer)
     return model.to(spec.device, print_details=False)
 
 
