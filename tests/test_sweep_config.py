@@ -28,11 +28,13 @@ def base(**overrides):
     return data
 
 
-def test_example_config_loads_and_round_trips():
-    cfg = SweepConfig.from_yaml(EXAMPLE)
+@pytest.mark.parametrize("name", ["sweep.yaml", "sweep_e2e.yaml"])
+def test_example_configs_load_and_round_trip(name):
+    cfg = SweepConfig.from_yaml(EXAMPLE.with_name(name))
     again = SweepConfig.from_dict(cfg.to_dict())
     assert again == cfg
     assert cfg.search_space["top_k"].type == "int"
+    check_space(cfg, d_in=576)   # SmolLM2's width: every corner is a valid trainer config
 
 
 def test_unknown_keys_are_rejected_with_the_field_named():
