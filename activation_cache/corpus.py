@@ -241,7 +241,7 @@ def _expand_paths(spec: CorpusSpec) -> list[Path]:
             found = sorted(f for f in p.rglob("*") if f.is_file() and fnmatch.fnmatch(f.name, pattern))
             if not found:
                 raise CorpusError(f"CorpusSpec.paths: folder {p} has no files matching {pattern!r}")
-        elif glob.has_magic(str(p)):
+        elif any(c in str(p) for c in "*?["):  # a glob pattern
             found = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
             if not found:
                 raise CorpusError(f"CorpusSpec.paths: no file matches the pattern {raw!r}")
