@@ -8,8 +8,9 @@ shards) are permuted together, and batches are consecutive slices of the resulti
 may straddle two chunks; only the last batch of an epoch may be smaller). Everything is a pure
 function of ``(seed, epoch)`` and the manifest's token counts, so ``start_batch=n`` locates the
 chunk holding batch n without reading anything before it and yields exactly what the
-uninterrupted iteration yields from batch n on. A background thread reads the next chunk while
-the current one is consumed.
+uninterrupted iteration yields from batch n on. Local shards are memory-mapped (no copy); a
+background thread gathers and converts the next few batches while the trainer consumes the
+current one, single-threaded so it never competes for torch's intra-op threads.
 
 **Windows** (``sequence_batches``, for end-to-end losses): whole windows with every stored tensor,
 in cache order; with ``shuffle=True`` the shard order and the window order inside each shard are
@@ -29,21 +30,21 @@ open it. ``CacheReader.verify()`` checks every file's whole-file checksum up fro
 from __future__ import annotations
 
 import hashlib
+import io
 import threading
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Iterator, Mapping
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-import io
 import torch
 from torch import Tensor
 
 from .cache_errors import CacheMismatchError, CorruptCacheError
 from .manifest import MANIFEST, SPLITS, act_key, canonical_json, read_manifest
 from .read_ahead import read_ahead
-from .shard_file import read_header, read_tensor
+from .shard_file import map_tensor, read_header, read_tensor
 from .storage import Storage
 
 DEFAULT_BUFFER_BYTES = 256 * 2**20
@@ -166,7 +167,7 @@ class CacheReader:
     # -- token batches ---------------------------------------------------------------------
     def token_source(self, hook: str, split: str = "train", *, d_in: int | None = None,
                      shuffle_buffer_tokens: int | None = None,
-                     read_ahead_chunks: int = 1) -> "CacheTokenSource":
+                     read_ahead_batches: int = 4) -> "CacheTokenSource":
         """An ActivationSource of the train-mask tokens of ``hook`` in ``split``.
 
         ``d_in``: the width the caller expects (raises CacheMismatchError if different).
@@ -184,7 +185,7 @@ class CacheReader:
             raise CacheMismatchError(f"{self.storage.describe(MANIFEST)}: split {split!r} has "
                                      "no train-mask tokens")
         buffer = shuffle_buffer_tokens or max(1, DEFAULT_BUFFER_BYTES // (4 * width))
-        return CacheTokenSource(self, hook, split, buffer, read_ahead_chunks)
+        return CacheTokenSource(self, hook, split, buffer, read_ahead_batches)
 
     # -- window batches --------------------------------------------------------------------
     def sequence_batches(self, split: str, batch_size: int, *, start_batch: int = 0,
@@ -248,8 +249,13 @@ class CacheReader:
         )
 
     # -- shard access ----------------------------------------------------------------------
-    def read_tensors(self, rec: Mapping, names: list[str]) -> dict[str, Tensor]:
-        """Read some tensors of one shard record (verifying them on first read)."""
+    def read_tensors(self, rec: Mapping, names: list[str], *,
+                     mmap: bool = False) -> dict[str, Tensor]:
+        """Some tensors of one shard record, verified on their first read by this reader.
+
+        ``mmap=True`` memory-maps them when the cache is on a local disk (no copy; the tensors
+        are read-only views of the file's pages) and reads them into memory otherwise.
+        """
         out = {}
         with self.storage.open_ranges(rec["file"]) as f:
             if rec["file"] not in self._headers_checked:
@@ -260,7 +266,11 @@ class CacheReader:
                     raise CacheMismatchError(f"{f.name}: has no tensor {name!r}")
                 key = (rec["file"], name)
                 verify = self.verify_checksums and key not in self._verified
-                out[name] = read_tensor(f, entry, verify=verify, name=name)
+                if mmap and self.storage.is_local:
+                    out[name] = map_tensor(self.storage.full(rec["file"]), entry, verify=verify,
+                                           name=name)
+                else:
+                    out[name] = read_tensor(f, entry, verify=verify, name=name)
                 if verify:
                     with self._lock:
                         self._verified.add(key)
@@ -323,7 +333,7 @@ class CacheTokenSource:
     """The ActivationSource of one hook and split of a cache (see the module doc)."""
 
     def __init__(self, reader: CacheReader, hook: str, split: str, buffer_tokens: int,
-                 read_ahead_chunks: int):
+                 read_ahead_batches: int):
         self.reader = reader
         self.hook = hook
         self.split = split
@@ -331,7 +341,7 @@ class CacheTokenSource:
         self.shards = [r for r in reader._split(split)["shards"] if r["num_train_tokens"] > 0]
         self.num_tokens = sum(r["num_train_tokens"] for r in self.shards)
         self.buffer_tokens = buffer_tokens
-        self.read_ahead_chunks = read_ahead_chunks
+        self.read_ahead_batches = read_ahead_batches
 
     def chunks(self, seed: int, epoch: int) -> list[list[int]]:
         """The shard groups of an epoch, in order (a function of seed and epoch only)."""
@@ -348,69 +358,92 @@ class CacheTokenSource:
             groups.append(current)
         return groups
 
-    def load_chunk(self, group: list[int], seed: int, epoch: int, number: int) -> Tensor:
-        """The permuted float32 train-mask rows of a group of shards."""
+    def load_chunk(self, group: list[int], seed: int, epoch: int, number: int) -> "_Chunk":
+        """The shards of a group (memory-mapped when local) and the permutation of their rows."""
         key = act_key(self.hook)
-        pieces, index = [], []
+        sources, row_of = [], []
         for s in group:
-            t = self.reader.read_tensors(self.shards[s], ["train_mask", key])
-            flat = t[key].reshape(-1, self.d_in)
-            pieces.append(flat)
-            index.append(torch.nonzero(t["train_mask"].reshape(-1)).squeeze(1))
-        total = sum(len(i) for i in index)
-        perm = torch.from_numpy(np.random.default_rng([seed, epoch, number]).permutation(total))
-        out = torch.empty(total, self.d_in, dtype=torch.float32)
-        offset = 0
-        for flat, idx in zip(pieces, index):
-            # rows offset..offset+len(idx) of the concatenated stream land at perm^-1 positions
-            dest = torch.nonzero((perm >= offset) & (perm < offset + len(idx))).squeeze(1)
-            src = idx[perm[dest] - offset]
-            out.index_copy_(0, dest, flat.index_select(0, src).float())
-            offset += len(idx)
-        return out
+            t = self.reader.read_tensors(self.shards[s], ["train_mask", key], mmap=True)
+            sources.append(t[key].reshape(-1, self.d_in))
+            row_of.append(np.flatnonzero(t["train_mask"].numpy().reshape(-1)))
+        shard_of = np.repeat(np.arange(len(group)), [len(r) for r in row_of])
+        perm = np.random.default_rng([seed, epoch, number]).permutation(len(shard_of))
+        return _Chunk(sources, shard_of[perm], np.concatenate(row_of)[perm], self.d_in)
 
     def iter_batches(self, batch_size: int, *, seed: int, epoch: int,
                      start_batch: int = 0) -> Iterator[Tensor]:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         groups = self.chunks(seed, epoch)
-        sizes = [sum(self.shards[s]["num_train_tokens"] for s in g) for g in groups]
-        ends = np.cumsum(sizes)
+        ends = np.cumsum([sum(self.shards[s]["num_train_tokens"] for s in g) for g in groups])
+        total = self.num_tokens
         pos = start_batch * batch_size
-        if pos >= self.num_tokens:
+        if pos >= total:
             return iter(())
         first = int(np.searchsorted(ends, pos, side="right"))
-        skip = pos - (int(ends[first - 1]) if first else 0)
 
         def produce() -> Iterator[Tensor]:
+            cur, carry = pos, []
             for number in range(first, len(groups)):
-                yield self.load_chunk(groups[number], seed, epoch, number)
+                chunk = self.load_chunk(groups[number], seed, epoch, number)
+                begin = int(ends[number - 1]) if number else 0
+                while cur < ends[number]:
+                    batch_end = min((cur // batch_size + 1) * batch_size, total)
+                    stop = min(batch_end, int(ends[number]))
+                    carry.append(chunk.rows(cur - begin, stop - begin))
+                    cur = stop
+                    if cur == batch_end:
+                        yield carry[0] if len(carry) == 1 else torch.cat(carry)
+                        carry = []
 
-        return _batches(read_ahead(produce, self.read_ahead_chunks), batch_size, skip)
+        return read_ahead(produce, self.read_ahead_batches)
 
 
-def _batches(chunks: Iterator[Tensor], batch_size: int, skip: int) -> Iterator[Tensor]:
-    """Consecutive ``batch_size`` slices of the stream of chunks (the last one may be smaller)."""
-    carry: list[Tensor] = []
-    have = 0
-    for chunk in chunks:
-        if skip:
-            chunk, skip = chunk[skip:], 0
-        start = 0
-        if carry:
-            need = batch_size - have
-            carry.append(chunk[:need])
-            have += len(carry[-1])
-            start = need
-            if have < batch_size:
-                continue
-            yield torch.cat(carry)
-            carry, have = [], 0
-        n_full = (len(chunk) - start) // batch_size
-        for i in range(n_full):
-            yield chunk[start + i * batch_size:start + (i + 1) * batch_size]
-        rest = chunk[start + n_full * batch_size:]
-        if len(rest):
-            carry, have = [rest], len(rest)
-    if carry:
-        yield torch.cat(carry)
+class _Chunk:
+    """Shards of one shuffle chunk and, for each position of its permuted stream, the shard and
+    row it comes from. ``rows(a, b)`` gathers positions [a, b) as float32.
+
+    Within a batch the rows are ordered by shard (then stream position), so each shard is
+    gathered with one ``np.take`` straight into the output. The gather and the conversion to
+    float32 run single-threaded (numpy, and torch copies kept below its parallel grain size):
+    the reader thread never wakes torch's intra-op pool, which belongs to the trainer.
+    """
+
+    def __init__(self, sources: list[Tensor], shard_of: np.ndarray, row_of: np.ndarray,
+                 d_in: int):
+        self.dtype = sources[0].dtype
+        self.sources = [t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+                        for t in sources]
+        self.shard_of = shard_of
+        self.row_of = row_of
+        self.d_in = d_in
+        self.step = max(1, _SERIAL_ELEMENTS // d_in)
+
+    def rows(self, a: int, b: int) -> Tensor:
+        shard, row = self.shard_of[a:b], self.row_of[a:b]
+        out = torch.empty(b - a, self.d_in, dtype=torch.float32)
+        if len(self.sources) == 1:
+            self._gather(out, self.sources[0], row)
+            return out
+        order = np.argsort(shard, kind="stable")
+        shard, row = shard[order], row[order]
+        bounds = np.searchsorted(shard, np.arange(len(self.sources) + 1))
+        for i, src in enumerate(self.sources):
+            lo, hi = int(bounds[i]), int(bounds[i + 1])
+            if hi > lo:
+                self._gather(out[lo:hi], src, row[lo:hi])
+        return out
+
+    def _gather(self, out: Tensor, src: np.ndarray, rows: np.ndarray) -> None:
+        if self.dtype == torch.float32:
+            np.take(src, rows, axis=0, out=out.numpy())
+            return
+        picked = torch.from_numpy(np.take(src, rows, axis=0))
+        if self.dtype == torch.bfloat16:
+            picked = picked.view(torch.bfloat16)
+        for i in range(0, len(rows), self.step):
+            out[i:i + self.step].copy_(picked[i:i + self.step])
+
+
+# torch parallelises element-wise copies above 32768 elements; smaller copies stay serial.
+_SERIAL_ELEMENTS = 32768

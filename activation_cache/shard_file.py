@@ -72,6 +72,26 @@ def read_header(reader: RangeReader) -> dict:
     return header
 
 
+def map_tensor(path: str, entry: Mapping, *, verify: bool, name: str) -> torch.Tensor:
+    """Memory-map one tensor of a local shard (no copy: pages load as rows are touched).
+
+    ``verify`` hashes the mapped bytes (reading them once) and compares with the manifest.
+    """
+    dt = entry["dtype"]
+    try:
+        arr = np.memmap(path, dtype=_NP_DTYPES[dt], mode="c", offset=int(entry["offset"]),
+                        shape=tuple(entry["shape"]))
+    except (ValueError, OSError) as exc:  # e.g. the file is shorter than the tensor
+        raise CorruptCacheError(f"{path}: cannot map tensor {name!r}: {exc}") from None
+    if verify and hashlib.sha256(arr.reshape(-1).view(np.uint8)).hexdigest() != entry["sha256"]:
+        raise CorruptCacheError(
+            f"{path}: tensor {name!r} fails its sha256 check (the file is corrupted or was "
+            "changed after the build); rebuild the cache"
+        )
+    t = torch.from_numpy(arr)
+    return t.view(torch.bfloat16) if dt == "BF16" else t
+
+
 def read_tensor(reader: RangeReader, entry: Mapping, *, verify: bool, name: str,
                 rows: tuple[int, int] | None = None) -> torch.Tensor:
     """Read one tensor (or rows [a, b) of its first dimension) described by a manifest entry.

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from _cache_helpers import build_tiny
-from activation_cache import (CacheConfig, CacheExistsError, CorpusSpec, WindowedTextDataset,
+from activation_cache import (CacheConfig, CacheExistsError, WindowedTextDataset,
                               build_cache, load_corpus, open_cache, split_documents)
 from sweep.cli import main as cli_main
 

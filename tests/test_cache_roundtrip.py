@@ -1,6 +1,5 @@
 """A cache reads back exactly what a direct run_with_cache of the same windows computes."""
 
-import math
 
 import numpy as np
 import pytest
