@@ -80,6 +80,13 @@ def test_documents_and_dataloader(tok):
     assert rebuilt == {0: ids("to be or not"), 1: ids("nothing")}
 
 
+def test_no_text_gives_an_empty_dataset_of_the_right_shape(tok):
+    for texts in ([], ["", ""]):
+        ds = WindowedTextDataset(texts, tok, max_length=4)
+        assert len(ds) == 0 and ds.tokens.shape == (0, 4) and ds.train_mask.shape == (0, 4)
+        assert ds.doc_ids.shape == (0,) and ds.num_tokens == 0
+
+
 def test_window_longer_than_context_is_refused(tok):
     with pytest.raises(WindowError, match="n_ctx=8"):
         WindowedTextDataset(["abc"], tok, max_length=9, n_ctx=8)
