@@ -98,7 +98,9 @@ class TrainingConfig(StrictConfig):
     otherwise eat BatchTopK's shared k x batch budget and dominate the MSE."""
     outlier_norm_multiple: float = 10.0
     """Outlier cap as a multiple of the median token norm. 10 catches BOS / attention sinks but
-    keeps ordinary high-norm tokens (in SmolLM2 some ' the' tokens reach ~4x the median)."""
+    keeps ordinary high-norm tokens: in SmolLM2-135M layer 6 (BOS excluded) ~1 % of tokens sit
+    above 3x the median and carry ~43 % of the variance; dropping them (3x) cost 0.19 of
+    all-token explained variance and gained only 0.006 on the other tokens."""
     # -- initialisation from data ----------------------------------------------------------------
     b_dec_init: str = "geometric_median"
     """Initial decoder bias: ``geometric_median`` (Weiszfeld), ``mean`` or ``zeros`` of the
