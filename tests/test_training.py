@@ -16,6 +16,15 @@ from trainer.training import Schedule
 D_IN, D_SAE = 16, 64
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP waits on a busy 2-core machine (3x)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def sparse_data(n: int, seed: int = 0, n_feat: int = 32) -> torch.Tensor:
     """Tokens that are 3-sparse combinations of a fixed random dictionary, plus an offset."""
     g = torch.Generator().manual_seed(seed)
