@@ -1,5 +1,6 @@
 """The training loop: learning, bit-for-bit resume, checkpoints, reporting, errors, metrics."""
 
+import json
 import math
 
 import pytest
@@ -91,7 +92,23 @@ def test_training_learns_the_sparse_dictionary(arch, tmp_path):
     sae.eval()
     x = sparse_data(64, seed=5)
     assert torch.allclose(loaded(x)[0], sae(x)[0], rtol=1e-4, atol=1e-4)
-    assert (tmp_path / "best" / "weights.safetensors").exists()
+    best = max(result.history, key=lambda r: r.explained_variance)
+    assert (result.best_step, result.best_value) == (best.step, best.explained_variance)
+    best_history = json.loads((tmp_path / "best" / "history.json").read_text())
+    assert best_history[-1]["step"] == best.step  # saved when it was the best so far
+
+
+def test_threshold_starts_after_its_warm_up():
+    tc = quiet(num_epochs=1, log_freq=4, threshold_warmup_steps=6, calibrate_threshold=False)
+    result = train_sae(build_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, top_k=3), seed=0),
+                       TensorSource(sparse_data(2048)), tc, reporter=ListReporter())
+    # 16 steps; the EMA is updated from the 7th step on
+    assert [(r.step, r.threshold is None) for r in result.history] == [
+        (4, True), (8, False), (12, False), (16, False)]
+    capped = quiet(num_epochs=1, log_freq=4, threshold_warmup_steps=1000, calibrate_threshold=False)
+    result = train_sae(build_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, top_k=3), seed=0),
+                       TensorSource(sparse_data(2048)), capped, reporter=ListReporter())
+    assert result.history[-1].threshold is not None  # warm-up capped at half the run
 
 
 def _state(out_dir):
