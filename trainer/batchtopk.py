@@ -23,7 +23,6 @@ from typing import ClassVar, Iterable, Optional
 import torch
 from torch import Tensor
 
-from .errors import CheckpointMismatchError
 from .sae import SAE
 from .sae_config import SAEConfig
 from .sparse_ops import auxk_reconstruct, topk_sae_forward
@@ -38,9 +37,7 @@ class BatchTopKSAE(SAE):
     architecture: ClassVar[str] = "batchtopk"
 
     def __init__(self, cfg: SAEConfig, *, seed: Optional[int] = None):
-        if cfg.top_k is None:  # SAEConfig validation already guarantees this
-            raise CheckpointMismatchError("BatchTopKSAE needs SAEConfig.top_k")
-        super().__init__(cfg, seed=seed)
+        super().__init__(cfg, seed=seed)  # checks the architecture (then top_k is set)
         self.register_buffer("threshold", torch.full((), -1.0, dtype=torch.float32,
                                                      device=self.device))
         self._last_min_selected: Optional[Tensor] = None

@@ -26,6 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from activation_cache import ConfigError
+
 from .errors import CheckpointMismatchError, DimensionMismatchError
 from .sae_config import SAEConfig
 
@@ -46,8 +48,8 @@ class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig, *, seed: Optional[int] = None):
         super().__init__()
         if cfg.architecture != self.architecture:
-            raise CheckpointMismatchError(
-                f"{type(self).__name__} needs SAEConfig.architecture={self.architecture!r}, got "
+            raise ConfigError(
+                f"SAEConfig.architecture: {type(self).__name__} needs {self.architecture!r}, got "
                 f"{cfg.architecture!r} (use trainer.build_sae(cfg) to pick the class)"
             )
         self.cfg = cfg
