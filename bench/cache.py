@@ -52,9 +52,10 @@ def timed_build(cfg: CacheConfig, model, ident, w: Windows) -> tuple[float, str]
     return time.perf_counter() - t0, uri
 
 
-def kl_errors(model, w: Windows, batch_size: int) -> list[tuple[int, float, float, float, float]]:
+def kl_errors(model, w: Windows, batch_size: int) -> list[tuple]:
     gen = torch.Generator().manual_seed(0)
     rows = {k: [] for k in (32, 64, 128)}
+    tails = {k: [] for k in rows}
     exact_all = []
     for a in range(0, len(w), batch_size):
         toks = torch.from_numpy(w.tokens[a:a + batch_size])
@@ -75,12 +76,13 @@ def kl_errors(model, w: Windows, batch_size: int) -> list[tuple[int, float, floa
         for k in rows:
             top, idx, _ = compact_logprobs(clean, k)
             rows[k].append(exact - compact_kl(top, idx, other)[keep])
+            tails[k].append(1 - top.exp().sum(-1)[keep])
     exact = torch.cat(exact_all)
     out = []
     for k, errs in rows.items():
         e = torch.cat(errs)
         out.append((k, float(e.mean()), float(e.max()), float(e.mean() / exact.mean()),
-                    float(exact.mean())))
+                    float(exact.mean()), float(torch.cat(tails[k]).mean())))
     return out
 
 
@@ -125,9 +127,9 @@ def main() -> None:
         print(f"  {name}: {items}")
     print("compact KL error vs exact KL(clean || noisy), non-BOS tokens "
           "(error = exact - compact >= 0):")
-    for k, mean, mx, rel, exact in kl_errors(model, w, args.batch_size):
+    for k, mean, mx, rel, exact, tail in kl_errors(model, w, args.batch_size):
         print(f"  k={k:4d}: mean error {mean:.5f} nats, max {mx:.5f}, mean error / mean KL "
-              f"{rel:.4f} (mean exact KL {exact:.4f})")
+              f"{rel:.4f} (mean exact KL {exact:.4f}; mean clean tail mass {tail:.3f})")
     shutil.rmtree(tmp, ignore_errors=True)
 
 
