@@ -2,10 +2,10 @@
 
 Example (``examples/train.yaml``)::
 
-    cache: runs/cache/smollm2-shakespeare
-    out_dir: runs/train/l9-bt32
-    sae: {d_in: 576, d_sae: 4608, architecture: batchtopk, top_k: 32, hook_layer: 9}
-    training: {max_tokens: 2000000, train_batch_tokens: 4096, lr: 0.0004, log_freq: 50}
+    cache: runs/cache-smollm2
+    out_dir: runs/train-l6-batchtopk-k32
+    sae: {d_in: 576, d_sae: 4608, architecture: batchtopk, top_k: 32, hook_layer: 6}
+    training: {num_epochs: 20, train_batch_tokens: 1024, lr: 0.001, log_freq: 25}
 
 The output folder gets ``job.yaml`` (the config used), ``checkpoints/``, ``best/``, ``final/``
 (native format, see trainer.training) and ``saelens/`` (``export_saelens``). Re-running the
