@@ -207,3 +207,15 @@ def test_cli_cache_builds_and_reports_user_errors_in_one_line(tmp_path, capsys):
     assert "error:" in err and "differs in: dtype" in err and "Traceback" not in err
     assert cli_main(["cache", str(tmp_path / "other.yaml"), "--overwrite"]) == 0
     assert open_cache(str(tmp_path / "cache")).manifest["act_dtype"] == "float16"
+
+
+def test_empty_corpus_and_too_long_windows_are_user_errors(tmp_path):
+    from activation_cache import UserError
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "a.txt").write_text("   \n")
+    cfg = corpus_config(tmp_path, corpus={"source": "files", "paths": [str(tmp_path / "blank")]})
+    with pytest.raises(UserError, match="empty"):
+        build_cache(cfg)
+    with pytest.raises(UserError, match="longer than the model's context n_ctx=64"):
+        build_cache(corpus_config(tmp_path, max_text_length=65))
+    assert not (tmp_path / "cache" / "build.json").exists()
