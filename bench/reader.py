@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -116,6 +117,7 @@ def main() -> None:
         print(f"trainer BatchTopK step (d_in={d_in}, d_sae={8 * d_in}, k=32, batch "
               f"{args.batch_size}, fp32, 2 threads): {rate:.0f} tok/s")
     print("epoch0 includes first-read sha256 verification; ratio = reader tok/s / raw tok/s")
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
