@@ -123,32 +123,44 @@ class BatchTopKSAE(SAE):
     @torch.no_grad()
     def calibrate_threshold(self, batches: Iterable[Tensor], max_tokens: int,
                             chunk_candidates: int = 2) -> Optional[float]:
-        """Set theta so that ``top_k`` x n_tokens activations of ``batches`` exceed it.
+        """Set theta so that ``top_k`` x n_tokens activations of ``batches`` exceed it (exactly,
+        ties aside), i.e. the inference L0 on these tokens is ``top_k``.
 
         ``batches``: iterable of raw [n, d_in] tensors, consumed up to ``max_tokens`` tokens.
-        Each batch keeps its ``chunk_candidates x top_k x n`` largest activations as candidates
-        (exact unless one batch holds more than that share of the global top). Returns the new
-        theta, or None when there was no data.
+        Each batch contributes its ``chunk_candidates x top_k x n`` largest activations as
+        candidates; if a batch might hold more of the global top than that, the pass is
+        repeated with 4x more candidates. Returns the new theta, or None without data.
         """
-        candidates = []
+        kept: list[Tensor] = []
         total = 0
         for batch in batches:
             batch = batch[: max_tokens - total]
             if batch.shape[0] == 0:
                 break
-            acts = torch.relu(self.pre_activations(self.scale_input(batch))).reshape(-1)
-            m = min(chunk_candidates * self.k * batch.shape[0], acts.numel())
-            candidates.append(acts.topk(m, sorted=False).values.float())
+            kept.append(batch)
             total += batch.shape[0]
             if total >= max_tokens:
                 break
         if total == 0:
             return None
-        pool = torch.cat(candidates)
-        target = min(self.k * total, pool.numel())
-        # theta is the target-th largest value: exactly `target` activations are >= theta; the
-        # JumpReLU keeps pre > theta, so step just below it
-        kth = pool.topk(target, sorted=False).values.min()
+        target = self.k * total
+        factor = chunk_candidates
+        while True:
+            pools, floors = [], []  # per batch: candidates, and the smallest one if truncated
+            for batch in kept:
+                acts = torch.relu(self.pre_activations(self.scale_input(batch))).reshape(-1)
+                m = min(factor * self.k * batch.shape[0], acts.numel())
+                top = acts.topk(m, sorted=False).values.float()
+                pools.append(top)
+                if m < acts.numel():
+                    floors.append(top.min())
+            pool = torch.cat(pools)
+            kth = pool.topk(min(target, pool.numel()), sorted=False).values.min()
+            # exact unless a truncated batch kept only values >= kth (it may hold more of them)
+            if all(bool(f < kth) for f in floors) or factor * self.k >= self.cfg.d_sae:
+                break
+            factor *= 4
+        # `target` activations are >= kth; the JumpReLU keeps pre > theta: step just below it
         theta = torch.nextafter(kth, kth.new_zeros(()))
         self.threshold.copy_(theta.clamp_min(0))
         return float(self.threshold)
