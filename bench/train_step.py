@@ -1,7 +1,7 @@
 """BatchTopK training-step benchmark: sae-sweep vs SAELens (CPU, fp32). Prints figures.
 
-    .venv/bin/python bench/train_step.py                       # everything (~10 min on 2 cores)
-    .venv/bin/python bench/train_step.py --d-sae 4608 --reps 5 --quality-tokens 0
+    .venv/bin/python bench/train_step.py                  # everything (~10 min on a quiet box)
+    .venv/bin/python bench/train_step.py --d-sae 4608 --dead-fraction 0 --quality-tokens 0
 
 1. Throughput. One full training step of each library on the same random activations
    (d_in=576, k=32, 4096 tokens, fp32, 2 threads), interleaved repetitions, medians:
@@ -10,14 +10,15 @@
      same order, as ``trainer.train_sae``'s step;
    * SAELens: ``SAETrainer.step`` of a ``BatchTopKTrainingSAE`` (forward, AuxK, backward,
      clipping, Adam, scheduler).
-   Both get the same dead latents before every step (``--dead-fraction``), so both pay for
-   AuxK, with the same k_aux (SAELens hard-codes d_in / 2; ours is set to match). A plain fp32
+   Both get the same dead latents before every step (``--dead-fraction``; with 0 neither
+   runs AuxK), with the same k_aux (SAELens hard-codes d_in / 2; ours is set to match). A plain fp32
    matmul of the encoder's shape is timed in the same loop for the GFLOP/s comparison.
 2. Where our step's time goes (per-phase medians) and what bounds the speed-up.
 3. Quality: held-out explained variance after the same token budget on the same structured
-   synthetic data (sparse non-negative combinations of a random dictionary, a mean offset,
-   noise and a few high-norm tokens), ours via ``trainer.train_sae`` vs SAELens's trainer.
-   Both are scored the same way: BatchTopK encoding of held-out batches of 4096 tokens.
+   synthetic data (sparse non-negative combinations of d_sae / 2 random directions, a mean
+   offset, noise and a few high-norm tokens), ours via ``trainer.train_sae`` vs SAELens's
+   trainer, same learning rate, each library's own initialisation and schedule. Both are
+   scored the same way: BatchTopK encoding of held-out batches of 4096 tokens.
 
 The machine drifts +-30% minute to minute, so only ratios measured within one run mean much.
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import os
 import statistics
 import time
 import warnings
@@ -37,7 +39,8 @@ import torch
 from trainer import BatchTopKSAE, LocalObjective, SAEConfig, TensorSource, TrainingConfig, train_sae
 from trainer.reporting import ConsoleReporter
 from trainer.training import make_optimizer
-from trainer.sparse_ops import batch_topk_indices
+from trainer import sparse_ops
+from trainer.sparse_ops import auxk_reconstruct, batch_topk_indices, topk_sae_forward
 
 D_IN, K = 576, 32
 
@@ -148,10 +151,16 @@ def throughput(d_sae: int, n_tok: int, reps: int, dead_fraction: float, lr: floa
             times["matmul"].append(time.perf_counter() - t0)
     t_ours, t_theirs, t_mm = (statistics.median(times[k]) for k in ("ours", "saelens", "matmul"))
     gemm_flop = 2.0 * n_tok * D_IN * d_sae
-    m_sel = K * n_tok
-    # executed work of our step: one dense GEMM + five sparse passes of 2*M*d_in each
-    # (decode, dv, dW_dec, dW_enc, and the AuxK decode/backward are smaller still)
-    ours_flop = gemm_flop + 5 * 2.0 * m_sel * D_IN
+    # executed work of our step: the dense encoder GEMM, four sparse passes of 2*M*d_in over the
+    # k*N selected pairs (decode, dv, dW_dec, dW_enc), and AuxK (four GEMMs over the dead
+    # columns, or four sparse passes over its pairs when those are few)
+    n_dead = int(dead.sum())
+    k_aux = min(D_IN // 2, n_dead)
+    if n_dead and k_aux / n_dead >= sparse_ops._AUXK_DENSE_DENSITY:
+        aux_flop = 4 * 2.0 * n_tok * n_dead * D_IN
+    else:
+        aux_flop = 4 * 2.0 * n_tok * k_aux * D_IN
+    ours_flop = gemm_flop + 4 * 2.0 * K * n_tok * D_IN + aux_flop
     return {
         "d_sae": d_sae, "dead": int(dead.sum()),
         "tok_s_ours": n_tok / t_ours, "tok_s_saelens": n_tok / t_theirs,
@@ -160,37 +169,58 @@ def throughput(d_sae: int, n_tok: int, reps: int, dead_fraction: float, lr: floa
         "matmul_gflops": gemm_flop / t_mm / 1e9,
         "ours_gflops": ours_flop / t_ours / 1e9,
         "ours_dense_equiv_gflops": 6 * gemm_flop / t_ours / 1e9,
+        "ours_gflop": ours_flop / 1e9, "gemm_gflop": gemm_flop / 1e9,
         "t_ours_ms": 1e3 * t_ours, "t_saelens_ms": 1e3 * t_theirs, "t_matmul_ms": 1e3 * t_mm,
         "ours": ours,
     }
 
 
 def phase_breakdown(ours: OurStep, n_tok: int, reps: int, dead_fraction: float) -> dict:
-    """Per-phase medians of our step, plus the encoder GEMM and the selection timed alone."""
+    """Per-phase medians of our step (``forward`` .. ``renormalisation``), and, timed alone in
+    the same loop, its parts: the dense encoder GEMM, the exact selection, the whole BatchTopK
+    kernel (forward + backward of the reconstruction loss) and the AuxK term (forward +
+    backward)."""
     d_sae = ours.cfg.d_sae
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(n_tok, D_IN, generator=gen) * 2.0 + 0.3
     dead = torch.rand(d_sae, generator=gen) < dead_fraction
     phases: dict[str, list[float]] = {}
     sae = ours.sae
+    params = (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
+
+    def record(name: str, seconds: float) -> None:
+        phases.setdefault(name, []).append(seconds)
+
     for rep in range(reps + 1):
         ours.set_dead(dead)
+        stamps = [("start", time.perf_counter())]
+        ours.step(x, timer=lambda name: stamps.append((name, time.perf_counter())))
+        parts = {}
+        xs = sae.scale_input(x)
         with torch.no_grad():
-            xs = sae.scale_input(x)
             t0 = time.perf_counter()
             pre = torch.addmm(sae.b_enc, xs - sae.b_dec, sae.W_enc)
             t1 = time.perf_counter()
             batch_topk_indices(pre, K * n_tok)
-            t2 = time.perf_counter()
-        del pre
-        stamps = [("start", time.perf_counter())]
-        ours.step(x, timer=lambda name: stamps.append((name, time.perf_counter())))
+            parts["encoder GEMM (dense)"] = t1 - t0
+            parts["exact top-k selection"] = time.perf_counter() - t1
+        t0 = time.perf_counter()
+        out = topk_sae_forward(xs, *params, K)
+        (out.x_hat - xs).pow(2).mean().backward()
+        parts["BatchTopK kernel, forward + backward"] = time.perf_counter() - t0
+        residual = (xs - out.x_hat).detach()
+        t0 = time.perf_counter()
+        aux = auxk_reconstruct(xs, *params, out.pre_acts, dead, ours.cfg.top_k_aux)
+        if aux.e_hat.requires_grad:  # no dead latent: nothing to backpropagate
+            (aux.e_hat - residual).pow(2).mean().backward()
+        parts["AuxK, forward + backward"] = time.perf_counter() - t0
+        ours.opt.zero_grad(set_to_none=True)
         if rep:
-            phases.setdefault("  of which: encoder GEMM (dense)", []).append(t1 - t0)
-            phases.setdefault("  of which: exact top-k selection", []).append(t2 - t1)
             for (_, a), (name, b) in zip(stamps, stamps[1:]):
-                phases.setdefault(name, []).append(b - a)
-            phases.setdefault("total step", []).append(stamps[-1][1] - stamps[0][1])
+                record(name, b - a)
+            record("total step", stamps[-1][1] - stamps[0][1])
+            for name, seconds in parts.items():
+                record(f"  part: {name}", seconds)
     return {name: median_ms(v) for name, v in phases.items()}
 
 
@@ -199,24 +229,25 @@ def phase_breakdown(ours: OurStep, n_tok: int, reps: int, dead_fraction: float) 
 # --------------------------------------------------------------------------------------------
 
 
-def synthetic_activations(n_tok: int, n_features: int, seed: int) -> torch.Tensor:
-    """Sparse non-negative codes over a random unit dictionary, Zipf-like feature frequencies
-    (~20 active per token), a mean offset, 5% noise and 1% of tokens with 4x the norm."""
+def synthetic_activations(n_tok: int, n_features: int, seed: int, active: int = 16) -> torch.Tensor:
+    """Sparse non-negative codes over a random unit dictionary of ``n_features`` directions with
+    Zipf-like frequencies (``active`` per token on average), a mean offset, 5% noise and 1% of
+    tokens with 4x the norm; scaled so that E||x|| = sqrt(d_in), which both libraries expect."""
     gen = torch.Generator().manual_seed(1234)  # the dictionary and offset are shared by splits
     dictionary = torch.randn(n_features, D_IN, generator=gen)
     dictionary /= dictionary.norm(dim=1, keepdim=True)
     offset = torch.randn(D_IN, generator=gen) * 0.5
     freq = 1.0 / (torch.arange(n_features, dtype=torch.float64) + 20.0) ** 0.7
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.multinomial(freq.float(), 20 * n_tok, replacement=True, generator=gen)
-    mags = torch.empty(20 * n_tok).exponential_(1.0, generator=gen) + 0.2
-    tokens = torch.arange(n_tok).repeat_interleave(20)
+    idx = torch.multinomial(freq.float(), active * n_tok, replacement=True, generator=gen)
+    mags = torch.empty(active * n_tok).exponential_(1.0, generator=gen) + 0.2
+    tokens = torch.arange(n_tok).repeat_interleave(active)
     codes = torch.zeros(n_tok, n_features)
     codes.index_put_((tokens, idx), mags, accumulate=True)
     x = codes @ dictionary + offset + 0.05 * torch.randn(n_tok, D_IN, generator=gen)
     heavy = torch.rand(n_tok, generator=gen) < 0.01
     x[heavy] *= 4.0
-    return x * (math.sqrt(D_IN) / x.norm(dim=1).mean())  # E||x|| ~ sqrt(d_in), like both expect
+    return x * (math.sqrt(D_IN) / x.norm(dim=1).mean())
 
 
 @torch.no_grad()
@@ -228,8 +259,8 @@ def explained_variance(reconstruct: Callable[[torch.Tensor], torch.Tensor], x: t
 
 def quality(d_sae: int, tokens: int, batch: int, lr: float, seed: int = 0) -> dict:
     n_train = min(tokens, 65536)
-    train = synthetic_activations(n_train, n_features=d_sae, seed=1)
-    held_out = synthetic_activations(8192, n_features=d_sae, seed=2)
+    train = synthetic_activations(n_train, n_features=d_sae // 2, seed=1)
+    held_out = synthetic_activations(8192, n_features=d_sae // 2, seed=2)
     source = TensorSource(train)
     epochs = math.ceil(tokens / n_train)
     steps = tokens // batch
@@ -267,16 +298,42 @@ def quality(d_sae: int, tokens: int, batch: int, lr: float, seed: int = 0) -> di
 # --------------------------------------------------------------------------------------------
 
 
+def report_throughput(d_sae: int, dead_fraction: float, args: argparse.Namespace) -> None:
+    r = throughput(d_sae, args.tokens, args.reps, dead_fraction, args.lr)
+    print(f"\n== d_sae={d_sae}, {r['dead']} dead latents ({dead_fraction:.0%}) ==")
+    print(f"  sae-sweep step : {r['tok_s_ours']:8.0f} tok/s  ({r['t_ours_ms']:.0f} ms/step)")
+    print(f"  SAELens step   : {r['tok_s_saelens']:8.0f} tok/s  ({r['t_saelens_ms']:.0f} ms/step)")
+    print(f"  speed-up       : {r['ratio']:.2f}x wall time "
+          f"({r['cpu_ratio']:.2f}x in process CPU time, less sensitive to other load)")
+    print(f"  plain fp32 matmul [{args.tokens}x{D_IN}]@[{D_IN}x{d_sae}]: "
+          f"{r['matmul_gflops']:.0f} GFLOP/s ({r['t_matmul_ms']:.0f} ms)")
+    print(f"  our step: {r['ours_gflop']:.1f} GFLOP executed (encoder GEMM "
+          f"{r['gemm_gflop']:.1f}) -> {r['ours_gflops']:.0f} GFLOP/s, "
+          f"{100 * r['ours_gflops'] / r['matmul_gflops']:.0f}% of the matmul's rate; "
+          f"{r['ours_dense_equiv_gflops']:.0f} GFLOP/s counted as a dense step's 6 GEMMs")
+    phases = phase_breakdown(r["ours"], args.tokens, args.reps, dead_fraction)
+    total = phases["total step"]
+    print("  our step, per phase (medians of a separate interleaved run; parts timed alone):")
+    for name, ms in phases.items():
+        print(f"    {name:44s} {ms:7.1f} ms  {100 * ms / total:5.1f}%")
+    gemm = phases["  part: encoder GEMM (dense)"]
+    print(f"  bound: the dense encoder GEMM alone is {100 * gemm / total:.0f}% of our step; "
+          f"a step that did nothing else would be {r['t_saelens_ms'] / gemm:.1f}x SAELens "
+          f"(measured {r['ratio']:.1f}x)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--d-sae", type=int, nargs="+", default=[4608, 9216])
+    ap.add_argument("--d-sae", type=int, nargs="*", default=[4608, 9216],
+                    help="dictionary sizes of the throughput runs (none: skip them)")
     ap.add_argument("--tokens", type=int, default=4096, help="tokens per step")
     ap.add_argument("--reps", type=int, default=7, help="timed, interleaved steps per library")
-    ap.add_argument("--dead-fraction", type=float, default=0.25,
-                    help="fraction of latents marked dead before every timed step (AuxK on)")
+    ap.add_argument("--dead-fraction", type=float, nargs="+", default=[0.0, 0.25],
+                    help="fractions of latents marked dead before every timed step "
+                         "(0: no AuxK work; otherwise both libraries pay for AuxK)")
     ap.add_argument("--lr", type=float, default=4e-4)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quality-tokens", type=int, default=262144,
+    ap.add_argument("--quality-tokens", type=int, default=131072,
                     help="training-token budget of the quality check (0: skip it)")
     ap.add_argument("--quality-batch", type=int, default=1024)
     ap.add_argument("--quality-d-sae", type=int, default=4608)
@@ -285,30 +342,13 @@ def main() -> None:
     torch.manual_seed(0)
     warnings.filterwarnings("ignore")  # SAELens/transformers chatter
 
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at the start")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU; d_in={D_IN}, "
-          f"k={K}, {args.tokens} tokens/step, {args.reps} interleaved reps (medians), "
-          f"{args.dead_fraction:.0%} of latents dead (AuxK on, k_aux={D_IN // 2} for both)")
+          f"k={K}, {args.tokens} tokens/step, {args.reps} interleaved reps (medians); with dead "
+          f"latents both run AuxK with k_aux={D_IN // 2} (SAELens's fixed d_in / 2)")
     for d_sae in args.d_sae:
-        r = throughput(d_sae, args.tokens, args.reps, args.dead_fraction, args.lr)
-        print(f"\n== d_sae={d_sae} ({r['dead']} dead) ==")
-        print(f"  sae-sweep step : {r['tok_s_ours']:8.0f} tok/s  ({r['t_ours_ms']:.0f} ms/step)")
-        print(f"  SAELens step   : {r['tok_s_saelens']:8.0f} tok/s  ({r['t_saelens_ms']:.0f} ms/step)")
-        print(f"  speed-up       : {r['ratio']:.2f}x wall time "
-              f"({r['cpu_ratio']:.2f}x in process CPU time, less sensitive to other load)")
-        print(f"  plain fp32 matmul [{args.tokens}x{D_IN}]@[{D_IN}x{d_sae}]: "
-              f"{r['matmul_gflops']:.0f} GFLOP/s ({r['t_matmul_ms']:.0f} ms)")
-        print(f"  our step: {r['ours_gflops']:.0f} GFLOP/s executed "
-              f"({100 * r['ours_gflops'] / r['matmul_gflops']:.0f}% of matmul), "
-              f"{r['ours_dense_equiv_gflops']:.0f} GFLOP/s dense-equivalent (6 GEMMs)")
-        phases = phase_breakdown(r["ours"], args.tokens, args.reps, args.dead_fraction)
-        total = phases["total step"]
-        print("  our step, per phase (medians, separate interleaved run):")
-        for name, ms in phases.items():
-            print(f"    {name:36s} {ms:7.1f} ms  {100 * ms / total:5.1f}%")
-        gemm = phases["  of which: encoder GEMM (dense)"]
-        print(f"  bound: the dense encoder GEMM alone is {100 * gemm / total:.0f}% of our step; "
-              f"a step that did nothing else would be {r['t_saelens_ms'] / gemm:.1f}x SAELens "
-              f"(measured {r['ratio']:.1f}x)")
+        for dead_fraction in args.dead_fraction:
+            report_throughput(d_sae, dead_fraction, args)
 
     if args.quality_tokens > 0:
         q = quality(args.quality_d_sae, args.quality_tokens, args.quality_batch, args.lr)
@@ -320,6 +360,7 @@ def main() -> None:
               f"{q['ev_ours_inference']:.3f}; dead latents {q['dead_ours']:.1f}%")
         print(f"  wall time of the training runs: sae-sweep {q['t_ours_s']:.0f} s, "
               f"SAELens {q['t_saelens_s']:.0f} s")
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
 
 
 if __name__ == "__main__":

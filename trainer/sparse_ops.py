@@ -187,18 +187,19 @@ def _indices_above(flat: Tensor, thr: Tensor | float) -> Tensor:
     return words[hits[:, 0]] * 8 + hits[:, 1]
 
 
-def _cut_candidates(flat: Tensor, idx: Tensor, m: int) -> Tensor:
-    """Exact top ``m`` of ``flat[idx]`` (idx ascending, all >= the cut), ties to lowest index."""
+def _cut_candidates(flat: Tensor, idx: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """Exact top ``m`` of ``flat[idx]`` (idx ascending, a superset of the top ``m``), ties to
+    the lowest index: (indices, values)."""
     vals = flat[idx]
     if idx.numel() <= m:
-        return idx
+        return idx, vals
     kth = torch.topk(vals, m, sorted=False).values.min()
     keep = vals > kth
     need = m - int(torch.count_nonzero(keep))
     if need > 0:
         ties = vals == kth
         keep |= ties & (torch.cumsum(ties, 0) <= need)
-    return idx[keep]
+    return idx[keep], vals[keep]
 
 
 def batch_topk_indices(
@@ -213,13 +214,20 @@ def batch_topk_indices(
     ``sample_size`` and ``margin`` (in binomial standard deviations) tune the threshold
     estimate; they change the speed, never the result.
     """
+    return _batch_topk(pre, m, sample_size=sample_size, margin=margin)[0]
+
+
+def _batch_topk(
+    pre: Tensor, m: int, *, sample_size: int | None = None, margin: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """:func:`batch_topk_indices` and the selected values."""
     sample_size = _SAMPLE_SIZE if sample_size is None else sample_size
     margin = _MARGIN_SIGMAS if margin is None else margin
     flat = pre.reshape(-1)
     n = flat.numel()
     m = min(m, n)
     if m <= 0:
-        return torch.zeros(0, dtype=torch.long, device=pre.device)
+        return torch.zeros(0, dtype=torch.long, device=pre.device), flat.new_zeros(0)
     s = min(sample_size, n)
     expected = s * m / n  # how many sample points lie above the true cut, on average
     rank = max(1, math.ceil(expected + margin * math.sqrt(expected) + 8))  # rank from the top
@@ -445,10 +453,9 @@ def topk_sae_forward(
     with torch.no_grad():
         xc = x - b_dec
         pre = torch.addmm(b_enc, xc, W_enc)
-        idx = batch_topk_indices(pre, k * n)
+        idx, pre_values = _batch_topk(pre, k * n)
         token_idx = torch.div(idx, d_sae, rounding_mode="floor")
         latent_idx = idx - token_idx * d_sae
-        pre_values = pre.view(-1)[idx]
     pattern = SparsePattern(token_idx, latent_idx, n, d_sae)
     values, decoded = _encode_decode(x, W_enc, b_enc, W_dec, b_dec, xc, pre_values, pattern)
     return TopKForward(decoded + b_dec, values, token_idx, latent_idx, pre)
