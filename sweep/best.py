@@ -141,7 +141,9 @@ def format_table(frame: pd.DataFrame, output_format: str) -> str:
         return json.dumps(records, indent=2)
     if frame.empty:
         return "(no trial matches)"
-    return frame.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    # the console table leaves out the long checkpoint paths (csv/json keep them)
+    shown = frame.drop(columns=[c for c in ("checkpoint_path",) if c in frame.columns])
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
 # -- helpers ---------------------------------------------------------------------------------
