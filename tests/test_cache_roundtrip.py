@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from _cache_helpers import BOS, build_tiny, tiny_model
+from _cache_helpers import BOS, build_tiny, random_windows, tiny_model
 from activation_cache.builder import make_layout
 from activation_cache.compact_logits import compact_kl, full_kl
 from activation_cache.reader import open_cache
@@ -153,3 +153,20 @@ def test_sequence_batches_shuffle_is_a_permutation_and_resumes(tmp_path):
         assert torch.equal(x.acts["blocks.0.hook_resid_post"], y.acts["blocks.0.hook_resid_post"])
         w = windows["train"]
         assert torch.equal(y.tokens, torch.from_numpy(w.tokens[y.sequence.numpy()]))
+
+
+def test_excluded_token_ids_kept_bos_and_shard_mb(tmp_path):
+    windows = {"train": random_windows(12, seed=3), "val": random_windows(2, seed=4)}
+    common = windows["train"].tokens[windows["train"].attention_mask & (windows["train"].tokens != BOS)]
+    excluded = int(np.bincount(common).argmax())  # the commonest real token id
+    # one window of 16 positions of float32 64-d activations is 4 KiB; 0.01 MB -> 2 per shard
+    uri, _, _ = build_tiny(tmp_path / "c", windows=windows, exclude_bos=False,
+                           exclude_token_ids=(excluded,), shard_tokens=None, shard_mb=0.01)
+    reader = open_cache(uri)
+    assert [r["num_sequences"] for r in reader.manifest["splits"]["train"]["shards"]] == [2] * 6
+    b = next(iter(reader.sequence_batches("train", 12)))
+    want = b.attention_mask & (b.tokens != excluded)
+    assert torch.equal(b.train_mask, want)
+    assert b.train_mask[:, 0].all()  # BOS kept
+    assert reader.manifest["excluded"] == {"padding": True, "bos": False, "bos_token_id": BOS,
+                                           "pad_token_id": 0, "token_ids": [excluded]}
