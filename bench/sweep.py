@@ -24,6 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# This script shares its name with the package it measures: keep `import sweep` pointing at it.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
