@@ -59,18 +59,19 @@ class SweepSearcher(OptunaSearch):
             return
         ot_trial = self._ot_trials[trial_id]
         values = [None if result is None else result.get(m) for m in self.metrics]
-        ot_trial.set_user_attr("ray_trial_id", trial_id)
-        if self._constraints and result is not None:
-            for c in self._constraints:
+        try:
+            ot_trial.set_user_attr("ray_trial_id", trial_id)
+            for c in self._constraints if result is not None else ():
                 spec = ConstraintSpec.from_dict(c)
                 ot_trial.set_constraint(spec.as_query().replace("`", ""),
                                         spec.violation(_float(result.get(spec.metric))))
-        try:
             if error or result is None or not all(_finite(v) for v in values):
                 self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
             else:
                 told = [float(v) for v in values]
                 self._ot_study.tell(ot_trial, told if len(told) > 1 else told[0])
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # told before a driver crash; Tune completed it again after the restore
         except Exception as exc:  # never let Optuna bookkeeping kill the sweep
             logger.warning("Optuna could not record trial %s: %s", trial_id, exc)
         self._completed_trials.add(trial_id)

@@ -132,8 +132,6 @@ def record_to_metrics(record: Any) -> dict[str, Any]:
         l0 = getattr(record, "l0_train", None)
     if l0 is not None:
         metrics["l0"] = float(l0)
-    # Keep every objective-relevant field present even when not computed (None -> absent is
-    # what MissingMetricError reports).
     return metrics
 
 
@@ -152,7 +150,6 @@ def train_trial(params: Mapping[str, Any], *, job: Mapping[str, Any]) -> None:
     from ray import tune
 
     from activation_cache import open_cache
-    from trainer import build_sae, train_sae
 
     from .sweep_config import SweepConfig
     from .trial_configs import build_trial_configs
@@ -165,7 +162,8 @@ def train_trial(params: Mapping[str, Any], *, job: Mapping[str, Any]) -> None:
 
     ctx = ray.get_runtime_context()
     reporter = RayReporter(monitored=cfg.objective.monitored_metrics(),
-                           max_tokens=train_cfg.max_tokens, node_id=ctx.get_node_id(), node_ip=ray.util.get_node_ip_address())
+                           max_tokens=train_cfg.max_tokens, node_id=ctx.get_node_id(),
+                           node_ip=ray.util.get_node_ip_address())
     # The trainer's own folder is scratch space outside the trial folder (whose files Tune
     # syncs as artifacts): Tune holds the state in the checkpoints it is handed.
     work = Path(tempfile.mkdtemp(prefix=f"sae-sweep-{tune.get_context().get_trial_id()}-"))
@@ -176,8 +174,8 @@ def train_trial(params: Mapping[str, Any], *, job: Mapping[str, Any]) -> None:
         if resume_dir is not None:
             reporter.time_offset = _elapsed_at(resume_dir)
         try:
-            result = _train(build_sae, train_sae, sae_cfg, train_source, train_cfg, val_source,
-                            work, resume_dir, reporter, objective)
+            result = _train(sae_cfg, train_cfg, train_source, val_source, objective,
+                            out_dir=work, resume_dir=resume_dir, reporter=reporter)
         except Exception as exc:
             if not _is_divergence(exc):
                 raise
@@ -197,14 +195,13 @@ def _elapsed_at(checkpoint_dir: str) -> float:
         return 0.0
 
 
-def _train(build_sae, train_sae, sae_cfg, train_source, train_cfg, val_source, work, resume_dir,
-           reporter, objective):
+def _train(sae_cfg: Any, train_cfg: Any, train_source: Any, val_source: Any, objective: Any, *,
+           out_dir: Path, resume_dir: Optional[str], reporter: RayReporter) -> Any:
+    from trainer import build_sae, train_sae
+
     sae = build_sae(sae_cfg, seed=train_cfg.seed)  # seeded initial weights: reproducible trials
-    kwargs: dict[str, Any] = dict(val_source=val_source, out_dir=str(work),
-                                  resume_from=resume_dir, reporter=reporter)
-    if objective is not None:
-        kwargs["objective"] = objective
-    return train_sae(sae, train_source, train_cfg, **kwargs)
+    return train_sae(sae, train_source, train_cfg, val_source=val_source, out_dir=str(out_dir),
+                     resume_from=resume_dir, reporter=reporter, objective=objective)
 
 
 def _report_final(reporter: RayReporter, result: Any, resume_dir: Optional[str]) -> None:

@@ -97,3 +97,15 @@ def test_searcher_pareto_and_orphans(tmp_path):
     numbers = {t.number: t.state.name for t in s._ot_study.get_trials(deepcopy=False)}
     assert numbers[orphan.number] == "FAIL" and numbers[1] == "RUNNING"  # "b" is live
     assert s._ot_study.get_trials(deepcopy=False)[0].values == [0.2, 5.0]
+
+
+def test_searcher_tolerates_a_trial_finished_before_a_driver_crash(tmp_path):
+    s, _ = _searcher(tmp_path, "fvu", "min", [ConstraintSpec(metric="l0", max=10.0)])
+    s.suggest("a")
+    s.on_trial_complete("a", {"fvu": 0.2, "l0": 3.0})
+    s._completed_trials.clear()  # the restored searcher state predates that completion
+    s.on_trial_result("a", {"fvu": 0.25, "training_iteration": 3})
+    s.on_trial_complete("a", {"fvu": 0.25, "l0": 30.0})
+    trial = s._ot_study.get_trials(deepcopy=False)[0]
+    assert trial.state.name == "COMPLETE" and trial.values == [0.2]
+    assert trial.constraints == {"l0 <= 10.0": -7.0}
