@@ -6,7 +6,8 @@ On the embedded SmolLM2-135M and the built-in Shakespeare corpus (windows of 128
 
 1. build tokens/s (``build_from_windows``: hooked pass + compact logits + encoding, hashing and
    writing shards) against the bare ``model(tokens)`` forward on the same windows, same batch
-   size, same layers -- for a local-loss cache (blocks.6.hook_resid_post, stop_at_layer=7) and
+   size, same layers, by wall time and by process CPU time (steadier on a shared machine; it
+   includes the writer thread) -- for a local-loss cache (blocks.6.hook_resid_post, stop_at_layer=7) and
    an end-to-end cache (full pass, top-64 logits, splice residual). Runs are interleaved and the
    best of ``--repeats`` is kept for each side, so the ratio is measured side by side;
 2. bytes per real token on disk for each stored item (fp16 activations);
@@ -34,22 +35,24 @@ from activation_cache.builder import Windows, build_from_windows, make_windows  
 HOOK = "blocks.6.hook_resid_post"
 
 
-def bare_forward(model, w: Windows, batch_size: int, stop_at_layer) -> float:
-    t0 = time.perf_counter()
+def bare_forward(model, w: Windows, batch_size: int, stop_at_layer) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of the plain forward over the windows."""
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for a in range(0, len(w), batch_size):
             toks = torch.from_numpy(w.tokens[a:a + batch_size])
             am = torch.from_numpy(w.attention_mask[a:a + batch_size]).long()
             model(toks, attention_mask=am, stop_at_layer=stop_at_layer)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
-def timed_build(cfg: CacheConfig, model, ident, w: Windows) -> tuple[float, str]:
+def timed_build(cfg: CacheConfig, model, ident, w: Windows) -> tuple[float, float, str]:
+    """(wall seconds, process CPU seconds, uri) of a whole build over the windows."""
     shutil.rmtree(cfg.output, ignore_errors=True)
     empty = Windows(w.tokens[:0], w.attention_mask[:0], w.doc_id[:0])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     uri = build_from_windows(cfg, model, ident, {"train": w, "val": empty})
-    return time.perf_counter() - t0, uri
+    return time.perf_counter() - t0, time.process_time() - c0, uri
 
 
 def kl_errors(model, w: Windows, batch_size: int) -> list[tuple]:
@@ -114,13 +117,15 @@ def main() -> None:
         bare, built = [], []
         for _ in range(args.repeats):
             bare.append(bare_forward(model, w, args.batch_size, stop))
-            seconds, uri = timed_build(cfg, model, ident, w)
-            built.append(seconds)
+            *cost, uri = timed_build(cfg, model, ident, w)
+            built.append(tuple(cost))
         manifests[name] = open_cache(uri).manifest
-        b, c = min(bare), min(built)
-        print(f"{name}:\n  bare forward {n_tokens / b:8.1f} tok/s   cache build "
-              f"{n_tokens / c:8.1f} tok/s   build/bare = {b / c:.3f}  (all runs: bare "
-              f"{[round(n_tokens / x, 1) for x in bare]}, build {[round(n_tokens / x, 1) for x in built]})")
+        (bw, _), (cw, _) = min(bare), min(built)
+        bcpu, ccpu = min(c for _, c in bare), min(c for _, c in built)
+        print(f"{name}:\n  wall: bare forward {n_tokens / bw:8.1f} tok/s, cache build "
+              f"{n_tokens / cw:8.1f} tok/s, build/bare = {bw / cw:.3f}   CPU time: build/bare = "
+              f"{bcpu / ccpu:.3f}\n  all runs (wall tok/s): bare {[round(n_tokens / x, 1) for x, _ in bare]}, "
+              f"build {[round(n_tokens / x, 1) for x, _ in built]}")
     print("bytes per real token on disk (fp16 activations; padding slots included):")
     for name, m in manifests.items():
         items = ", ".join(f"{k} {v:.1f}" for k, v in m["bytes_per_token"].items())
