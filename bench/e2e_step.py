@@ -12,7 +12,11 @@ same batch of real text windows (the built-in Shakespeare corpus):
   KL, backward to the splice point.
 
 The variants alternate within one run (``--reps`` times per layer) and the medians are compared,
-because this shared CPU drifts by +-30 % minute to minute. Peak memory: the extra resident set
+because this shared CPU drifts by +-30 % minute to minute. Each step is timed twice: wall clock,
+and this process's CPU time (``time.process_time``). With the default single thread the CPU time
+is the work the step did, robust to other jobs on a shared machine (with several threads it would
+also count threads spinning at barriers while a sibling is descheduled); the speed-ups are
+quoted on both. Peak memory: the extra resident set
 (RSS, sampled every millisecond) of one step in a fresh process per variant, above the RSS right
 before the step (model, SAE and batch already loaded).
 
@@ -165,7 +169,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--top-k", type=int, default=64, help="cached clean log-probs per token")
     p.add_argument("--reps", type=int, default=3, help="timed steps per variant and layer")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: CPU time measures work even on a busy machine)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--memory-variant", choices=["ours", "anchors"], help=argparse.SUPPRESS)
     p.add_argument("--layer", type=int, help=argparse.SUPPRESS)
@@ -188,27 +193,29 @@ def main() -> None:
           f"({n_tok} train tokens), SAE 576 -> 4608 k=32, KL from top-{args.top_k} cached "
           f"logits (ours) vs full clean pass (anchors), {args.threads} threads, "
           f"{args.reps} interleaved reps; micro-batch {objective._micro(batch)} windows")
-    results = {}
     for hook in hooks:
         sae = make_sae(hook, batch)
-        times = {"ours": [], "anchors": []}
+        wall = {"ours": [], "anchors": []}
+        cpu = {"ours": [], "anchors": []}
         losses = {}
         for rep in range(args.reps + 1):  # the first round is a warm-up
             for name in ("ours", "anchors"):
                 sae.zero_grad(set_to_none=True)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 if name == "ours":
                     losses[name] = ours_step(model, sae, batch, objective)
                 else:
                     losses[name] = anchors_step(model, sae, batch, cfg)
                 if rep:
-                    times[name].append(time.perf_counter() - t0)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        results[hook] = med
-        print(f"{hook}: ours {n_tok / med['ours']:.0f} tok/s ({med['ours']:.2f} s/step), "
-              f"anchors {n_tok / med['anchors']:.0f} tok/s ({med['anchors']:.2f} s/step), "
-              f"speed-up {med['anchors'] / med['ours']:.2f}x "
-              f"[losses {losses['ours']:.4f} vs {losses['anchors']:.4f}: compact vs full KL]")
+                    wall[name].append(time.perf_counter() - t0)
+                    cpu[name].append(time.process_time() - c0)
+        for label, times in (("CPU time", cpu), ("wall", wall)):
+            med = {k: statistics.median(v) for k, v in times.items()}
+            print(f"{hook} [{label}]: ours {n_tok / med['ours']:.0f} tok/s "
+                  f"({med['ours']:.2f} s/step), anchors {n_tok / med['anchors']:.0f} tok/s "
+                  f"({med['anchors']:.2f} s/step), speed-up {med['anchors'] / med['ours']:.2f}x")
+        print(f"{hook}: step losses {losses['ours']:.4f} (compact top-{args.top_k} KL) vs "
+              f"{losses['anchors']:.4f} (full KL)", flush=True)
     if args.no_memory:
         return
     for layer in args.layers:
