@@ -4,7 +4,9 @@ It runs in the driver. Every reported result is appended to the history; the res
 rebuilt from Tune's full trial list (restored trials included, so after ``--resume`` it is
 complete), on every trial completion, error and checkpoint, and at most every
 ``flush_every_s`` seconds in between. After a driver restart it reloads the history it had
-written, and steps that a restarted trial reports again replace their earlier rows.
+written, and steps that a restarted trial reports again replace their earlier rows. A trial
+the dead driver had started but never recorded in Tune's experiment state is not resumed by
+Tune (its Optuna trial is marked failed); its rows leave both tables.
 """
 
 from __future__ import annotations
@@ -78,6 +80,11 @@ class ResultsCallback(Callback):
         self._load()
         self._history = merge_history(self._history, self._pending)
         self._pending = []
+        # Tune's trial list is the truth: a trial the previous driver started but never saved
+        # in its experiment state is not resumed (Optuna marks it failed); drop its rows.
+        known = {t.trial_id for t in trials}
+        if len(self._history) and not self._history["trial_id"].isin(known).all():
+            self._history = self._history[self._history["trial_id"].isin(known)]
         if len(self._history):
             write_table(self._history, Path(self.experiment_dir) / HISTORY_FILE)
         write_results([trial_row(t) for t in trials], self.experiment_dir)
