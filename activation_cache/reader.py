@@ -403,8 +403,9 @@ class _Chunk:
     """Shards of one shuffle chunk and, for each position of its permuted stream, the shard and
     row it comes from. ``rows(a, b)`` gathers positions [a, b) as float32.
 
-    Within a batch the rows are ordered by shard (then stream position), so each shard is
-    gathered with one ``np.take`` straight into the output. The gather and the conversion to
+    Which tokens form a batch is set by the permutation; inside a batch the rows are put in
+    storage order (shard, then row), so each shard is gathered with one forward-sweeping
+    ``np.take`` straight into the output (a batch is a set: its order does not matter). The gather and the conversion to
     float32 run single-threaded (numpy, and torch copies kept below its parallel grain size):
     the reader thread never wakes torch's intra-op pool, which belongs to the trainer.
     """
@@ -416,17 +417,18 @@ class _Chunk:
                         for t in sources]
         self.shard_of = shard_of
         self.row_of = row_of
+        self.stride = max(len(t) for t in sources) + 1
         self.d_in = d_in
         self.step = max(1, _SERIAL_ELEMENTS // d_in)
 
     def rows(self, a: int, b: int) -> Tensor:
-        shard, row = self.shard_of[a:b], self.row_of[a:b]
+        # storage order inside the batch: a forward sweep through each shard, not random reads
+        key = np.sort(self.shard_of[a:b] * self.stride + self.row_of[a:b])
+        shard, row = key // self.stride, key % self.stride
         out = torch.empty(b - a, self.d_in, dtype=torch.float32)
         if len(self.sources) == 1:
             self._gather(out, self.sources[0], row)
             return out
-        order = np.argsort(shard, kind="stable")
-        shard, row = shard[order], row[order]
         bounds = np.searchsorted(shard, np.arange(len(self.sources) + 1))
         for i, src in enumerate(self.sources):
             lo, hi = int(bounds[i]), int(bounds[i + 1])
@@ -436,9 +438,9 @@ class _Chunk:
 
     def _gather(self, out: Tensor, src: np.ndarray, rows: np.ndarray) -> None:
         if self.dtype == torch.float32:
-            np.take(src, rows, axis=0, out=out.numpy())
+            np.take(src, rows, axis=0, out=out.numpy(), mode="clip")  # "raise" would buffer out
             return
-        picked = torch.from_numpy(np.take(src, rows, axis=0))
+        picked = torch.from_numpy(np.take(src, rows, axis=0, mode="clip"))
         if self.dtype == torch.bfloat16:
             picked = picked.view(torch.bfloat16)
         for i in range(0, len(rows), self.step):
