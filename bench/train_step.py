@@ -21,26 +21,33 @@
    scored the same way: BatchTopK encoding of held-out batches of 4096 tokens.
 
 The machine drifts +-30% minute to minute, so only ratios measured within one run mean much.
+OpenMP workers wait passively here (``OMP_WAIT_POLICY=PASSIVE`` unless the environment says
+otherwise): on a shared, oversubscribed box, spinning workers steal the core their preempted
+peer needs, which made every small parallel op several times slower. It applies to both
+libraries alike (same process).
 """
 
 from __future__ import annotations
 
-import argparse
-import io
-import math
 import os
-import statistics
-import time
-import warnings
-from typing import Callable
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
 
-from trainer import BatchTopKSAE, LocalObjective, SAEConfig, TensorSource, TrainingConfig, train_sae
-from trainer.reporting import ConsoleReporter
-from trainer.training import make_optimizer
-from trainer import sparse_ops
-from trainer.sparse_ops import auxk_reconstruct, batch_topk_indices, topk_sae_forward
+import argparse  # noqa: E402
+import io  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import torch  # noqa: E402
+
+from trainer import (  # noqa: E402
+    BatchTopKSAE, LocalObjective, SAEConfig, TensorSource, TrainingConfig, sparse_ops, train_sae)
+from trainer.reporting import ConsoleReporter  # noqa: E402
+from trainer.sparse_ops import auxk_reconstruct, batch_topk_indices, topk_sae_forward  # noqa: E402
+from trainer.training import make_optimizer  # noqa: E402
 
 D_IN, K = 576, 32
 
@@ -342,7 +349,8 @@ def main() -> None:
     torch.manual_seed(0)
     warnings.filterwarnings("ignore")  # SAELens/transformers chatter
 
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at the start")
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at the start; "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU; d_in={D_IN}, "
           f"k={K}, {args.tokens} tokens/step, {args.reps} interleaved reps (medians); with dead "
           f"latents both run AuxK with k_aux={D_IN // 2} (SAELens's fixed d_in / 2)")
