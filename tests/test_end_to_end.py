@@ -254,7 +254,7 @@ def test_micro_batches_do_not_change_loss_or_gradient(model, cache_full):
                                 micro_batch_sequences=micro)
         out = obj.step(sae, batch)
         out.loss.backward()
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
         grads.append(sae.W_dec.grad.clone())
     assert losses[0] == pytest.approx(losses[1], rel=1e-6) == pytest.approx(losses[2], rel=1e-6)
     torch.testing.assert_close(grads[0], grads[2], rtol=1e-4, atol=1e-8)
@@ -271,7 +271,7 @@ def test_restart_and_full_forward_fallback_agree(model, cache_resid, cache_bare,
         sae = _standard_sae(hook)
         out = EndToEndObjective(model, cfg).step(sae, next(iter(src.batches(8))))
         out.loss.backward()
-        outs.append((float(out.loss), sae.W_enc.grad.clone(), src))
+        outs.append((float(out.loss.detach()), sae.W_enc.grad.clone(), src))
     assert "blocks.1.hook_resid_pre" in outs[0][2].stored_hooks
     assert "blocks.1.hook_resid_pre" not in outs[1][2].stored_hooks
     assert outs[0][0] == pytest.approx(outs[1][0], rel=1e-5)
