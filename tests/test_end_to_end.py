@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from activation_cache import (CacheConfig, ModelSpec, compact_kl, load_model, model_identity,
-                              open_cache)
+from activation_cache import (CacheConfig, ConfigError, ModelSpec, compact_kl, load_model,
+                              model_identity, open_cache)
 from activation_cache.builder import Windows, build_from_windows
 from trainer import (BatchTopKSAE, EndToEndObjective, MetricsRecord, SAEConfig, SequenceSource,
                      TrainingConfig, build_sae, evaluate_sae_dir, train_sae)
@@ -430,3 +430,21 @@ def test_end_to_end_training_resumes_bit_for_bit(model, cache_full, tmp_path):
     assert straight.final.kl_div == resumed.final.kl_div
     # the objective's state (the outlier cap) travels in the checkpoint
     assert "outlier_cap" in json.dumps(state)
+
+
+def test_max_tokens_counts_end_to_end_tokens_not_token_batches(model, cache_full):
+    # 48 train windows / 8 per step = 6 steps per epoch. A budget of two epochs' tokens must
+    # give 12 steps: the schedule is sized from the windows' train tokens, not from
+    # train_batch_tokens (which only token-batch training uses).
+    train = SequenceSource(cache_full, "train", HOOKS[0])
+    cfg = _e2e_config(num_epochs=5, max_tokens=2 * train.num_tokens, train_batch_tokens=4096)
+    sae = build_sae(SAEConfig(d_in=D, d_sae=64, top_k=4, hook_layer=1), seed=0)
+    result = train_sae(sae, train, cfg, objective=EndToEndObjective(model, cfg),
+                       reporter=_StopAtCheckpoint())
+    assert result.steps == 12
+
+
+def test_kl_temperature_comes_from_the_training_config(model):
+    assert EndToEndObjective(model, _e2e_config(logit_kl_temperature=2.0)).kl_temperature == 2.0
+    with pytest.raises(ConfigError, match="logit_kl_temperature"):
+        _e2e_config(logit_kl_temperature=0.0)

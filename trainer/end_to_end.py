@@ -169,15 +169,18 @@ class EndToEndObjective(Objective):
     """KL / block-MSE through the spliced model, plus the SAE's own terms (module docstring).
 
     ``model``: the frozen HookedTransformer the cache was built from (``activation_cache.
-    load_model`` of the manifest's model spec). ``kl_temperature`` divides both distributions'
-    logits in the KL training term (evaluation's ``kl_div`` is always at temperature 1).
+    load_model`` of the manifest's model spec). ``kl_temperature`` (default:
+    ``config.logit_kl_temperature``) divides both distributions' logits in the KL training term
+    (evaluation's ``kl_div`` is always at temperature 1).
     ``micro_batch_sequences``: sequences per live pass (None: sized by ``max_logit_elements``).
     """
 
-    def __init__(self, model: Any, config: TrainingConfig, *, kl_temperature: float = 1.0,
+    def __init__(self, model: Any, config: TrainingConfig, *, kl_temperature: Optional[float] = None,
                  micro_batch_sequences: Optional[int] = None,
                  max_logit_elements: int = DEFAULT_MAX_LOGIT_ELEMENTS):
         super().__init__(config)
+        if kl_temperature is None:
+            kl_temperature = config.logit_kl_temperature
         if not (math.isfinite(kl_temperature) and kl_temperature > 0):
             raise ValueError(f"kl_temperature must be > 0, got {kl_temperature}")
         if micro_batch_sequences is not None and micro_batch_sequences < 1:
@@ -202,6 +205,10 @@ class EndToEndObjective(Objective):
 
     def batch_tokens(self, batch: Any) -> int:
         return int(batch.train_mask.sum())
+
+    def tokens_per_step(self, source: SequenceSource) -> float:
+        """Mean train-mask tokens per batch of ``batch_size`` windows (sizes the schedule)."""
+        return source.num_tokens / self.steps_per_epoch(source)
 
     def initialize(self, sae: SAE, source: SequenceSource) -> None:
         """Input scale, b_dec and the outlier cap from the split's tokens (as LocalObjective)."""

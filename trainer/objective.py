@@ -9,8 +9,9 @@ projection/renormalisation, dead tracking, validation cadence, checkpoints and r
   no host syncs for logging); ``fired`` is a bool [d_sae] mask of latents active in the batch.
 * ``evaluate(sae, val_source, max_tokens) -> dict`` -- required; its keys are MetricsRecord
   fields and are merged into the record.
-* ``iter_batches``, ``steps_per_epoch``, ``batch_tokens``, ``initialize``, ``finalize``,
-  ``state_dict`` / ``load_state_dict`` -- optional hooks with token-batch defaults here.
+* ``iter_batches``, ``steps_per_epoch``, ``batch_tokens``, ``tokens_per_step``, ``initialize``,
+  ``finalize``, ``state_dict`` / ``load_state_dict`` -- optional hooks with token-batch
+  defaults here.
 
 ``LocalObjective`` is the default: reconstruction MSE x reconstruction_loss_weight
 + l1_coefficient x L1 (standard SAE) + aux_penalty x AuxK (BatchTopK), on shuffled token rows
@@ -68,6 +69,11 @@ class Objective(ABC):
     def batch_tokens(self, batch: Any) -> int:
         """Source tokens a batch consumed (counts toward ``max_tokens``)."""
         return int(batch.shape[0])
+
+    def tokens_per_step(self, source: Any) -> float:
+        """Tokens one step is expected to consume: turns ``max_tokens`` into a step count for
+        the learning-rate schedule (the loop still stops on the tokens actually seen)."""
+        return float(self.config.train_batch_tokens)
 
     def initialize(self, sae: SAE, source: Any) -> None:
         """Called once at the start of a fresh (not resumed) run, before the first step."""

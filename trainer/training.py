@@ -157,7 +157,8 @@ def train_sae(sae: SAE, train_source: Any, config: TrainingConfig, *, val_source
     steps_per_epoch = objective.steps_per_epoch(train_source)
     total_steps = steps_per_epoch * config.num_epochs
     if config.max_tokens is not None:
-        total_steps = min(total_steps, math.ceil(config.max_tokens / config.train_batch_tokens))
+        total_steps = min(total_steps, math.ceil(
+            config.max_tokens / objective.tokens_per_step(train_source)))
     base_lr = config.resolved_lr(sae.cfg.d_sae)
     schedule = Schedule(config, base_lr, total_steps)
     threshold_start = min(config.threshold_warmup_steps, total_steps // 2)

@@ -80,6 +80,9 @@ class TrainingConfig(StrictConfig):
     """End-to-end: add KL(clean || spliced) of the next-token distributions."""
     logit_kl_weight: float = 0.1
     """Weight of the KL term."""
+    logit_kl_temperature: float = 1.0
+    """Temperature T of the KL training term: both distributions' logits are divided by T
+    (evaluation's ``kl_div`` is always at T = 1)."""
     # -- data ------------------------------------------------------------------------------------
     num_dataloader_workers: int = 0
     """Workers of the sequence DataLoader (end-to-end); token sources ignore it."""
@@ -177,6 +180,8 @@ class TrainingConfig(StrictConfig):
         for name in ("reconstruction_loss_weight", "block_mse_weight", "logit_kl_weight"):
             value = getattr(self, name)
             self._require(math.isfinite(value) and value >= 0, name, f"must be >= 0, got {value}")
+        self._require(math.isfinite(self.logit_kl_temperature) and self.logit_kl_temperature > 0,
+                      "logit_kl_temperature", f"must be > 0, got {self.logit_kl_temperature}")
         if self.use_end_to_end:
             self._require(self.use_logit_kl or self.use_block_mse, "use_end_to_end",
                           "needs use_logit_kl or use_block_mse (otherwise there is no "
