@@ -109,6 +109,7 @@ def main(argv=None) -> int:
     from sweep import SweepConfig, run_sweep
     from sweep.driver import cache_width
 
+    load_before = os.getloadavg()[0]
     work = Path(args.keep or tempfile.mkdtemp(prefix="bench-sweep-"))
     work.mkdir(parents=True, exist_ok=True)
     cache = build_cache(work / "cache")
@@ -136,8 +137,9 @@ def main(argv=None) -> int:
 
     n = args.trials
     w1, w2 = walls[1], walls[2]
-    print(f"machine: {os.cpu_count()} CPUs; {n} trials x {args.steps} steps of 1024 tokens, "
-          f"1 thread per trial")
+    print(f"machine: {os.cpu_count()} CPUs, load average {load_before:.1f} before / "
+          f"{os.getloadavg()[0]:.1f} after (other processes share the cores); "
+          f"{n} trials x {args.steps} steps of 1024 tokens, 1 thread per trial")
     print(f"in-process, sequential (S):        {seq:8.1f} s  ({seq / n:.1f} s/trial)")
     print(f"driver, 1 at a time (W1):          {w1:8.1f} s  ({w1 / n:.1f} s/trial)")
     print(f"driver, 2 at a time (W2):          {w2:8.1f} s")
