@@ -104,7 +104,11 @@ def cache_width(cfg: SweepConfig) -> int:
     """The hook's activation width, read from the cache (a clear error if it is not there)."""
     from activation_cache import open_cache
 
-    cache = open_cache(cfg.cache)
+    try:
+        cache = open_cache(cfg.cache)
+    except UserError as exc:
+        raise ConfigError(f"SweepConfig.cache: {exc} (build it first with `sae-sweep cache "
+                          "CACHE.yaml`)") from None
     try:
         return int(cache.d_in(cfg.hook))
     except (KeyError, ValueError) as exc:
