@@ -180,13 +180,12 @@ class ShardWriter:
                 on_batch: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
         """The shard's tensors (CPU), running the model batch by batch."""
         lay = self.layout
-        dt = TORCH_DTYPES[lay.act_dtype]
         parts: dict[str, list[torch.Tensor]] = {}
         for a in range(0, len(w), self.batch_size):
             b = min(len(w), a + self.batch_size)
             out = self.forward(torch.from_numpy(w.tokens[a:b]), torch.from_numpy(w.attention_mask[a:b]))
             for k, v in out.items():
-                parts.setdefault(k, []).append(v.to(dt) if k.startswith("acts.") else v)
+                parts.setdefault(k, []).append(v)
             if on_batch is not None:
                 on_batch(int(w.attention_mask[a:b].sum()))
         tensors = {k: torch.cat(v) for k, v in parts.items()}
@@ -202,7 +201,8 @@ class ShardWriter:
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One model pass: stored activations (and compact logits) of a batch of windows."""
+        """One model pass: stored activations (in the storage dtype, converted before leaving the
+        device) and, when stored, the compact logits of a batch of windows; all on the CPU."""
         lay = self.layout
         toks = tokens.to(self.device, torch.long)
         am = attention_mask.to(self.device)
@@ -211,7 +211,8 @@ class ShardWriter:
             toks, attention_mask=am.long(), names_filter=list(lay.stored_hooks),
             stop_at_layer=lay.stop_at_layer, return_type="logits" if want_logits else None,
         )
-        result = {act_key(h): cache[h].detach().to("cpu") for h in lay.stored_hooks}
+        dt = TORCH_DTYPES[lay.act_dtype]
+        result = {act_key(h): cache[h].to(dt).cpu() for h in lay.stored_hooks}
         if want_logits:
             topk_lp, topk_idx, lse = compact_logprobs(out, lay.logits_k)
             nxt = torch.full(toks.shape, float("nan"), device=out.device)
