@@ -338,11 +338,11 @@ def main() -> None:
     ap.add_argument("--dead-fraction", type=float, nargs="+", default=[0.0, 0.25],
                     help="fractions of latents marked dead before every timed step "
                          "(0: no AuxK work; otherwise both libraries pay for AuxK)")
-    ap.add_argument("--lr", type=float, default=4e-4)
+    ap.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of both libraries")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quality-tokens", type=int, default=131072,
+    ap.add_argument("--quality-tokens", type=int, default=524288,
                     help="training-token budget of the quality check (0: skip it)")
-    ap.add_argument("--quality-batch", type=int, default=1024)
+    ap.add_argument("--quality-batch", type=int, default=512)
     ap.add_argument("--quality-d-sae", type=int, default=4608)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
