@@ -225,15 +225,9 @@ def _sources(cache: Any, hook: str, train_cfg: Any) -> tuple[Any, Any, Any]:
     cache's recorded identity, so the splice never runs against another model)."""
     if not train_cfg.use_end_to_end:
         return None, cache.token_source(hook, "train"), cache.token_source(hook, "val")
-    from activation_cache import ModelSpec, load_model, model_identity
-    from trainer import EndToEndObjective, SequenceSource
+    from trainer import end_to_end_sources
 
-    spec = ModelSpec.from_dict(cache.manifest.get("config", {}).get("model") or {})
-    model = load_model(spec)
-    cache.check_model(model_identity(model, spec))
-    return (EndToEndObjective(model, train_cfg),
-            SequenceSource(cache, "train", hook, shuffle=True),
-            SequenceSource(cache, "val", hook, shuffle=False))
+    return end_to_end_sources(cache, train_cfg, hook, "train", "val")
 
 
 def _is_divergence(exc: BaseException) -> bool:

@@ -11,13 +11,13 @@ Public API (everything else in this package is internal):
     train_sae, TrainResult, train_from_yaml             -- training
     export_saelens                                      -- SAELens format
     EndToEndObjective, SequenceSource, evaluate_sae_dir -- the SAE spliced into the live model:
-                                                           KL / block-MSE training, CE/KL metrics
+    end_to_end_sources, load_cache_model                   KL / block-MSE training, CE/KL metrics
     DimensionMismatchError, NonFiniteActivationError, EmptySourceError,
     TrainingDivergedError, CheckpointMismatchError      -- user errors (activation_cache.UserError)
 """
 
 from .batchtopk import BatchTopKSAE
-from .end_to_end import EndToEndObjective, SequenceSource
+from .end_to_end import EndToEndObjective, SequenceSource, end_to_end_sources, load_cache_model
 from .errors import (CheckpointMismatchError, DimensionMismatchError, EmptySourceError,
                      NonFiniteActivationError, TrainingDivergedError)
 from .eval_job import evaluate_sae_dir
@@ -42,7 +42,8 @@ __all__ = [
     "Objective", "LocalObjective", "StepOutput",
     "train_sae", "TrainResult", "train_from_yaml",
     "export_saelens",
-    "EndToEndObjective", "SequenceSource", "evaluate_sae_dir",
+    "EndToEndObjective", "SequenceSource", "evaluate_sae_dir", "end_to_end_sources",
+    "load_cache_model",
     "DimensionMismatchError", "NonFiniteActivationError", "EmptySourceError",
     "TrainingDivergedError",
     "CheckpointMismatchError",
