@@ -63,6 +63,7 @@ def configure_logging() -> None:
         handler.setFormatter(logging.Formatter("sae-sweep: %(message)s"))
         root.addHandler(handler)
         root.setLevel(logging.INFO)
+        root.propagate = False  # Ray installs a root handler later: print each line once
 
 
 def run_sweep(config_path: str | Path | SweepConfig, *, address: Optional[str] = None) -> pd.DataFrame:
