@@ -11,13 +11,7 @@ from sweep.cli import main as cli_main
 from trainer import DimensionMismatchError, TensorSource, TrainJobConfig, load_sae, train_from_yaml
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP waits on a busy 2-core machine (3x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class FakeReader:

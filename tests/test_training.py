@@ -17,13 +17,7 @@ from trainer.training import Schedule
 D_IN, D_SAE = 16, 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP waits on a busy 2-core machine (3x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sparse_data(n: int, seed: int = 0, n_feat: int = 32) -> torch.Tensor:

@@ -51,7 +51,7 @@ from .batchtopk import BatchTopKSAE
 from .errors import NonFiniteActivationError
 from .evaluation import evaluate_reconstruction
 from .logit_kl import CompactClean, kl_from_logits, next_token_mask, next_token_nll
-from .objective import LocalObjective, Objective, StepOutput
+from .objective import LocalObjective, Objective, StepOutput, weighted_sae_loss
 from .sae import SAE
 from .sparse_ops import topk_sae_forward
 from .splice import SpliceSite, splice_site, spliced_forward
@@ -329,15 +329,7 @@ class EndToEndObjective(Objective):
             x_hats.append(out["x_hat"])
             fired = out["fired"] if fired is None else fired | out["fired"]
         x_hat_raw = torch.cat(x_hats).float() / sae.input_scale
-        loss = cfg.reconstruction_loss_weight * terms["mse"]
-        stats: dict[str, Any] = {"mse": terms["mse"].detach(), "l0": terms["l0"]}
-        if isinstance(sae, BatchTopKSAE):
-            loss = loss + sae.cfg.aux_penalty * terms["aux"]
-            stats["aux"] = terms["aux"].detach()
-        else:
-            l1 = cfg.l1_coefficient if cfg.l1_coefficient is not None else sae.cfg.l1_coefficient
-            loss = loss + l1 * terms["l1"]
-            stats["l1"] = terms["l1"].detach()
+        loss, stats = weighted_sae_loss(sae, cfg, terms)
 
         # 2-3. splice and end-to-end terms, micro-batch by micro-batch
         patch = torch.zeros_like(x).masked_scatter(mask[..., None], x_hat_raw.to(x.dtype))

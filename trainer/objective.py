@@ -90,6 +90,24 @@ class Objective(ABC):
         """Restore what ``state_dict`` returned."""
 
 
+def weighted_sae_loss(sae: SAE, config: Any, terms: dict[str, Any]
+                      ) -> tuple[Tensor, dict[str, Any]]:
+    """The SAE's own loss from its ``training_forward`` terms, and the step's stats:
+    reconstruction_loss_weight x mse + aux_penalty x AuxK (BatchTopK) or l1_coefficient x L1
+    (standard; TrainingConfig.l1_coefficient overrides SAEConfig's when set)."""
+    loss = config.reconstruction_loss_weight * terms["mse"]
+    stats: dict[str, Any] = {"mse": terms["mse"].detach(), "l0": terms["l0"]}
+    if isinstance(sae, BatchTopKSAE):
+        loss = loss + sae.cfg.aux_penalty * terms["aux"]
+        stats["aux"] = terms["aux"].detach()
+    else:
+        l1_coef = (config.l1_coefficient if config.l1_coefficient is not None
+                   else sae.cfg.l1_coefficient)
+        loss = loss + l1_coef * terms["l1"]
+        stats["l1"] = terms["l1"].detach()
+    return loss, stats
+
+
 class LocalObjective(Objective):
     """Reconstruction (+ L1 or AuxK) on shuffled token rows (module docstring)."""
 
@@ -167,16 +185,7 @@ class LocalObjective(Objective):
                               torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=batch.device))
         out = sae.training_forward(batch)
         cfg = self.config
-        loss = cfg.reconstruction_loss_weight * out["mse"]
-        stats: dict[str, Any] = {"mse": out["mse"].detach(), "l0": out["l0"]}
-        if isinstance(sae, BatchTopKSAE):
-            loss = loss + sae.cfg.aux_penalty * out["aux"]
-            stats["aux"] = out["aux"].detach()
-        else:
-            l1_coef = (cfg.l1_coefficient if cfg.l1_coefficient is not None
-                       else sae.cfg.l1_coefficient)
-            loss = loss + l1_coef * out["l1"]
-            stats["l1"] = out["l1"].detach()
+        loss, stats = weighted_sae_loss(sae, cfg, out)
         with torch.no_grad():
             # explained variance of the batch without another pass over x - x_hat:
             # SSE = mse * N * d; total = sum ||x_s||^2 - N ||mean(x_s)||^2 (in float64)
