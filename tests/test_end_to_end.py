@@ -327,7 +327,8 @@ def test_evaluate_metrics_against_independent_values(model, cache_full):
     pos = batch.train_mask[:, :-1] & batch.attention_mask[:, 1:]
     clean = model(batch.tokens, attention_mask=am, return_type="loss", loss_per_token=True)
     assert m["ce_loss_clean"] == pytest.approx(float(clean[pos].mean()), rel=1e-5)
-    recon, _ = sae(batch.acts[HOOKS[0]])
+    with torch.no_grad():
+        recon, _ = sae(batch.acts[HOOKS[0]])
     zero = torch.zeros_like(recon)
     for value, key in ((recon, "ce_loss_spliced"), (zero, "ce_loss_zero_ablation")):
         def replace(act, hook, value=value):
