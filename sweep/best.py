@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import tokenize
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -107,7 +108,8 @@ def apply_where(frame: pd.DataFrame, expression: str) -> pd.DataFrame:
     except pd.errors.UndefinedVariableError as exc:
         raise QueryError(f"--where {expression!r}: {exc}; columns are: "
                          f"{', '.join(map(str, frame.columns))}") from None
-    except (SyntaxError, ValueError, TypeError, KeyError, AttributeError) as exc:
+    except (SyntaxError, tokenize.TokenError, NotImplementedError, ValueError, TypeError,
+            KeyError, AttributeError) as exc:
         raise QueryError(f"--where {expression!r} is not a valid pandas query: {exc}") from None
     if not isinstance(result, pd.DataFrame):
         raise QueryError(f"--where {expression!r} must be a condition such as \"l0 <= 64\"")

@@ -77,6 +77,9 @@ def test_where_filters_and_bad_queries_are_user_errors(experiment, capsys):
         print_best(experiment, where="l00 <= 4")
     with pytest.raises(QueryError, match="not a valid pandas query"):
         print_best(experiment, where="l0 <=")
+    for unsupported in ("l0 if l0 else 1", "l0 in (1, "):  # NotImplementedError, TokenError
+        with pytest.raises(QueryError, match="not a valid pandas query"):
+            print_best(experiment, where=unsupported)
     with pytest.raises(QueryError, match="unknown metric"):
         print_best(experiment, metric="nope")
 
