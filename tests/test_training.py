@@ -328,3 +328,12 @@ def test_empty_source_is_a_clear_error():
     sae = build_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, top_k=3), seed=0)
     with pytest.raises(EmptySourceError, match="yielded no tokens"):
         train_sae(sae, TensorSource(torch.zeros(0, D_IN)), quiet(), reporter=ListReporter())
+
+
+def test_empty_validation_source_skips_the_threshold_calibration_with_a_message():
+    sae = build_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, top_k=3), seed=0)
+    reporter = ListReporter()
+    train_sae(sae, TensorSource(torch.randn(256, D_IN)), quiet(), reporter=reporter,
+              val_source=TensorSource(torch.zeros(0, D_IN)))
+    assert any("not calibrated" in m and "validation source has no tokens" in m
+               for m in reporter.messages)

@@ -214,5 +214,8 @@ class LocalObjective(Objective):
         before = float(sae.threshold)
         theta = sae.calibrate_threshold(batches, self.config.calibration_tokens)
         where = "validation" if val_source is not None else "training"
+        if theta is None:
+            return (f"inference threshold not calibrated: the {where} source has no tokens "
+                    f"(kept the training EMA, {before:.5g})")
         return (f"inference threshold calibrated on {where} tokens: {before:.5g} -> {theta:.5g} "
                 f"(inference L0 = top_k = {sae.k} there)")
