@@ -380,6 +380,8 @@ class SweepConfig(StrictConfig):
         for key in self.training:
             self._require(key in train_fields, f"training.{key}",
                           f"unknown TrainingConfig field; known: {', '.join(sorted(train_fields))}")
+            self._require(key != "max_tokens", "training.max_tokens",
+                          "is set by tokens_per_trial (the budget of every trial); remove it")
         for name in self.search_space:
             self._require(name in searchable_names(), f"search_space.{name}",
                           "is not a field of SAEConfig or TrainingConfig (nor expansion_factor)")
