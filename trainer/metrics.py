@@ -17,7 +17,6 @@ The end-to-end fields are filled by ``EndToEndObjective`` (None otherwise).
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
@@ -165,7 +164,3 @@ def density_summary(fire_counts: Tensor, n_tokens: int) -> dict[str, Any]:
         "dense_fraction": float((freq > DENSE_FREQUENCY).sum()) / d_sae,
         "density_histogram": hist,
     }
-
-
-def is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
