@@ -110,6 +110,10 @@ def cache_width(cfg: SweepConfig) -> int:
     except UserError as exc:
         raise ConfigError(f"SweepConfig.cache: {exc} (build it first with `sae-sweep cache "
                           "CACHE.yaml`)") from None
+    if "val" not in cache.manifest["splits"]:
+        raise ConfigError(f"SweepConfig.cache: {cfg.cache} has no validation split (built with "
+                          "val_fraction 0, or from a single document); trials are evaluated and "
+                          "ranked on held-out windows: rebuild it with val_fraction > 0")
     try:
         return int(cache.d_in(cfg.hook))
     except (KeyError, ValueError) as exc:

@@ -13,7 +13,8 @@ _WORDS = ("the king queen sword love death night day crown blood heart hand eye 
           "ghost letter daughter father honour").split()
 
 
-def build_tiny_cache(path: Path, *, max_tokens: int = 6000, store_logits: bool = False) -> str:
+def build_tiny_cache(path: Path, *, max_tokens: int = 6000, store_logits: bool = False,
+                     val_fraction: float = 0.25) -> str:
     """A cache of the tiny random model (d_in 64) on a few generated text files."""
     from activation_cache import CacheConfig, CorpusSpec, ModelSpec, build_cache
 
@@ -28,7 +29,7 @@ def build_tiny_cache(path: Path, *, max_tokens: int = 6000, store_logits: bool =
         output=str(path), model=ModelSpec(source="tiny", n_ctx=64),
         corpus=CorpusSpec(source="files", paths=(str(texts),)), hooks=(HOOK,),
         max_text_length=64, batch_size=16, dtype="float32", shard_tokens=2048,
-        max_tokens=max_tokens, val_fraction=0.25, store_logits=store_logits,
+        max_tokens=max_tokens, val_fraction=val_fraction, store_logits=store_logits,
         logits_top_k=None if store_logits else 64)
     return build_cache(cfg)
 

@@ -5,11 +5,12 @@ import pytest
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
-from sweep import SweepConfig, resume_sweep
+from activation_cache import ConfigError
+from sweep import SweepConfig, resume_sweep, run_sweep
 from sweep.driver import NotAnExperimentError, _tune_config, make_searcher
 from sweep.search_space import SearchSpace
 from sweep.searcher import SweepSearcher
-from sweep_helpers import tiny_sweep
+from sweep_helpers import build_tiny_cache, tiny_sweep
 
 
 def cfg_for(tmp_path, **overrides):
@@ -57,3 +58,11 @@ def test_any_optuna_storage_url_and_study_name(tmp_path):
 def test_resume_of_a_folder_without_a_sweep_is_a_user_error(tmp_path):
     with pytest.raises(NotAnExperimentError, match="sweep.json"):
         resume_sweep(tmp_path)
+
+
+def test_a_cache_without_a_val_split_is_refused_before_any_trial(tmp_path):
+    cache = build_tiny_cache(tmp_path / "cache", max_tokens=2000, val_fraction=0.0)
+    cfg = SweepConfig.from_dict(tiny_sweep(cache, tmp_path / "exp"))
+    with pytest.raises(ConfigError, match="SweepConfig.cache: .* has no validation split"):
+        run_sweep(cfg)
+    assert not (tmp_path / "exp" / "sweep.json").exists()
