@@ -51,7 +51,8 @@ from .batchtopk import BatchTopKSAE
 from .errors import NonFiniteActivationError
 from .evaluation import evaluate_reconstruction
 from .logit_kl import CompactClean, kl_from_logits, next_token_mask, next_token_nll
-from .objective import LocalObjective, Objective, StepOutput, weighted_sae_loss
+from .objective import (LocalObjective, Objective, StepOutput, noop_step,
+                        weighted_sae_loss)
 from .sae import SAE
 from .sparse_ops import topk_sae_forward
 from .splice import SpliceSite, splice_site, spliced_forward
@@ -305,9 +306,7 @@ class EndToEndObjective(Objective):
                                            "contain NaN or inf; not training on them")
         n_tok = rows.shape[0]
         if n_tok == 0:  # nothing to train on in this batch: a no-op step
-            zero = sum(p.sum() * 0.0 for p in sae.parameters())
-            return StepOutput(zero, {}, torch.zeros(sae.cfg.d_sae, dtype=torch.bool,
-                                                    device=sae.W_enc.device))
+            return noop_step(sae)
         if cfg.outlier_policy == "clip" and self.local.outlier_cap is not None:
             rows_in = self.local._apply_outlier_policy(rows)
         else:

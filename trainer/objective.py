@@ -44,6 +44,14 @@ class StepOutput(NamedTuple):
     """bool [d_sae]: latents that fired in this batch (dead-latent tracking)."""
 
 
+def noop_step(sae: SAE, stats: Optional[dict[str, Any]] = None) -> StepOutput:
+    """A step that changes nothing (no usable tokens in the batch): a zero loss still connected
+    to every parameter, so the loop's backward/step run as usual, and no latent fired."""
+    zero = sum(p.sum() * 0.0 for p in sae.parameters())
+    return StepOutput(zero, stats or {},
+                      torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=sae.W_enc.device))
+
+
 class Objective(ABC):
     """Base class of training objectives (see the module docstring)."""
 
@@ -180,9 +188,7 @@ class LocalObjective(Objective):
             if batch.shape[0] != n_in or self.config.outlier_policy == "clip":
                 norms = batch.float().norm(dim=1)
         if batch.shape[0] == 0:  # every token was an outlier: a no-op step
-            zero = sum(p.sum() * 0.0 for p in sae.parameters())
-            return StepOutput(zero, {"outlier_fraction": 1.0},
-                              torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=batch.device))
+            return noop_step(sae, {"outlier_fraction": 1.0})
         out = sae.training_forward(batch)
         cfg = self.config
         loss, stats = weighted_sae_loss(sae, cfg, out)
