@@ -87,6 +87,8 @@ def test_threshold_is_an_fp32_ema_of_the_min_selected_activation_after_warmup():
     sae._last_min_selected = torch.tensor(4.0)
     sae.update_training_state(fired, update_threshold=True, threshold_beta=0.5)
     assert float(sae.threshold) == 3.0  # 0.5 * 2 + 0.5 * 4
+    sae.update_training_state(fired, update_threshold=True, threshold_beta=0.5)
+    assert float(sae.threshold) == 3.0  # no forward since: the minimum 4 is not counted twice
 
 
 def test_calibrated_threshold_gives_inference_l0_of_k():

@@ -113,10 +113,13 @@ class BatchTopKSAE(SAE):
     @torch.no_grad()
     def update_training_state(self, fired: Tensor, *, update_threshold: bool = False,
                               threshold_beta: float = 0.999) -> None:
-        """Dead tracking, plus (when ``update_threshold``) the fp32 EMA of the threshold."""
+        """Dead tracking, plus (when ``update_threshold``) the fp32 EMA of the threshold. The
+        minimum of the last ``training_forward`` enters the EMA once: a step without a forward
+        (no usable tokens) leaves the threshold alone."""
         super().update_inactive_features(fired)
         if update_threshold and self._last_min_selected is not None:
             m = self._last_min_selected.float()
+            self._last_min_selected = None
             ema = threshold_beta * self.threshold + (1.0 - threshold_beta) * m
             self.threshold.copy_(torch.where(self.threshold < 0, m, ema))
 
