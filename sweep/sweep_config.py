@@ -335,7 +335,9 @@ class SweepConfig(StrictConfig):
                           name, f"must be an integer >= 1, got {value!r}")
         self._require(isinstance(self.max_failures, int) and self.max_failures >= 0,
                       "max_failures", f"must be an integer >= 0, got {self.max_failures!r}")
-        self._require(isinstance(self.seed, int), "seed", f"must be an integer, got {self.seed!r}")
+        self._require(isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                      and 0 <= self.seed < 2**32, "seed",
+                      f"must be an integer in [0, 2**32) (Optuna's seed range), got {self.seed!r}")
         if self.time_budget_s is not None:
             self._require(_is_number(self.time_budget_s) and self.time_budget_s > 0,
                           "time_budget_s", f"must be > 0 seconds, got {self.time_budget_s!r}")

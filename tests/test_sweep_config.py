@@ -46,6 +46,8 @@ def test_unknown_keys_are_rejected_with_the_field_named():
         SweepConfig.from_dict(base(training={"lrr": 3}))
     with pytest.raises(ConfigError, match="training.max_tokens: is set by tokens_per_trial"):
         SweepConfig.from_dict(base(training={"max_tokens": 1000}))  # would be silently ignored
+    with pytest.raises(ConfigError, match=r"SweepConfig.seed: must be an integer in \[0, 2\*\*32\)"):
+        SweepConfig.from_dict(base(seed=-1, training={"seed": 0}))  # Optuna's sampler rejects it
     with pytest.raises(ConfigError, match=r"search_space.bogus"):
         SweepConfig.from_dict(base(search_space={"bogus": {"type": "int", "low": 1, "high": 2},
                                                  "d_sae": {"type": "int", "low": 8, "high": 9}}))
