@@ -181,6 +181,9 @@ def test_checkpoint_from_another_config_names_the_fields(tmp_path):
     with pytest.raises(CheckpointMismatchError, match="not a complete checkpoint"):
         train_sae(build_sae(cfg, seed=0), train, tc, resume_from=tmp_path / "final",
                   reporter=ListReporter())
+    (ckpt / "trainer_state.json").write_text("{truncated")
+    with pytest.raises(CheckpointMismatchError, match="trainer_state.json: not valid JSON"):
+        train_sae(build_sae(cfg, seed=0), train, tc, resume_from=ckpt, reporter=ListReporter())
 
 
 def test_reporter_gets_every_record_and_checkpoint_and_old_ones_are_pruned(tmp_path):

@@ -155,7 +155,10 @@ def load_checkpoint(path: str | Path, *, sae: SAE, optimizer: torch.optim.Optimi
         raise CheckpointMismatchError(
             f"{path}: checkpoint was written for another SAE config; differing fields: "
             + "; ".join(diff))
-    meta = json.loads((path / STATE_JSON_FILE).read_text())
+    try:
+        meta = json.loads((path / STATE_JSON_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointMismatchError(f"{path / STATE_JSON_FILE}: not valid JSON: {exc}") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointMismatchError(
             f"{path / STATE_JSON_FILE}: format_version {meta.get('format_version')!r}, "
