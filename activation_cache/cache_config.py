@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from .corpus import CorpusSpec
 from .models import ModelSpec
-from .strict_config import StrictConfig
+from .strict_config import StrictConfig, is_int
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -91,38 +91,34 @@ class CacheConfig(StrictConfig):
                           f"hook names must be non-empty strings, got {h!r}")
         dup = sorted({h for h in self.hooks if list(self.hooks).count(h) > 1})
         self._require(not dup, "hooks", f"listed more than once: {', '.join(dup)}")
-        self._require(_is_int(self.max_text_length) and self.max_text_length >= 2,
+        self._require(is_int(self.max_text_length) and self.max_text_length >= 2,
                       "max_text_length", f"must be an integer >= 2, got {self.max_text_length!r}")
         for t in self.exclude_token_ids:
-            self._require(_is_int(t) and t >= 0, "exclude_token_ids",
+            self._require(is_int(t) and t >= 0, "exclude_token_ids",
                           f"token ids must be integers >= 0, got {t!r}")
         self._require(isinstance(self.val_fraction, (int, float)) and 0 <= self.val_fraction < 1,
                       "val_fraction", f"must be in [0, 1), got {self.val_fraction!r}")
-        self._require(_is_int(self.seed), "seed", f"must be an integer, got {self.seed!r}")
-        self._require(_is_int(self.batch_size) and self.batch_size >= 1, "batch_size",
+        self._require(is_int(self.seed), "seed", f"must be an integer, got {self.seed!r}")
+        self._require(is_int(self.batch_size) and self.batch_size >= 1, "batch_size",
                       f"must be an integer >= 1, got {self.batch_size!r}")
         self._require(self.dtype in STORAGE_DTYPES, "dtype",
                       f"must be one of {', '.join(STORAGE_DTYPES)}, got {self.dtype!r}")
         self._require((self.shard_tokens is None) != (self.shard_mb is None), "shard_tokens",
                       "set exactly one of shard_tokens and shard_mb (the other to null)")
         if self.shard_tokens is not None:
-            self._require(_is_int(self.shard_tokens) and self.shard_tokens >= 1, "shard_tokens",
+            self._require(is_int(self.shard_tokens) and self.shard_tokens >= 1, "shard_tokens",
                           f"must be an integer >= 1, got {self.shard_tokens!r}")
         if self.shard_mb is not None:
             self._require(isinstance(self.shard_mb, (int, float)) and self.shard_mb > 0,
                           "shard_mb", f"must be > 0, got {self.shard_mb!r}")
         if self.logits_top_k is not None:
-            self._require(_is_int(self.logits_top_k) and self.logits_top_k >= 1, "logits_top_k",
+            self._require(is_int(self.logits_top_k) and self.logits_top_k >= 1, "logits_top_k",
                           f"must be an integer >= 1 or null (full), got {self.logits_top_k!r}")
         if self.max_tokens is not None:
-            self._require(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
+            self._require(is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
                           f"must be an integer >= 1 or null, got {self.max_tokens!r}")
 
     @property
     def splice_residual(self) -> bool:
         """Whether the splice residual is stored (store_splice_residual, defaulting to store_logits)."""
         return self.store_logits if self.store_splice_residual is None else self.store_splice_residual
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from .errors import UserError
-from .strict_config import StrictConfig
+from .strict_config import StrictConfig, is_int
 
 SOURCES = ("shakespeare", "files", "jsonl", "parquet")
 EDITIONS = ("modern", "folio", "all")
@@ -114,9 +114,9 @@ class CorpusSpec(StrictConfig):
         self._require(self.edition in EDITIONS, "edition",
                       f"must be one of {', '.join(EDITIONS)}, got {self.edition!r}")
         if self.max_documents is not None:
-            self._require(_is_int(self.max_documents) and self.max_documents >= 1, "max_documents",
+            self._require(is_int(self.max_documents) and self.max_documents >= 1, "max_documents",
                           f"must be an integer >= 1 or null, got {self.max_documents!r}")
-        self._require(_is_int(self.min_chars) and self.min_chars >= 1, "min_chars",
+        self._require(is_int(self.min_chars) and self.min_chars >= 1, "min_chars",
                       f"must be an integer >= 1, got {self.min_chars!r}")
         try:
             "".encode(self.encoding)
@@ -345,7 +345,3 @@ def _has_chars(text: str, n: int) -> bool:
 
 def _rank(seed: int, doc_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}\0{doc_id}".encode()).digest()[:8], "big")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

@@ -47,7 +47,7 @@ from typing import Any, Iterator
 import torch
 
 from .errors import UserError
-from .strict_config import StrictConfig
+from .strict_config import StrictConfig, is_int
 
 log = logging.getLogger(__name__)
 
@@ -138,16 +138,16 @@ class ModelSpec(StrictConfig):
                       and re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
                       "device", f"must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.n_ctx is not None:
-            self._require(_is_int(self.n_ctx) and self.n_ctx >= 2, "n_ctx",
+            self._require(is_int(self.n_ctx) and self.n_ctx >= 2, "n_ctx",
                           f"must be an integer >= 2 or null, got {self.n_ctx!r}")
         for f in ("tiny_n_layers", "tiny_d_model", "tiny_n_heads", "tiny_d_mlp"):
             value = getattr(self, f)
-            self._require(_is_int(value) and value >= 1, f, f"must be an integer >= 1, got {value!r}")
+            self._require(is_int(value) and value >= 1, f, f"must be an integer >= 1, got {value!r}")
         self._require(self.tiny_d_model % self.tiny_n_heads == 0
                       and (self.tiny_d_model // self.tiny_n_heads) % 2 == 0, "tiny_n_heads",
                       f"tiny_d_model={self.tiny_d_model} must split into {self.tiny_n_heads} heads "
                       "of an even width (rotary embeddings)")
-        self._require(_is_int(self.tiny_seed), "tiny_seed",
+        self._require(is_int(self.tiny_seed), "tiny_seed",
                       f"must be an integer, got {self.tiny_seed!r}")
         self._require(self.tiny_tokenizer in TINY_TOKENIZERS, "tiny_tokenizer",
                       f"must be one of {', '.join(TINY_TOKENIZERS)}, got {self.tiny_tokenizer!r}")
@@ -731,7 +731,3 @@ def _version(package: str) -> str:
         return version(package)
     except PackageNotFoundError:
         return "unknown"
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

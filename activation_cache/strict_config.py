@@ -28,6 +28,11 @@ from .errors import UserError
 T = TypeVar("T", bound="StrictConfig")
 
 
+def is_int(value: object) -> bool:
+    """True for a Python int that is not a bool (``True`` is an int to ``isinstance``)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class ConfigError(UserError, ValueError):
     """A configuration value or file is invalid. The message names the field and the fix."""
 
