@@ -142,16 +142,12 @@ def train_sae(sae: SAE, train_source: Any, config: TrainingConfig, *, val_source
     reporter = reporter if reporter is not None else ConsoleReporter(
         show_progress=config.show_progress)
     objective = objective if objective is not None else LocalObjective(config)
-    source_d_in = getattr(train_source, "d_in", None)
-    if source_d_in is not None and source_d_in != sae.cfg.d_in:
-        raise DimensionMismatchError(
-            f"the training activations have d_in={source_d_in} but the SAE has "
-            f"d_in={sae.cfg.d_in} (SAEConfig.d_in; hook {sae.hook_spec})")
-    val_d_in = getattr(val_source, "d_in", None)
-    if val_d_in is not None and val_d_in != sae.cfg.d_in:
-        raise DimensionMismatchError(
-            f"the validation activations have d_in={val_d_in} but the SAE has "
-            f"d_in={sae.cfg.d_in} (SAEConfig.d_in; hook {sae.hook_spec})")
+    for which, source in (("training", train_source), ("validation", val_source)):
+        source_d_in = getattr(source, "d_in", None)
+        if source_d_in is not None and source_d_in != sae.cfg.d_in:
+            raise DimensionMismatchError(
+                f"the {which} activations have d_in={source_d_in} but the SAE has "
+                f"d_in={sae.cfg.d_in} (SAEConfig.d_in; hook {sae.hook_spec})")
     out = Path(out_dir) if out_dir is not None else None
 
     steps_per_epoch = objective.steps_per_epoch(train_source)
