@@ -100,7 +100,11 @@ class StrictConfig:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{where}: not valid YAML: {exc}") from None
+            # one line (the CLI prints one): the problem and where, not PyYAML's excerpt
+            mark = getattr(exc, "problem_mark", None)
+            at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+            raise ConfigError(f"{where}: not valid YAML{at}: {problem}") from None
         try:
             return cls.from_dict(data)
         except ConfigError as exc:

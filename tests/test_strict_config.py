@@ -45,5 +45,6 @@ def test_missing_file_and_bad_yaml(tmp_path):
         Outer.from_yaml(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("lr: [1,\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match=r"not valid YAML \(line 2, column 1\)") as info:
         Outer.from_yaml(bad)
+    assert "\n" not in str(info.value)  # the CLI prints it as one line
