@@ -161,6 +161,10 @@ def load_results(experiment_dir: str | Path) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
+class CorruptExperimentError(UserError, ValueError):
+    """A file of the experiment folder cannot be read (e.g. an edited, invalid ``sweep.json``)."""
+
+
 def load_history(experiment_dir: str | Path) -> pd.DataFrame:
     path = Path(experiment_dir) / HISTORY_FILE
     if not path.exists():
@@ -173,7 +177,14 @@ def load_sweep_info(experiment_dir: str | Path) -> dict[str, Any]:
     path = Path(experiment_dir) / SWEEP_FILE
     if not path.exists():
         return {}
-    return json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptExperimentError(f"{path}: not valid JSON ({exc}); it is the sweep's "
+                                     "resolved config, written by the driver") from None
+    if not isinstance(info, dict):
+        raise CorruptExperimentError(f"{path}: expected a JSON object, got {type(info).__name__}")
+    return info
 
 
 def _int_or_none(value: Any) -> Optional[int]:

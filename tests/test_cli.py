@@ -16,3 +16,11 @@ def test_user_error_is_one_line_exit_2(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "error:" in err and "missing.yaml" in err and "Traceback" not in err
+
+
+def test_a_damaged_sweep_json_is_a_one_line_user_error(tmp_path, capsys):
+    (tmp_path / "sweep.json").write_text("{")
+    assert main(["sweep", "--resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sae-sweep sweep: error: ") and "sweep.json: not valid JSON" in err
+    assert err.count("\n") == 1
