@@ -90,6 +90,8 @@ def test_training_config_defaults_cover_design_notes_fields():
     (dict(best_metric="accuracy"), "TrainingConfig.best_metric: must be a numeric MetricsRecord field"),
     (dict(threshold_beta=1.0), "TrainingConfig.threshold_beta"),
     (dict(max_tokens=0), "TrainingConfig.max_tokens"),
+    (dict(checkpoint_every=True), "TrainingConfig.checkpoint_every: must be an integer"),
+    (dict(seed=True), "TrainingConfig.seed: must be an integer"),
 ])
 def test_training_config_validation_names_the_field(kwargs, message):
     with pytest.raises(ConfigError) as err:

@@ -150,17 +150,17 @@ class TrainingConfig(StrictConfig):
                          "calibration_tokens", "keep_checkpoints")
         for name in positive_ints:
             value = getattr(self, name)
-            self._require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                          name, f"must be an integer >= 1, got {value!r}")
+            self._require(_is_int(value) and value >= 1, name,
+                          f"must be an integer >= 1, got {value!r}")
         for name in ("max_tokens", "checkpoint_every", "eval_max_tokens"):
             value = getattr(self, name)
             if value is not None:
-                self._require(isinstance(value, int) and value >= 1, name,
+                self._require(_is_int(value) and value >= 1, name,
                               f"must be an integer >= 1 or null, got {value!r}")
         for name in ("lr_warmup_steps", "threshold_warmup_steps", "num_dataloader_workers",
                      "seed"):
             value = getattr(self, name)
-            self._require(isinstance(value, int) and value >= 0, name,
+            self._require(_is_int(value) and value >= 0, name,
                           f"must be an integer >= 0, got {value!r}")
         if self.lr is not None:
             self._require(math.isfinite(self.lr) and self.lr > 0, "lr",
@@ -212,3 +212,8 @@ class TrainingConfig(StrictConfig):
         if self.lr is not None:
             return self.lr
         return 2e-4 / math.sqrt(d_sae / 2**14)
+
+
+def _is_int(value: object) -> bool:
+    """An integer that is not a bool (YAML's ``true`` would otherwise pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
