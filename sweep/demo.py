@@ -75,8 +75,8 @@ def run_demo(out_dir: str | Path = "runs/demo", num_samples: Optional[int] = Non
 
     configure_logging()
     out = Path(out_dir).expanduser().resolve()
-    num_samples = num_samples or DEMO_NUM_SAMPLES
-    max_concurrent = max_concurrent or DEMO_MAX_CONCURRENT
+    num_samples = DEMO_NUM_SAMPLES if num_samples is None else num_samples
+    max_concurrent = DEMO_MAX_CONCURRENT if max_concurrent is None else max_concurrent
     if num_samples < 1 or max_concurrent < 1:
         raise UserError("demo: --num-samples and --max-concurrent must be >= 1")
 

@@ -24,3 +24,10 @@ def test_a_damaged_sweep_json_is_a_one_line_user_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("sae-sweep sweep: error: ") and "sweep.json: not valid JSON" in err
     assert err.count("\n") == 1
+
+
+def test_demo_refuses_zero_trials_before_any_work(tmp_path, capsys):
+    # 0 used to fall back to the default trial count silently (``0 or 6``)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--num-samples", "0"]) == 2
+    assert "--num-samples and --max-concurrent must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
