@@ -89,7 +89,8 @@ def select_best(
         if len(obj_metrics) > 1 and metric == obj_metrics[0]:
             metrics, modes = obj_metrics, obj_modes
         else:  # single objective: the classic sparsity / fidelity trade-off
-            metrics, modes = [metric, "l0"], [mode, "min"]
+            partner = "fvu" if metric == "l0" else "l0"  # l0 against itself is no trade-off
+            metrics, modes = [metric, partner], [mode, "min"]
         _require_columns(candidates, metrics)
         front = pareto_front(candidates, metrics, modes)
         shown = front.sort_values(metrics[0], ascending=modes[0] == "min", kind="stable")

@@ -111,6 +111,9 @@ def test_pareto_front_hand_computed():
 def test_print_best_pareto(experiment):
     front = print_best(experiment, pareto=True)
     assert list(front["trial_id"]) == ["d", "b", "a", "f"]   # sorted by fvu
+    by_l0 = print_best(experiment, metric="l0", pareto=True)  # l0 is traded against fvu
+    assert list(by_l0["trial_id"]) == ["f", "a", "b", "d"]
+    assert list(by_l0.columns[:4]) == ["trial_id", "status", "l0", "fvu"]
 
 
 def test_history_merge_keeps_latest_report_of_a_step():
