@@ -282,6 +282,11 @@ def test_block_mse_layers_are_validated(model, cache_full):
     obj = EndToEndObjective(model, _e2e_config(use_block_mse=True, block_mse_layers=(1,)))
     with pytest.raises(EndToEndDataError, match="block_mse_layers.*not downstream"):
         obj.step(_standard_sae(), _batch(cache_full))  # resid_post of block 1 is the hook itself
+    # the last block's resid_post has no block after it: block-MSE alone has nothing to compare
+    obj = EndToEndObjective(model, _e2e_config(use_block_mse=True, use_logit_kl=False))
+    last = _standard_sae(hook="blocks.2.hook_resid_post")
+    with pytest.raises(EndToEndDataError, match="use_block_mse: no block follows the splice"):
+        obj.block_layers(obj.site(last))
 
 
 # -- training ----------------------------------------------------------------------------------

@@ -257,6 +257,11 @@ class EndToEndObjective(Objective):
                 f"TrainingConfig.block_mse_layers: {bad} not downstream of the splice at "
                 f"{site.hook_name} (allowed: {site.first_affected_resid_post}.."
                 f"{site.n_layers - 1})")
+        if not layers and not self.config.use_logit_kl:
+            raise EndToEndDataError(
+                f"TrainingConfig.use_block_mse: no block follows the splice at {site.hook_name} "
+                "(the model's last block) and use_logit_kl is false, so there is no end-to-end "
+                "term; set use_logit_kl: true or use_end_to_end: false")
         return sorted(set(layers))
 
     def _micro(self, batch: Any) -> int:
