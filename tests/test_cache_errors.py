@@ -44,7 +44,12 @@ def test_corrupted_shard_fails_its_checksum_on_first_read(built):
     assert path in str(err.value) and "sha256" in str(err.value)
     with pytest.raises(CorruptCacheError, match="sha256"):
         open_cache(uri).verify()
-    open_cache(uri, verify=False).token_source(HOOK)  # opting out of hashing is allowed
+    with pytest.raises(CorruptCacheError, match="sha256"):  # the whole-window path as well
+        list(open_cache(uri).sequence_batches("train", 4))
+    # opting out of hashing is allowed: the (corrupted) data is read without a check
+    unchecked = open_cache(uri, verify=False)
+    assert len(list(unchecked.token_source(HOOK).iter_batches(8, seed=0, epoch=0))) > 0
+    assert len(list(unchecked.sequence_batches("train", 4))) > 0
 
 
 def test_truncated_and_missing_shards_fail_at_open(built):
