@@ -248,6 +248,11 @@ def test_wrong_d_in_and_mismatched_weights_are_clear_errors(tmp_path):
         load_sae(tmp_path / "s")
     with pytest.raises(CheckpointMismatchError, match="does not exist"):
         load_sae(tmp_path / "nothing")
+    cfg["d_sae"] = 32
+    (tmp_path / "s" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "s" / "weights.safetensors").write_bytes(b"truncated")
+    with pytest.raises(CheckpointMismatchError, match="weights.safetensors: not a readable"):
+        load_sae(tmp_path / "s")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")

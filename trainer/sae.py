@@ -287,7 +287,11 @@ class SAE(nn.Module):
         file = Path(file)
         if not file.exists():
             raise CheckpointMismatchError(f"{file} does not exist")
-        tensors = load_file(str(file))
+        try:
+            tensors = load_file(str(file))
+        except Exception as exc:  # safetensors raises its own error type for damaged files
+            raise CheckpointMismatchError(
+                f"{file}: not a readable safetensors file ({exc})") from None
         own = self.state_dict()
         missing = sorted(set(own) - set(tensors))
         extra = sorted(set(tensors) - set(own))
