@@ -89,6 +89,9 @@ def test_wrong_d_in_and_bad_config_are_one_line_errors(tmp_path, fake_cache, cap
     path.write_text("cache: c\nsae: {d_in: 16, d_sae: 64, top_k: 4}\ntraining: {lr: -1}\n")
     with pytest.raises(ConfigError, match=r"job.yaml: TrainJobConfig.training -> TrainingConfig.lr"):
         train_from_yaml(path)
+    path.write_text("cache: c\nsae: {d_in: 16, d_sae: 64, top_k: 4}\nval_split: train\n")
+    with pytest.raises(ConfigError, match=r"TrainJobConfig.val_split: must differ from train_split"):
+        train_from_yaml(path)
 
 
 def test_missing_val_split_trains_without_validation(tmp_path, monkeypatch):

@@ -67,6 +67,9 @@ class TrainJobConfig(StrictConfig):
             self._fail("hook", f"{self.hook!r} differs from sae.hook_spec {self.sae.hook_spec!r}; "
                        "set sae.hook_spec (or sae.hook_layer/hook_name) to the cached hook")
         self._require(bool(self.out_dir), "out_dir", "must be a folder path")
+        self._require(self.val_split != self.train_split, "val_split",
+                      f"must differ from train_split ({self.train_split!r}): validation, "
+                      "best-model selection and threshold calibration need held-out tokens")
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
