@@ -37,6 +37,9 @@ def export_trial(experiment_dir: str | Path, *, trial: str = "best", out_dir: st
     if output_format not in OUTPUT_FORMATS:
         raise ExportError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}, "
                           f"got {output_format!r}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out}: is a file, not a folder")
     frame = load_results(experiment_dir)
     info = load_sweep_info(experiment_dir)
     row = _pick(frame, trial, info)
@@ -45,7 +48,6 @@ def export_trial(experiment_dir: str | Path, *, trial: str = "best", out_dir: st
         raise ExportError(f"trial {row['trial_id']} has no checkpoint to export "
                           f"(status {row['status']})")
     sae = load_sae(checkpoint)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if output_format == "saelens":
         export_saelens(sae, str(out))

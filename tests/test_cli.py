@@ -31,3 +31,11 @@ def test_demo_refuses_zero_trials_before_any_work(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--num-samples", "0"]) == 2
     assert "--num-samples and --max-concurrent must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+def test_export_to_a_file_is_a_one_line_user_error(tmp_path, capsys):
+    target = tmp_path / "taken"
+    target.write_text("not a folder")
+    assert main(["export", str(tmp_path), "--out", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sae-sweep export: error: --out") and "is a file" in err
