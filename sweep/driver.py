@@ -77,12 +77,18 @@ def run_sweep(config_path: str | Path | SweepConfig, *, address: Optional[str] =
         raise ExperimentExistsError(
             f"{exp} already holds a sweep; continue it with `sae-sweep sweep --resume {exp}` "
             "or set experiment_dir to a new folder")
+    tune_path = _tune_path(cfg)
+    if "://" not in tune_path and Path(tune_path).exists():
+        # storage_path/<experiment folder name> is shared by experiments of the same name
+        raise ExperimentExistsError(
+            f"{tune_path} already holds Ray Tune state of another sweep (same experiment folder "
+            "name under storage_path); give experiment_dir a new name")
     d_in = cache_width(cfg)
     from .trial_configs import check_space
 
     check_space(cfg, d_in)
     exp.mkdir(parents=True, exist_ok=True)
-    info = {"config": cfg.to_dict(), "d_in": d_in, "tune_path": _tune_path(cfg),
+    info = {"config": cfg.to_dict(), "d_in": d_in, "tune_path": tune_path,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "source": str(config_path) if not isinstance(config_path, SweepConfig) else None}
     (exp / SWEEP_FILE).write_text(json.dumps(info, indent=2))

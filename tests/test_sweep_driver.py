@@ -7,7 +7,7 @@ from ray.tune.search import ConcurrencyLimiter
 
 from activation_cache import ConfigError
 from sweep import SweepConfig, resume_sweep, run_sweep
-from sweep.driver import NotAnExperimentError, _tune_config, make_searcher
+from sweep.driver import ExperimentExistsError, NotAnExperimentError, _tune_config, make_searcher
 from sweep.search_space import SearchSpace
 from sweep.searcher import SweepSearcher
 from sweep_helpers import build_tiny_cache, tiny_sweep
@@ -66,3 +66,13 @@ def test_a_cache_without_a_val_split_is_refused_before_any_trial(tmp_path):
     with pytest.raises(ConfigError, match="SweepConfig.cache: .* has no validation split"):
         run_sweep(cfg)
     assert not (tmp_path / "exp" / "sweep.json").exists()
+
+
+def test_two_experiments_of_one_name_cannot_share_tune_storage(tmp_path):
+    store = tmp_path / "store"
+    (store / "exp").mkdir(parents=True)  # Tune state of an earlier sweep in another /x/exp
+    cfg = SweepConfig.from_dict(tiny_sweep("unused-cache", tmp_path / "b" / "exp",
+                                           storage_path=str(store)))
+    with pytest.raises(ExperimentExistsError, match="already holds Ray Tune state"):
+        run_sweep(cfg)
+    assert not (tmp_path / "b" / "exp" / "sweep.json").exists()
