@@ -54,6 +54,10 @@ class NotAnExperimentError(UserError, FileNotFoundError):
     """``resume_sweep`` was pointed at a folder that holds no sweep."""
 
 
+class RayConnectionError(UserError, ConnectionError):
+    """``--address`` names no reachable Ray cluster."""
+
+
 def configure_logging() -> None:
     """Send the sweep's log lines (logger ``sweep``) to stderr, once, unless the application
     configured logging itself."""
@@ -234,7 +238,13 @@ def ray_session(address: Optional[str] = None, **init_kwargs: Any) -> Iterator[N
         yield
         return
     if address:  # an existing cluster: node options belong to `ray start`, not to us
-        ray.init(address=address, log_to_driver=True)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, SystemExit) as exc:  # Ray exits the process on a GCS timeout
+            raise RayConnectionError(
+                f"cannot connect to a Ray cluster at --address {address!r} ({exc}); start one "
+                "(`ray start --head`, `ray up cluster.yaml`) or leave --address out to run on a "
+                "local Ray") from None
     else:
         ray.init(include_dashboard=False, log_to_driver=True, **init_kwargs)
     try:

@@ -76,3 +76,22 @@ def test_two_experiments_of_one_name_cannot_share_tune_storage(tmp_path):
     with pytest.raises(ExperimentExistsError, match="already holds Ray Tune state"):
         run_sweep(cfg)
     assert not (tmp_path / "b" / "exp" / "sweep.json").exists()
+
+
+@pytest.mark.parametrize("failure", [ConnectionError("Could not find any running Ray instance"),
+                                     SystemExit(15)])
+def test_an_unreachable_cluster_address_is_a_user_error(monkeypatch, failure):
+    # what ray.init(address=...) does without a cluster: ConnectionError for "auto", and
+    # SystemExit(15) after the GCS connection timeout for HOST:PORT (both seen with Ray 2.60)
+    import ray
+
+    from sweep.driver import RayConnectionError, ray_session
+
+    def unreachable(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", unreachable)
+    with pytest.raises(RayConnectionError, match="cannot connect to a Ray cluster at --address"):
+        with ray_session("10.0.0.1:6379"):
+            pass
