@@ -93,5 +93,5 @@ def test_an_unreachable_cluster_address_is_a_user_error(monkeypatch, failure):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", unreachable)
     with pytest.raises(RayConnectionError, match="cannot connect to a Ray cluster at --address"):
-        with ray_session("10.0.0.1:6379"):
+        with ray_session("127.0.0.1:6379"):
             pass
