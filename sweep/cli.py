@@ -103,6 +103,16 @@ def _usage(message: str) -> _UsageError:
     return _UsageError(message)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sae-sweep",
@@ -157,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--metric", default=None, help="default: the sweep's objective")
     sp.add_argument("--mode", default=None, choices=["min", "max"])
     sp.add_argument("--where", default=None, help='a pandas query, e.g. "l0 <= 64"')
-    sp.add_argument("--top", type=int, default=5)
+    sp.add_argument("--top", type=_positive_int, default=5)
     sp.add_argument("--pareto", action="store_true", help="print the Pareto front instead")
     sp.add_argument("--format", default="table", choices=["table", "csv", "json"])
 
@@ -170,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("report", _cmd_report, "write PNG plots: Pareto fronts and training curves")
     sp.add_argument("experiment_dir")
     sp.add_argument("--out", default=None, help="default: EXPERIMENT_DIR/report")
-    sp.add_argument("--top", type=int, default=5, help="training curves of the top N trials")
+    sp.add_argument("--top", type=_positive_int, default=5,
+                    help="training curves of the top N trials")
     return p
 
 

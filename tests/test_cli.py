@@ -39,3 +39,13 @@ def test_export_to_a_file_is_a_one_line_user_error(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--out", str(target)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sae-sweep export: error: --out") and "is a file" in err
+
+
+def test_top_must_be_positive(capsys):
+    import pytest
+
+    for cmd in (["best", "x", "--top", "0"], ["report", "x", "--top", "-2"]):
+        with pytest.raises(SystemExit) as exc:
+            main(cmd)
+        assert exc.value.code == 2
+        assert "--top: must be >= 1" in capsys.readouterr().err
