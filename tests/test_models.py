@@ -270,16 +270,6 @@ def test_the_embedded_file_as_a_gguf_path_is_the_same_model(smollm2, monkeypatch
     assert model_identity(model, gguf_spec) == model_identity(smollm2, ModelSpec())
 
 
-@pytest.fixture
-def one_thread():
-    # On a shared, oversubscribed CPU, two torch threads spin-wait and run element-wise ops
-    # ~20x slower than one; this forward is small, so one thread is both fast and stable.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.model
 def test_tiny_with_the_smollm2_tokenizer(smollm2):
     tiny = load_model(ModelSpec(source="tiny", tiny_tokenizer="smollm2"))
