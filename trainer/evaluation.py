@@ -36,19 +36,19 @@ def evaluate_reconstruction(sae: SAE, source: ActivationSource, *, max_tokens: O
         xs = sae.scale_input(batch)
         if is_topk:
             out = topk_sae_forward(xs, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.k)
-            x_hat = out.x_hat
+            x_hat_raw = out.x_hat.float() / scale  # the kernel reconstructs in scaled space
             fire_counts += torch.bincount(out.latent_idx, minlength=sae.cfg.d_sae)
             l0_train += out.values.numel()
             f_inf = sae.encode_with_threshold(xs)
             l0_inf += float((f_inf > 0).sum())
-            inf_acc.add(batch, ((f_inf @ sae.W_dec + sae.b_dec).float() / scale))
+            inf_acc.add(batch, sae.decode(f_inf).float())
         else:
             f = torch.relu(sae.pre_activations(xs))
-            x_hat = f @ sae.W_dec + sae.b_dec
+            x_hat_raw = sae.decode(f).float()
             active = f > 0
             fire_counts += active.sum(0)
             l0_train += float(active.sum())
-        train_acc.add(batch, x_hat.float() / scale)
+        train_acc.add(batch, x_hat_raw)
         n_tokens += batch.shape[0]
         if max_tokens is not None and n_tokens >= max_tokens:
             break
