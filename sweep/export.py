@@ -20,7 +20,7 @@ from .best import select_best
 from .results import load_results, load_sweep_info
 
 OUTPUT_FORMATS = ("saelens", "native")
-_CARD_METRICS = ("fvu", "explained_variance", "l0", "l0_train", "l0_inference", "mse",
+_CARD_METRICS = ("fvu", "explained_variance", "l0", "l0_train", "fvu_train", "mse",
                  "dead_fraction", "dense_fraction", "kl_div", "ce_loss_delta", "ce_loss_score",
                  "top1_agreement")
 

@@ -3,16 +3,18 @@
 ``EXPERIMENT_DIR/results.parquet`` has one row per trial (:class:`TrialRow`):
 
     trial_id, status, error, num_failures, node_id, node_ip,
-    <every hyperparameter of the trial, one column each: d_sae, top_k, lr, ...>,
-    <the final metrics record: fvu, explained_variance, l0, l0_train, l0_inference, mse,
+    <every hyperparameter of the trial, one column each: architecture, d_sae, top_k, lr, ...;
+     null where the trial's architecture has no such field (a standard SAE's top_k), never a
+     default that looks real; integer hyperparameters are nullable integers>,
+    <the final metrics record: fvu, explained_variance, l0, l0_train, fvu_train, mse,
      dead_fraction, dense_fraction, kl_div, ce_loss_delta, ce_loss_score, ... (None when not
      computed)>,
     step, tokens_seen, train_seconds, training_iteration, checkpoint_path, final
 
 ``status`` is ``completed`` (trained its whole budget), ``failed`` (an error, e.g. divergence;
 ``error`` says why), ``stopped`` (stopped early by ASHA or the time budget), ``running``,
-``pending`` or ``paused``. ``l0`` is the inference L0 when the SAE has one (BatchTopK's learned
-threshold), else the training L0. The metrics record's own ``lr`` (the scheduled learning rate of
+``pending`` or ``paused``. Every headline metric (``fvu``, ``l0``...) is the shipped encoder's
+(see trainer.metrics). The metrics record's own ``lr`` (the scheduled learning rate of
 the last step) is stored as ``lr_current`` so it cannot clash with the ``lr`` hyperparameter.
 
 ``EXPERIMENT_DIR/history.parquet`` has one row per reported metrics record: ``trial_id``, ``step``
@@ -121,7 +123,12 @@ def rows_to_frame(rows: Iterable[TrialRow]) -> pd.DataFrame:
     params = sorted({k for r in rows for k in r.params})
     metrics = sorted({k for r in rows for k in r.metrics})
     columns = list(FIXED_COLUMNS) + params + metrics + list(TAIL_COLUMNS)
-    return pd.DataFrame([r.flat() for r in rows], columns=columns)
+    frame = pd.DataFrame([r.flat() for r in rows], columns=columns)
+    for name in params:  # one type per column: ints stay ints where a value is missing
+        values = [r.params[name] for r in rows if r.params.get(name) is not None]
+        if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            frame[name] = frame[name].astype("Int64")
+    return frame
 
 
 def write_table(frame: pd.DataFrame, path: str | Path) -> None:

@@ -4,12 +4,14 @@ Constraints between fields are enforced while sampling, so no trial is ever prop
 trainer would reject (Ray's OptunaSearch cannot express them in a static space, and failing
 trials would teach TPE nothing):
 
-* ``architecture`` is drawn first; fields that belong to the other architecture are not drawn at
-  all (``top_k``/``aux_penalty``/... only for ``batchtopk``, ``l1_coefficient`` only for
-  ``standard``), so they never appear in that trial's parameters;
+* ``architecture`` is drawn first; a field that an architecture owns (the trainer's registry
+  says which: ``trainer.architectures_with_field``) is drawn only when the drawn architecture
+  has it, so it never appears in another architecture's trial parameters (its column in the
+  results table is null there, not a default that looks real);
 * the width next (``d_sae``, or ``expansion_factor`` -> ``d_sae = round(ef * d_in)``);
-* ``top_k`` is drawn from ``[low, min(high, d_sae - 1)]`` and ``top_k_aux`` from
-  ``[low, min(high, d_sae)]``: the range shrinks with the width of this trial.
+* the fields the architecture caps by the width (``trainer.width_capped_fields``, e.g.
+  ``top_k`` < d_sae, ``top_k_aux`` <= d_sae) are drawn from ``[low, min(high, d_sae - offset)]``:
+  the range shrinks with the width of this trial.
 
 :class:`SearchSpace` is a plain picklable object (Ray pickles the searcher with it).
 """
@@ -18,10 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .sweep_config import BATCHTOPK_ONLY, STANDARD_ONLY, ParamSpec, SweepConfig
-
-# Fields capped by the trial's d_sae: name -> offset (top_k < d_sae, top_k_aux <= d_sae).
-_WIDTH_CAPPED = {"top_k": 1, "top_k_aux": 0}
+from .sweep_config import ParamSpec, SweepConfig
 
 
 class SearchSpace:
@@ -31,10 +30,19 @@ class SearchSpace:
     derived constants (``d_sae`` when the width comes from ``expansion_factor``)."""
 
     def __init__(self, cfg: SweepConfig, d_in: int):
+        import trainer
+
         self.params: dict[str, ParamSpec] = dict(cfg.search_space)
         self.fixed_architecture: str = cfg.sae.get("architecture", "batchtopk")
         self.fixed_d_sae: int | None = cfg.sae.get("d_sae")
         self.d_in = int(d_in)
+        # what the registry says, as plain data (the space is pickled to Ray workers)
+        archs = cfg.architectures()
+        self.owned: dict[str, set[str]] = {a: set(trainer.architecture_fields(a)) for a in archs}
+        self.all_owned: set[str] = set().union(*self.owned.values()) | set(
+            n for n in self.params if trainer.architectures_with_field(n))
+        self.capped: dict[str, dict[str, int]] = {a: trainer.width_capped_fields(a)
+                                                  for a in archs}
 
     def __call__(self, trial: Any) -> dict[str, Any]:
         derived: dict[str, Any] = {}
@@ -52,12 +60,10 @@ class SearchSpace:
         for name, spec in self.params.items():
             if name in ("architecture", "d_sae", "expansion_factor"):
                 continue
-            if name in BATCHTOPK_ONLY and arch != "batchtopk":
-                continue
-            if name in STANDARD_ONLY and arch != "standard":
-                continue
-            if name in _WIDTH_CAPPED:
-                spec = _capped(spec, d_sae - _WIDTH_CAPPED[name])
+            if name in self.all_owned and name not in self.owned[arch]:
+                continue  # another architecture's field
+            if name in self.capped[arch]:
+                spec = _capped(spec, d_sae - self.capped[arch][name])
             self._suggest(trial, name, spec)
         return derived
 

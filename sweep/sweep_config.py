@@ -8,10 +8,13 @@ metric and mode, optionally with constraints such as an L0 limit, or several met
 for a Pareto front), and how to run it on Ray (trials, concurrency, resources, retries, time
 budget, scheduler, seed, where results go). See ``examples/sweep.yaml``.
 
-Searched fields are set by name: a field of ``SAEConfig`` goes to the SAE config, a field of
-``TrainingConfig`` to the training config, and ``expansion_factor`` sets
-``d_sae = expansion_factor * d_in``. Constraints between fields (``top_k < d_sae``, the
-architecture-specific fields) are enforced by the define-by-run space in
+Searched fields are set by name: a field of ``SAEConfig`` (common, or owned by an
+architecture) goes to the SAE config, a field of ``TrainingConfig`` to the training config, and
+``expansion_factor`` sets ``d_sae = expansion_factor * d_in``. Which architectures exist, which
+fields each owns and which are capped by the width come from the trainer's registry
+(``trainer.architecture_names``, ``architecture_fields``, ``searchable_fields``,
+``width_capped_fields``): the sweep keeps no list of its own. Constraints between fields
+(``top_k < d_sae``, an architecture's own fields) are enforced by the define-by-run space in
 :mod:`sweep.search_space`, never by failing trials.
 """
 
@@ -29,11 +32,6 @@ PARAM_TYPES = ("int", "float", "categorical")
 MODES = ("min", "max")
 SAMPLERS = ("tpe", "nsgaii", "random")
 SCHEDULERS = ("none", "asha")
-SAE_ARCHITECTURES = ("batchtopk", "standard")
-
-# Searched fields that only mean something for one architecture; the space skips them otherwise.
-BATCHTOPK_ONLY = frozenset({"top_k", "top_k_aux", "aux_penalty", "n_batches_to_dead"})
-STANDARD_ONLY = frozenset({"l1_coefficient"})
 # Fields that the sweep sets itself and a user may neither fix nor search.
 DERIVED_SAE_FIELDS = frozenset({"d_in", "hook_spec", "hook_layer", "hook_name"})
 
@@ -372,6 +370,12 @@ class SweepConfig(StrictConfig):
         self._validate_space()
 
     # -- field routing ---------------------------------------------------------------------
+    def architectures(self) -> list[str]:
+        """The architectures this sweep can draw (searched choices, else the fixed one)."""
+        if "architecture" in self.search_space:
+            return list(self.search_space["architecture"].choices or [])
+        return [self.sae.get("architecture", "batchtopk")]
+
     def _validate_fields(self) -> None:
         sae_fields, train_fields = sae_field_names(), training_field_names()
         for key in self.sae:
@@ -386,7 +390,8 @@ class SweepConfig(StrictConfig):
                           "is set by tokens_per_trial (the budget of every trial); remove it")
         for name in self.search_space:
             self._require(name in searchable_names(), f"search_space.{name}",
-                          "is not a field of SAEConfig or TrainingConfig (nor expansion_factor)")
+                          "is not a searchable field of SAEConfig (or an architecture) or "
+                          "TrainingConfig (nor expansion_factor)")
             self._require(name not in DERIVED_SAE_FIELDS, f"search_space.{name}",
                           "is set by the sweep from the cache and cannot be searched")
             where = param_target(name)
@@ -401,26 +406,40 @@ class SweepConfig(StrictConfig):
         self._require(has_width, "search_space",
                       "the SAE width is neither searched (d_sae / expansion_factor) nor fixed "
                       "(sae.d_sae)")
-        if "l1_coefficient" in self.search_space:
-            self._require("l1_coefficient" not in self.training, "training.l1_coefficient",
-                          "overrides the searched sae l1_coefficient; remove it")
 
     def _validate_space(self) -> None:
+        import trainer
+
         space = self.search_space
-        archs = (space["architecture"].choices if "architecture" in space
-                 else [self.sae.get("architecture", "batchtopk")])
-        self._require(all(a in SAE_ARCHITECTURES for a in archs), "search_space.architecture",
-                      f"choices must be among {', '.join(SAE_ARCHITECTURES)}, got {archs}")
+        known = trainer.architecture_names()
         if "architecture" in space:
             self._require(space["architecture"].type == "categorical", "search_space.architecture",
                           "must be categorical")
-        for name in BATCHTOPK_ONLY & set(space):
-            self._require("batchtopk" in archs, f"search_space.{name}",
-                          "only applies to architecture batchtopk, which this sweep never uses")
-        for name in STANDARD_ONLY & set(space):
-            self._require("standard" in archs, f"search_space.{name}",
-                          "only applies to architecture standard, which this sweep never uses")
-        for name in ("d_sae", "top_k", "top_k_aux", "n_batches_to_dead"):
+        archs = self.architectures()
+        self._require(all(a in known for a in archs), "search_space.architecture",
+                      f"choices must be among {', '.join(known)}, got {archs}")
+        # an architecture's own field: searched only if some drawn architecture has it; a
+        # fixed one only if every drawn architecture has it (the trainer would refuse it)
+        for name in set(space) | set(self.sae):
+            owners = trainer.architectures_with_field(name)
+            if not owners:
+                continue
+            drawn = [a for a in archs if a in owners]
+            where = f"search_space.{name}" if name in space else f"sae.{name}"
+            self._require(bool(drawn), where,
+                          f"only applies to architecture(s) {', '.join(owners)}, which this sweep "
+                          f"never uses (it uses {', '.join(archs)})")
+            if name in self.sae:
+                missing = [a for a in archs if a not in owners]
+                self._require(not missing, where,
+                              f"is fixed but architecture(s) {', '.join(missing)} have no such "
+                              "field; search it instead (it is then drawn only for the "
+                              "architectures that have it)")
+            if name in space:
+                self._require(all(name in trainer.searchable_fields(a) for a in drawn), where,
+                              "is not a searchable (numeric) field")
+        capped = {f for a in archs for f in trainer.width_capped_fields(a)}
+        for name in sorted({"d_sae", "n_batches_to_dead"} | capped):
             if name in space:
                 spec = space[name]
                 self._require(spec.type in ("int", "categorical"), f"search_space.{name}",
@@ -430,18 +449,25 @@ class SweepConfig(StrictConfig):
         if "expansion_factor" in space:
             lo, _ = space["expansion_factor"].values_bounds()
             self._require(lo > 0, "search_space.expansion_factor", f"must be > 0, got {lo}")
-        # top_k < d_sae must be satisfiable for every d_sae the space can produce.
-        if "top_k" in space and "d_sae" in (set(space) | set(self.sae)):
+        # a width-capped field (top_k < d_sae) must be satisfiable for every width
+        if "d_sae" in (set(space) | set(self.sae)):
             smallest_d_sae = (space["d_sae"].values_bounds()[0] if "d_sae" in space
                               else self.sae["d_sae"])
-            spec = space["top_k"]
-            if spec.type == "categorical":
-                self._require(max(spec.choices) < smallest_d_sae, "search_space.top_k",
-                              f"every choice must be < the smallest d_sae ({smallest_d_sae}); a "
-                              "categorical cannot shrink per trial (use an int range instead)")
-            else:
-                self._require(spec.low < smallest_d_sae, "search_space.top_k",
-                              f"low ({spec.low}) must be < the smallest d_sae ({smallest_d_sae})")
+            for a in archs:
+                for name, offset in trainer.width_capped_fields(a).items():
+                    if name not in space:
+                        continue
+                    spec = space[name]
+                    limit = smallest_d_sae - offset
+                    if spec.type == "categorical":
+                        self._require(max(spec.choices) <= limit, f"search_space.{name}",
+                                      f"every choice must be <= {limit} (the smallest d_sae "
+                                      f"{smallest_d_sae} - {offset}); a categorical cannot "
+                                      "shrink per trial (use an int range instead)")
+                    else:
+                        self._require(spec.low <= limit, f"search_space.{name}",
+                                      f"low ({spec.low}) must be <= {limit} (the smallest "
+                                      f"d_sae {smallest_d_sae} - {offset})")
         # loss weights must have an effect
         train = self.training
         e2e = bool(train.get("use_end_to_end", False))
@@ -508,19 +534,21 @@ END_TO_END_METRICS = frozenset({"ce_loss_clean", "ce_loss_spliced", "ce_loss_zer
 
 
 def reported_metric_names() -> frozenset[str]:
-    """Metrics a trial reports: the numeric MetricsRecord fields, plus ``l0`` (inference L0, else
-    training L0) and ``train_seconds`` that the sweep derives (see sweep.trainable)."""
-    from trainer import MetricsRecord
+    """Metrics a trial reports: the trainer's numeric MetricsRecord fields (``l0`` is the
+    shipped encoder's), plus ``train_seconds`` and ``lr_current`` that the sweep derives (see
+    sweep.trainable)."""
+    from trainer import metric_names
 
-    numeric = {f.name for f in dataclasses.fields(MetricsRecord)
-               if f.type in ("int", "float", "Optional[float]", "Optional[int]")}
-    return frozenset((numeric - {"lr", "elapsed_s"}) | {"l0", "train_seconds", "lr_current"})
+    counters = {"step", "tokens_seen", "epoch", "eval_tokens", "tokens_per_s"}
+    return frozenset(set(metric_names()) | counters | {"train_seconds", "lr_current"})
 
 
 def sae_field_names() -> frozenset[str]:
-    from trainer import SAEConfig
+    """Common SAEConfig fields plus every registered architecture's own fields."""
+    import trainer
 
-    return frozenset(f.name for f in dataclasses.fields(SAEConfig))
+    own = {f for a in trainer.architecture_names() for f in trainer.architecture_fields(a)}
+    return frozenset(set(trainer.common_sae_fields()) | own)
 
 
 def training_field_names() -> frozenset[str]:
@@ -530,12 +558,15 @@ def training_field_names() -> frozenset[str]:
 
 
 def searchable_names() -> frozenset[str]:
-    return (sae_field_names() | training_field_names() | {"expansion_factor"}) - DERIVED_SAE_FIELDS
+    import trainer
+
+    own = {f for a in trainer.architecture_names() for f in trainer.searchable_fields(a)}
+    common = set(trainer.common_sae_fields())
+    return (common | own | training_field_names() | {"expansion_factor"}) - DERIVED_SAE_FIELDS
 
 
 def param_target(name: str) -> str:
-    """``"sae"`` or ``"training"``: which config a searched field belongs to (SAE first, so
-    ``l1_coefficient`` is an SAE field)."""
+    """``"sae"`` or ``"training"``: which config a searched field belongs to."""
     if name == "expansion_factor" or name in sae_field_names():
         return "sae"
     return "training"

@@ -120,18 +120,13 @@ def record_to_metrics(record: Any) -> dict[str, Any]:
     """A MetricsRecord as flat numbers for Tune (and the results tables).
 
     ``lr`` becomes ``lr_current`` (so it cannot clash with the ``lr`` hyperparameter),
-    ``elapsed_s`` becomes ``train_seconds``, and ``l0`` is added: the inference L0 when the SAE
-    has one, else the training L0."""
+    ``elapsed_s`` becomes ``train_seconds``; ``l0`` is the shipped encoder's (the record's own
+    field)."""
     metrics: dict[str, Any] = dict(record.scalars())
     if "lr" in metrics:
         metrics["lr_current"] = metrics.pop("lr")
     if "elapsed_s" in metrics:
         metrics["train_seconds"] = metrics.pop("elapsed_s")
-    l0 = getattr(record, "l0_inference", None)
-    if l0 is None:
-        l0 = getattr(record, "l0_train", None)
-    if l0 is not None:
-        metrics["l0"] = float(l0)
     return metrics
 
 

@@ -22,7 +22,33 @@ def test_top_k_aux_default_follows_top_k_and_is_settable():
     assert SAEConfig(d_in=8, d_sae=32, top_k=1).top_k_aux == 1  # max(1, 1 // 2)
     assert SAEConfig(d_in=8, d_sae=32, top_k=8).replace(top_k=16).top_k_aux == 8
     assert SAEConfig(d_in=8, d_sae=32, top_k=8, top_k_aux=20).replace(top_k=16).top_k_aux == 20
-    assert SAEConfig(d_in=8, d_sae=32, architecture="standard").top_k_aux is None
+    with pytest.raises(AttributeError, match="top_k_aux belongs to architecture"):
+        SAEConfig(d_in=8, d_sae=32, architecture="standard").top_k_aux
+
+
+def test_architecture_fields_belong_to_their_architecture():
+    # a field of another architecture is refused, naming who owns it
+    with pytest.raises(ConfigError, match=r"SAEConfig.top_k: does not apply to architecture "
+                                          r"'standard' \(it is a field of batchtopk"):
+        SAEConfig(d_in=8, d_sae=32, architecture="standard", top_k=4)
+    with pytest.raises(ConfigError, match=r"SAEConfig.l1_coefficient: does not apply to "
+                                          r"architecture 'topk'"):
+        SAEConfig.from_dict({"d_in": 8, "d_sae": 32, "architecture": "topk", "top_k": 4,
+                             "l1_coefficient": 0.1})
+    # each architecture's own fields round-trip flat
+    for arch, extra in [("standard", {"l1_coefficient": 0.2}), ("topk", {"top_k": 3}),
+                        ("jumprelu", {"l0_coefficient": 0.5, "jumprelu_bandwidth": 0.1}),
+                        ("matryoshka_batchtopk", {"top_k": 3, "group_fractions": [0.25, 0.75]})]:
+        cfg = SAEConfig.from_dict({"d_in": 8, "d_sae": 32, "architecture": arch, **extra})
+        assert SAEConfig.from_dict(cfg.to_dict()) == cfg
+        for key, value in extra.items():
+            assert getattr(cfg, key) == (tuple(value) if isinstance(value, list) else value)
+    # switching architecture drops the fields the new one does not have
+    moved = SAEConfig(d_in=8, d_sae=32, top_k=4).replace(architecture="standard")
+    assert "top_k" not in moved.to_dict() and moved.l1_coefficient == 0.01
+    with pytest.raises(ConfigError, match="group_fractions: must sum to 1"):
+        SAEConfig(d_in=8, d_sae=32, architecture="matryoshka_batchtopk", top_k=2,
+                  group_fractions=(0.5, 0.25))
 
 
 def test_round_trip_dict_and_yaml():
@@ -35,13 +61,14 @@ def test_round_trip_dict_and_yaml():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(d_in=8, d_sae=32, top_k=0), "SAEConfig.top_k: must be in [1, d_sae=32], got 0"),
+    (dict(d_in=8, d_sae=32, top_k=0), "SAEConfig.top_k: must be an integer >= 1, got 0"),
     (dict(d_in=8, d_sae=32, top_k=33), "SAEConfig.top_k: must be in [1, d_sae=32], got 33"),
-    (dict(d_in=8, d_sae=32), "SAEConfig.top_k: is required for architecture 'batchtopk'"),
+    (dict(d_in=8, d_sae=32), "SAEConfig.top_k: is required for the k-sparse architectures"),
     (dict(d_in=0, d_sae=32, top_k=1), "SAEConfig.d_in: must be >= 1"),
-    (dict(d_in=8, d_sae=32, top_k=4, architecture="topk"), "SAEConfig.architecture: must be one of"),
+    (dict(d_in=8, d_sae=32, top_k=4, architecture="top-k"), "SAEConfig.architecture: must be one of"),
     (dict(d_in=8, d_sae=32, top_k=4, dtype="float8"), "SAEConfig.dtype"),
-    (dict(d_in=8, d_sae=32, top_k=4, top_k_aux=0), "SAEConfig.top_k_aux: must be in [1, d_sae=32]"),
+    (dict(d_in=8, d_sae=32, top_k=4, top_k_aux=0), "SAEConfig.top_k_aux: must be an integer >= 1"),
+    (dict(d_in=8, d_sae=32, top_k=4, top_k_aux=33), "SAEConfig.top_k_aux: must be in [1, d_sae=32]"),
     (dict(d_in=8, d_sae=32, top_k=4, n_batches_to_dead=0), "SAEConfig.n_batches_to_dead"),
     (dict(d_in=8, d_sae=32, top_k=4, aux_penalty=-1.0), "SAEConfig.aux_penalty"),
     (dict(d_in=8, d_sae=32, top_k=4, device="gpu7"), "SAEConfig.device"),
@@ -54,7 +81,7 @@ def test_sae_config_validation_names_the_field(kwargs, message):
 
 
 def test_unknown_keys_and_use_error_term():
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) 'topk' \(did you mean 'top_k'\?\)"):
+    with pytest.raises(ConfigError, match=r"unknown key 'topk' \(did you mean 'top_k'\?\)"):
         SAEConfig.from_dict({"d_in": 8, "d_sae": 32, "topk": 4})
     # ported configs with use_error_term: false load; true is explained and rejected
     cfg = SAEConfig.from_dict({"d_in": 8, "d_sae": 32, "top_k": 4, "use_error_term": False})
@@ -65,13 +92,19 @@ def test_unknown_keys_and_use_error_term():
 
 def test_training_config_defaults_cover_design_notes_fields():
     tc = TrainingConfig()
-    notes_fields = ["num_epochs", "batch_size", "lr", "l1_coefficient", "num_dataloader_workers",
-                    "persistent_workers", "pin_memory", "use_end_to_end",
+    notes_fields = ["num_epochs", "batch_size", "lr", "use_end_to_end",
                     "reconstruction_loss_weight", "use_block_mse", "block_mse_weight",
                     "block_mse_layers", "use_logit_kl", "logit_kl_weight", "log_freq",
-                    "activation_batch_size", "max_text_length"]
+                    "activation_batch_size"]
     for name in notes_fields:
         assert hasattr(tc, name), name
+    # the design notes' fields that nothing read are refused with what to use instead
+    for name, hint in [("l1_coefficient", "sae.l1_coefficient"),
+                       ("num_dataloader_workers", "never read"), ("pin_memory", "never read"),
+                       ("persistent_workers", "never read"),
+                       ("max_text_length", "max_text_length in the cache config")]:
+        with pytest.raises(ConfigError, match=f"TrainingConfig.{name}: no longer a field.*{hint}"):
+            TrainingConfig.from_dict({name: 1})
     assert tc.num_epochs == 10 and tc.batch_size == 32 and tc.log_freq == 100
     assert tc.outlier_policy == "drop" and tc.outlier_norm_multiple == 10.0
 

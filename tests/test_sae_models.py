@@ -6,8 +6,22 @@ import pytest
 import torch
 
 from trainer import (SAE, BatchTopKSAE, CheckpointMismatchError, DimensionMismatchError, SAEConfig,
-                     build_sae, load_sae)
-from trainer.sae import geometric_median
+                     StandardSAE, build_sae, load_sae)
+from trainer.saes.auxk import auxk_loss
+from trainer.saes.base import geometric_median
+
+
+def _train_codes(sae, x):
+    """The training encoding (BatchTopK over the whole batch) as dense codes shaped like x."""
+    xs = sae.scale_input(x).reshape(-1, sae.cfg.d_in)
+    out = sae.selection(xs)
+    dense = torch.zeros(xs.shape[0], sae.cfg.d_sae)
+    dense[out.token_idx, out.latent_idx] = out.values.detach()
+    return dense.reshape(*x.shape[:-1], sae.cfg.d_sae)
+
+
+def _arch_kwargs(arch):
+    return {"standard": {}, "jumprelu": {}}.get(arch, {"top_k": 4})
 
 
 def _hand_topk_sae(k=2, **kw) -> BatchTopKSAE:
@@ -29,13 +43,13 @@ F_HAND = torch.tensor([[3.0, 1.0, 3.5], [0.5, 0.0, 0.0]])
 
 def test_batchtopk_keeps_top_k_times_tokens_over_the_whole_batch_2d_and_3d():
     sae = _hand_topk_sae().train()
-    assert torch.equal(sae.encode(X_HAND), F_HAND)
-    f3 = sae.encode(X_HAND.reshape(1, 2, 2))
+    assert torch.equal(_train_codes(sae, X_HAND), F_HAND)
+    f3 = _train_codes(sae, X_HAND.reshape(1, 2, 2))
     assert f3.shape == (1, 2, 3)
     assert torch.equal(f3.reshape(2, 3), F_HAND)
     # 3-D with two sequences: the budget is shared over all 4 tokens, not per sequence
     x4 = torch.cat([X_HAND, X_HAND * 0.1]).reshape(2, 2, 2)
-    f4 = sae.encode(x4).reshape(4, 3).detach()
+    f4 = _train_codes(sae, x4).reshape(4, 3)
     # pre-acts of the second sequence: [0.3, 0.1, -0.15] and [0.05, 0.02, -0.43]; the top 8 of
     # the batch are 3.5, 3, 1, 0.5, 0.3, 0.2, 0.2, 0.1 (a per-sequence top-4 would differ)
     expected = torch.tensor([[3.0, 1.0, 3.5], [0.5, 0.2, 0.2], [0.3, 0.1, 0.0], [0.0, 0.0, 0.0]])
@@ -46,12 +60,17 @@ def test_batchtopk_training_forward_terms():
     sae = _hand_topk_sae().train()
     out = sae.training_forward(X_HAND)
     x_hat = F_HAND @ sae.W_dec.detach()
-    assert torch.allclose(out["x_hat"], x_hat)
-    assert torch.allclose(out["mse"], (x_hat - X_HAND).pow(2).mean())
-    assert out["fired"].tolist() == [True, True, True]
-    assert float(out["l0"]) == 2.0
-    assert float(out["aux"]) == 0.0  # nothing is dead yet
-    assert float(sae._last_min_selected) == 0.5
+    assert torch.allclose(out.x_hat, x_hat)
+    assert torch.allclose(out.reconstruction_loss, (x_hat - X_HAND).pow(2).mean())
+    assert torch.allclose(out.terms["mse"], (x_hat - X_HAND).pow(2).mean())
+    assert out.fired.tolist() == [True, True, True]
+    assert float(out.l0) == 2.0
+    assert float(out.terms["aux"]) == 0.0 and float(out.sparsity_loss) == 0.0  # nothing dead
+    assert float(out.running["min_selected"]) == 0.5
+    # no hidden state: a second forward returns its own statistics, the SAE is unchanged
+    again = sae.training_forward(X_HAND[:1])
+    assert float(again.running["min_selected"]) == 3.0  # token0 alone keeps 3.5 and 3
+    assert float(sae.threshold) == -1.0
 
 
 def test_eval_mode_encodes_each_token_independently_of_its_batch():
@@ -79,29 +98,30 @@ def test_threshold_is_an_fp32_ema_of_the_min_selected_activation_after_warmup():
     sae = _hand_topk_sae()
     assert sae.threshold.dtype == torch.float32 and float(sae.threshold) == -1.0
     fired = torch.ones(3, dtype=torch.bool)
-    sae._last_min_selected = torch.tensor(2.0)
-    sae.update_training_state(fired, update_threshold=False, threshold_beta=0.5)
+    two, four = {"min_selected": torch.tensor(2.0)}, {"min_selected": torch.tensor(4.0)}
+    sae.update_training_state(fired, two, update_threshold=False, threshold_beta=0.5)
     assert float(sae.threshold) == -1.0  # still in warm-up
-    sae.update_training_state(fired, update_threshold=True, threshold_beta=0.5)
+    sae.update_training_state(fired, two, update_threshold=True, threshold_beta=0.5)
     assert float(sae.threshold) == 2.0  # first value is taken as is
-    sae._last_min_selected = torch.tensor(4.0)
-    sae.update_training_state(fired, update_threshold=True, threshold_beta=0.5)
+    sae.update_training_state(fired, four, update_threshold=True, threshold_beta=0.5)
     assert float(sae.threshold) == 3.0  # 0.5 * 2 + 0.5 * 4
-    sae.update_training_state(fired, update_threshold=True, threshold_beta=0.5)
-    assert float(sae.threshold) == 3.0  # no forward since: the minimum 4 is not counted twice
+    sae.update_training_state(fired, {}, update_threshold=True, threshold_beta=0.5)
+    assert float(sae.threshold) == 3.0  # a step without a forward brings no minimum
+    # the chunks of one step merge to their minimum (end-to-end training's micro-batches)
+    assert float(sae.merge_running(two, four)["min_selected"]) == 2.0
 
 
 def test_calibrated_threshold_gives_inference_l0_of_k():
     sae = BatchTopKSAE(SAEConfig(d_in=16, d_sae=64, top_k=5), seed=2)
     x = torch.randn(300, 16)
-    theta = sae.calibrate_threshold(iter([x[:100], x[100:200], x[200:]]), max_tokens=300)
-    assert theta is not None and theta > 0
+    message = sae.calibrate(iter([x[:100], x[100:200], x[200:]]), max_tokens=300)
+    assert message is not None and float(sae.threshold) > 0
     sae.eval()
     assert int((sae.encode(x) > 0).sum()) == 5 * 300
     # one batch of huge-norm tokens holds most of the global top: still exact
     skewed = torch.cat([x[:100] * 50, x[100:]])
-    sae.calibrate_threshold(iter([skewed[:100], skewed[100:200], skewed[200:]]), max_tokens=300,
-                            chunk_candidates=1)
+    sae.calibrate(iter([skewed[:100], skewed[100:200], skewed[200:]]), max_tokens=300,
+                  chunk_candidates=1)
     assert int((sae.encode(skewed) > 0).sum()) == 5 * 300
 
 
@@ -116,7 +136,7 @@ def test_auxk_hand_case():
     # residual e = [[0, 2], [0, 0]]; dead pre-acts [2.2, -0.6] -> relu [2.2, 0]
     # e_hat = [[1.32, 1.76], [0, 0]]; ||e - e_hat||^2 = [1.8, 0] -> mean 0.9
     # mean(e) = [0, 1]; ||e - mean||^2 = [1, 1] -> mean 1  => aux = 0.9
-    aux = sae.get_auxiliary_loss(x, x_recon, dead)
+    aux = auxk_loss(sae, x, x_recon, sae.pre_activations(x).detach(), dead)
     assert float(aux.detach()) == pytest.approx(0.9, rel=1e-6)
     aux.backward()
     # gradients reach only the dead latent's encoder column and decoder row
@@ -129,12 +149,13 @@ def test_auxk_is_zero_without_dead_latents_and_scale_free():
     x = torch.randn(40, 16)
     x_recon = x + 0.3 * torch.randn(40, 16)
     none_dead = torch.zeros(64, dtype=torch.bool)
-    assert float(sae.get_auxiliary_loss(x, x_recon, none_dead)) == 0.0
-    assert float(sae.get_auxiliary_loss(x, x_recon)) == 0.0  # fresh counters: nothing dead
+    pre = sae.pre_activations(x).detach()
+    assert float(auxk_loss(sae, x, x_recon, pre, none_dead)) == 0.0
+    assert float(auxk_loss(sae, x, x_recon, pre)) == 0.0  # fresh counters: nothing dead
     dead = torch.zeros(64, dtype=torch.bool)
     dead[::3] = True
-    a1 = sae.get_auxiliary_loss(x, x_recon, dead)
-    a10 = sae.get_auxiliary_loss(10 * x, 10 * x_recon, dead)  # b_enc = b_dec = 0: linear
+    a1 = auxk_loss(sae, x, x_recon, pre, dead)
+    a10 = auxk_loss(sae, 10 * x, 10 * x_recon, 10 * pre, dead)  # b_enc = b_dec = 0: linear
     assert float(a1.detach()) > 0
     assert float(a10.detach()) == pytest.approx(float(a1.detach()), rel=1e-5)
 
@@ -155,7 +176,7 @@ def test_dead_latents_after_n_batches_to_dead():
 
 
 def test_decoder_gradient_projection_and_renormalisation_hand_case():
-    sae = SAE(SAEConfig(d_in=2, d_sae=2, architecture="standard"), seed=0)
+    sae = StandardSAE(SAEConfig(d_in=2, d_sae=2, architecture="standard"), seed=0)
     with torch.no_grad():
         sae.W_dec.copy_(torch.tensor([[0.6, 0.8], [1.0, 0.0]]))
     sae.W_dec.grad = torch.tensor([[1.0, 0.0], [3.0, 4.0]])
@@ -169,17 +190,18 @@ def test_decoder_gradient_projection_and_renormalisation_hand_case():
 
 
 def test_vanilla_sae_relu_l1_hand_case():
-    sae = SAE(SAEConfig(d_in=2, d_sae=2, architecture="standard"), seed=0)
+    sae = StandardSAE(SAEConfig(d_in=2, d_sae=2, architecture="standard"), seed=0)
     with torch.no_grad():
         sae.W_enc.copy_(torch.eye(2))
         sae.W_dec.copy_(torch.eye(2))
     x = torch.tensor([[1.0, -2.0], [3.0, 2.0]])
     out = sae.training_forward(x)
     # f = relu(x) = [[1, 0], [3, 2]]; L1 = mean(1, 5) = 3; x_hat = f; mse = (0+4+0+0)/4 = 1
-    assert out["l1"].item() == pytest.approx(3.0)
-    assert out["mse"].item() == pytest.approx(1.0)
-    assert out["fired"].tolist() == [True, True]
-    assert float(out["l0"]) == pytest.approx(1.5)
+    assert out.terms["l1"].item() == pytest.approx(3.0)
+    assert out.terms["mse"].item() == pytest.approx(1.0)
+    assert out.sparsity_loss.item() == pytest.approx(3.0 * sae.cfg.l1_coefficient)
+    assert out.fired.tolist() == [True, True]
+    assert float(out.l0) == pytest.approx(1.5)
     x_recon, feats = sae(x)
     assert torch.equal(feats, torch.tensor([[1.0, 0.0], [3.0, 2.0]]))
 
@@ -187,7 +209,7 @@ def test_vanilla_sae_relu_l1_hand_case():
 def test_geometric_median_and_data_initialisation():
     pts = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [100.0, 0.0]]).double()
     assert torch.allclose(geometric_median(pts), torch.tensor([2.0, 0.0]).double(), atol=1e-3)
-    sae = SAE(SAEConfig(d_in=2, d_sae=4, architecture="standard"), seed=0)
+    sae = StandardSAE(SAEConfig(d_in=2, d_sae=4, architecture="standard"), seed=0)
     sae.initialize_from_data(pts.float(), b_dec_init="mean", scale_inputs=False)
     assert torch.allclose(sae.b_dec, torch.tensor([21.2, 0.0]))
     x = torch.randn(500, 2) * 7 + 3
@@ -199,7 +221,7 @@ def test_geometric_median_and_data_initialisation():
 
 @pytest.mark.parametrize("arch", ["batchtopk", "standard"])
 def test_folding_keeps_raw_input_outputs(arch):
-    sae = build_sae(SAEConfig(d_in=16, d_sae=64, top_k=4, architecture=arch), seed=4)
+    sae = build_sae(SAEConfig(d_in=16, d_sae=64, architecture=arch, **_arch_kwargs(arch)), seed=4)
     x = torch.randn(64, 16) * 30 + 5
     sae.initialize_from_data(x)
     assert float(sae.input_scale) != 1.0
@@ -215,9 +237,9 @@ def test_folding_keeps_raw_input_outputs(arch):
     assert torch.allclose(after_recon, before_recon, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("arch, klass", [("batchtopk", BatchTopKSAE), ("standard", SAE)])
+@pytest.mark.parametrize("arch, klass", [("batchtopk", BatchTopKSAE), ("standard", StandardSAE)])
 def test_save_and_load_rebuild_the_right_class(tmp_path, arch, klass):
-    sae = build_sae(SAEConfig(d_in=16, d_sae=64, top_k=4, architecture=arch), seed=5)
+    sae = build_sae(SAEConfig(d_in=16, d_sae=64, architecture=arch, **_arch_kwargs(arch)), seed=5)
     x = torch.randn(32, 16) * 4
     sae.initialize_from_data(x)
     if arch == "batchtopk":

@@ -72,11 +72,11 @@ def test_cross_field_checks():
     with pytest.raises(ConfigError, match="search_space.d_sae: is also fixed in `sae`"):
         SweepConfig.from_dict(base(sae={"d_sae": 32}))
     # top_k can never be below the smallest d_sae
-    with pytest.raises(ConfigError, match="search_space.top_k: low \\(20\\) must be < the smallest"):
+    with pytest.raises(ConfigError, match="search_space.top_k: low \\(20\\) must be <= 15 \\(the smallest d_sae 16 - 1\\)"):
         SweepConfig.from_dict(base(search_space={
             "d_sae": {"type": "int", "low": 16, "high": 64},
             "top_k": {"type": "int", "low": 20, "high": 40}}))
-    with pytest.raises(ConfigError, match="every choice must be <"):
+    with pytest.raises(ConfigError, match="every choice must be <= "):
         SweepConfig.from_dict(base(search_space={
             "d_sae": {"type": "categorical", "choices": [16, 64]},
             "top_k": {"type": "categorical", "choices": [4, 32]}}))
@@ -86,7 +86,7 @@ def test_cross_field_checks():
             "d_sae": {"type": "int", "low": 16, "high": 64},
             "logit_kl_weight": {"type": "float", "low": 0.1, "high": 1.0}}))
     # l1 only for the standard architecture
-    with pytest.raises(ConfigError, match="l1_coefficient: only applies to architecture standard"):
+    with pytest.raises(ConfigError, match="l1_coefficient: only applies to architecture\\(s\\) standard"):
         SweepConfig.from_dict(base(search_space={
             "d_sae": {"type": "int", "low": 16, "high": 64},
             "l1_coefficient": {"type": "float", "low": 0.1, "high": 1.0}}))

@@ -64,8 +64,8 @@ def quiet(**kw) -> TrainingConfig:
 
 @pytest.mark.parametrize("arch", ["batchtopk", "standard"])
 def test_training_learns_the_sparse_dictionary(arch, tmp_path):
-    sae = build_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, top_k=3, architecture=arch,
-                              l1_coefficient=0.003), seed=0)
+    extra = {"top_k": 3} if arch == "batchtopk" else {"l1_coefficient": 0.003}
+    sae = build_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture=arch, **extra), seed=0)
     rep = ListReporter()
     result = train_sae(sae, TensorSource(sparse_data(4096)), quiet(num_epochs=3),
                        val_source=TensorSource(sparse_data(1024, seed=1)), reporter=rep,
@@ -78,8 +78,11 @@ def test_training_learns_the_sparse_dictionary(arch, tmp_path):
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(D_SAE), atol=1e-5)
     if arch == "batchtopk":
         assert final.l0_train == pytest.approx(3.0)
-        assert final.l0_inference == pytest.approx(3.0, abs=0.05)  # calibrated at the end
+        # calibrated on training tokens; measured on the held-out validation tokens, which
+        # the calibration never saw, the shipped L0 is k within 10 %
+        assert final.l0 == pytest.approx(3.0, rel=0.10) and final.l0 != 3.0
         assert final.threshold is not None and final.threshold > 0
+        assert final.fvu_train is not None  # the batch-level figure, for diagnosis
     assert sum(final.density_histogram) == round((1 - final.dead_fraction) * D_SAE)
     # the saved SAE (folded) reproduces the trained one on raw inputs
     loaded = load_sae(tmp_path / "final").eval()
@@ -323,7 +326,7 @@ def test_console_reporter_writes_one_line_per_record(tmp_path):
               val_source=TensorSource(sparse_data(128, seed=1)),
               reporter=ConsoleReporter(show_progress=False, stream=stream))
     lines = [l for l in stream.getvalue().splitlines() if l.startswith("step ")]
-    assert len(lines) == 2 and "ev " in lines[0] and "l0 3.0" in lines[0]
+    assert len(lines) == 2 and "ev " in lines[0] and "l0_train 3.0" in lines[0] and "| l0 " in lines[0]
 
 
 def test_empty_source_is_a_clear_error():
@@ -333,10 +336,10 @@ def test_empty_source_is_a_clear_error():
         train_sae(sae, TensorSource(torch.zeros(0, D_IN)), quiet(), reporter=ListReporter())
 
 
-def test_empty_validation_source_skips_the_threshold_calibration_with_a_message():
+def test_calibration_uses_training_tokens_even_without_validation_tokens():
     sae = build_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, top_k=3), seed=0)
     reporter = ListReporter()
     train_sae(sae, TensorSource(torch.randn(256, D_IN)), quiet(), reporter=reporter,
               val_source=TensorSource(torch.zeros(0, D_IN)))
-    assert any("not calibrated" in m and "validation source has no tokens" in m
-               for m in reporter.messages)
+    assert any("calibrated on training tokens" in m for m in reporter.messages)
+    assert float(sae.threshold) > 0

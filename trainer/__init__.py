@@ -3,7 +3,13 @@
 Public API (everything else in this package is internal):
 
     SAEConfig, TrainingConfig, TrainJobConfig          -- configs (StrictConfig)
-    SAE, BatchTopKSAE, SAE_REGISTRY, build_sae, load_sae  -- the models
+    SAE (abstract base), TrainStepOutput, SAELensFormat -- the architecture seam
+    StandardSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE,
+    MatryoshkaBatchTopKSAE                              -- the registered architectures
+    SAE_REGISTRY, build_sae, load_sae, register,
+    architecture_names, architecture_fields,
+    searchable_fields, width_capped_fields, common_sae_fields -- the registry (what the sweep asks)
+    metric_names                                        -- numeric MetricsRecord fields
     MetricsRecord                                       -- one record per evaluation
     ActivationSource, TensorSource                      -- where activations come from
     Reporter, ConsoleReporter                           -- the logging seam
@@ -16,27 +22,43 @@ Public API (everything else in this package is internal):
     TrainingDivergedError, CheckpointMismatchError      -- user errors (activation_cache.UserError)
 """
 
-from .batchtopk import BatchTopKSAE
 from .end_to_end import EndToEndObjective, SequenceSource, end_to_end_sources, load_cache_model
 from .errors import (CheckpointMismatchError, DimensionMismatchError, EmptySourceError,
                      NonFiniteActivationError, TrainingDivergedError)
 from .eval_job import evaluate_sae_dir
 from .job import TrainJobConfig, train_from_yaml
-from .metrics import MetricsRecord
+from .metrics import MetricsRecord, numeric_metric_names as metric_names
 from .objective import LocalObjective, Objective, StepOutput
-from .registry import SAE_REGISTRY, build_sae, load_sae
+from .registry import (SAE_REGISTRY, architecture_names, architectures_with_field, build_sae,
+                       load_sae, register, searchable_fields, width_capped_fields)
 from .reporting import ConsoleReporter, Reporter
-from .sae import SAE
-from .sae_config import SAEConfig
+from .sae_config import SAEConfig, common_field_names as common_sae_fields
+from .saes import SAE, SAELensFormat, TrainStepOutput
+from .saes.batchtopk import BatchTopKSAE
+from .saes.jumprelu import JumpReLUSAE
+from .saes.matryoshka import MatryoshkaBatchTopKSAE
+from .saes.standard import StandardSAE
+from .saes.topk import TopKSAE
 from .saelens_export import export_saelens
 from .sources import ActivationSource, TensorSource
 from .training import TrainResult, train_sae
 from .training_config import TrainingConfig
 
+
+def architecture_fields(name: str) -> tuple[str, ...]:
+    """The config fields architecture ``name`` owns (its options)."""
+    from .registry import options_class
+
+    return options_class(name).field_names()
+
 __all__ = [
     "SAEConfig", "TrainingConfig", "TrainJobConfig",
-    "SAE", "BatchTopKSAE", "SAE_REGISTRY", "build_sae", "load_sae",
-    "MetricsRecord",
+    "SAE", "TrainStepOutput", "SAELensFormat",
+    "StandardSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "MatryoshkaBatchTopKSAE",
+    "SAE_REGISTRY", "build_sae", "load_sae", "register", "architecture_names",
+    "architecture_fields", "architectures_with_field", "searchable_fields",
+    "width_capped_fields", "common_sae_fields",
+    "MetricsRecord", "metric_names",
     "ActivationSource", "TensorSource",
     "Reporter", "ConsoleReporter",
     "Objective", "LocalObjective", "StepOutput",

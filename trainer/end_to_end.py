@@ -3,11 +3,12 @@
 ``EndToEndObjective`` implements the objective seam (trainer/objective.py) on whole windows
 (``SequenceBatch``es from the activation cache, served by :class:`SequenceSource`). One step:
 
-1. **The SAE's own terms**, from its training forward (``sae.training_forward``, so BatchTopK and
-   AuxK are exactly the local trainer's) on the train-mask tokens of the batch, in chunks of
-   ``activation_batch_size`` sequences (each chunk is one BatchTopK batch):
-   ``reconstruction_loss_weight × MSE`` + ``aux_penalty × AuxK`` (BatchTopK) or
-   ``l1_coefficient × L1`` (standard SAE).
+1. **The SAE's own terms**, from its training forward (``sae.training_forward``, exactly the
+   local trainer's, whatever the architecture) on the train-mask tokens of the batch, in chunks
+   of ``activation_batch_size`` sequences (each chunk is one training-encoding batch, e.g. one
+   BatchTopK batch): ``reconstruction_loss_weight × reconstruction`` + the architecture's own
+   penalties. The chunks' running statistics (e.g. BatchTopK's smallest selected activation)
+   are merged with ``sae.merge_running``, so every chunk reaches the threshold EMA.
 2. **The splice**: the reconstruction replaces the hook's activations on train-mask tokens only
    (padding, BOS and excluded tokens keep their clean values) and the rest of the model runs,
    restarting at the splice point from the cached residual (trainer/splice.py).
@@ -47,14 +48,12 @@ from tqdm.auto import tqdm
 
 from activation_cache import UserError
 
-from .batchtopk import BatchTopKSAE
 from .errors import NonFiniteActivationError
 from .evaluation import evaluate_reconstruction
 from .logit_kl import CompactClean, kl_from_logits, next_token_mask, next_token_nll
 from .objective import (LocalObjective, Objective, StepOutput, noop_step,
                         weighted_sae_loss)
-from .sae import SAE
-from .sparse_ops import topk_sae_forward
+from .saes.base import SAE
 from .splice import SpliceSite, splice_site, spliced_forward
 from .training_config import TrainingConfig
 
@@ -215,10 +214,9 @@ class EndToEndObjective(Objective):
         """Input scale, b_dec and the outlier cap from the split's tokens (as LocalObjective)."""
         self.local.initialize(sae, source.token_source())
 
-    def finalize(self, sae: SAE, train_source: Any, val_source: Any) -> Optional[str]:
-        """Calibrate BatchTopK's inference threshold on held-out tokens (as LocalObjective)."""
-        return self.local.finalize(sae, train_source.token_source(),
-                                   None if val_source is None else val_source.token_source())
+    def calibration_batches(self, train_source: SequenceSource) -> Iterator[Tensor]:
+        """The training split's tokens in their own order (as LocalObjective's)."""
+        return self.local.calibration_batches(train_source.token_source())
 
     def state_dict(self) -> dict[str, Any]:
         return self.local.state_dict()
@@ -319,8 +317,11 @@ class EndToEndObjective(Objective):
 
         # 1. the SAE's own terms, chunked by activation_batch_size sequences
         per_seq = mask.sum(1).tolist()
-        terms = {"mse": 0.0, "aux": 0.0, "l1": 0.0, "l0": 0.0}
-        x_hats, fired = [], None
+        loss = torch.zeros((), device=rows.device)
+        stats: dict[str, Any] = {}
+        x_hats: list[Tensor] = []
+        fired: Optional[Tensor] = None
+        running: dict[str, Tensor] = {}
         start = 0
         for a in range(0, len(per_seq), cfg.activation_batch_size):
             n = int(sum(per_seq[a:a + cfg.activation_batch_size]))
@@ -328,12 +329,14 @@ class EndToEndObjective(Objective):
                 continue
             out = sae.training_forward(rows_in[start:start + n])
             start += n
-            for key in terms:
-                terms[key] = terms[key] + out[key] * (n / n_tok)
-            x_hats.append(out["x_hat"])
-            fired = out["fired"] if fired is None else fired | out["fired"]
+            part, part_stats = weighted_sae_loss(cfg, out)
+            loss = loss + part * (n / n_tok)
+            for key, value in part_stats.items():
+                stats[key] = stats.get(key, 0.0) + value * (n / n_tok)
+            x_hats.append(out.x_hat)
+            fired = out.fired if fired is None else fired | out.fired
+            running = sae.merge_running(running, out.running)
         x_hat_raw = torch.cat(x_hats).float() / sae.input_scale
-        loss, stats = weighted_sae_loss(sae, cfg, terms)
 
         # 2-3. splice and end-to-end terms, micro-batch by micro-batch
         patch = torch.zeros_like(x).masked_scatter(mask[..., None], x_hat_raw.to(x.dtype))
@@ -342,7 +345,7 @@ class EndToEndObjective(Objective):
         loss = loss + e2e_value
         if grad is not None:
             loss = loss + ((patch - patch.detach()) * grad).sum()
-        return StepOutput(loss, stats, fired)
+        return StepOutput(loss, stats, fired, running)
 
     def _live_losses(self, sae: SAE, batch: Any, patch: Tensor, mask: Tensor, n_tok: int
                      ) -> tuple[Tensor, Optional[Tensor], dict[str, Any]]:
@@ -408,8 +411,8 @@ class EndToEndObjective(Objective):
         windows until ``max_tokens`` train-mask tokens are covered (None: the whole split).
 
         CE counts positions on the train mask whose next token is real; KL and top-1 count every
-        train-mask position. The spliced SAE uses its inference encoding (BatchTopK: the
-        threshold) once it has one, else the training encoding over the evaluation batch.
+        train-mask position. The spliced SAE uses its shipped (inference) encoding: pass the
+        model you would ship (the training loop passes a calibrated copy).
         ``block_mse`` is reported when ``use_block_mse`` is on.
         """
         site = self.site(sae)
@@ -426,7 +429,7 @@ class EndToEndObjective(Objective):
             mask = batch.train_mask.bool()
             rows = x[mask]
             if rows.shape[0]:
-                x_hat = _reconstruct_for_eval(sae, rows)
+                x_hat = sae(rows)[0].float()
                 patch = torch.zeros_like(x).masked_scatter(mask[..., None], x_hat.to(x.dtype))
                 self._eval_batch(sae, batch, site, layers, patch, mask, acc)
             n_seq += len(batch)
@@ -484,22 +487,6 @@ class EndToEndObjective(Objective):
             for layer in layers:
                 diff = (spliced.resid_post[layer] - clean.resid_post[layer])[m] * scale
                 acc.block += float(diff.double().pow(2).mean(-1).sum())
-
-
-def _reconstruct_for_eval(sae: SAE, rows: Tensor) -> Tensor:
-    """Raw-space reconstruction: the inference encoding, or BatchTopK over ``rows`` while a
-    BatchTopK SAE has no threshold yet."""
-    if isinstance(sae, BatchTopKSAE) and float(sae.threshold) < 0:
-        out = topk_sae_forward(sae.scale_input(rows), sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec,
-                               sae.k)
-        return out.x_hat.float() / sae.input_scale
-    was_training = sae.training
-    sae.eval()
-    try:
-        x_hat, _ = sae(rows)
-    finally:
-        sae.train(was_training)
-    return x_hat.float()
 
 
 def _e2e_metrics(acc: _Accum, layers: list[int]) -> dict[str, Any]:

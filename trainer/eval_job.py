@@ -19,24 +19,23 @@ from activation_cache import ConfigError
 from .end_to_end import EndToEndObjective, SequenceSource, load_cache_model
 from .metrics import MetricsRecord
 from .registry import load_sae
-from .sae import SAE
+from .saes.base import SAE
 from .training_config import TrainingConfig
 
 OUTPUT_FORMATS = ("table", "json")
 
 _DESCRIPTIONS = {
     "eval_tokens": "train-mask tokens evaluated",
-    "mse": "reconstruction MSE (raw units, training encoding)",
+    "mse": "reconstruction MSE (raw units, shipped encoder)",
     "fvu": "fraction of variance unexplained",
     "explained_variance": "1 - FVU",
+    "l0": "active latents per token (shipped encoder)",
     "l0_train": "active latents per token (training encoding)",
-    "l0_inference": "active latents per token (inference encoding)",
-    "mse_inference": "MSE with the inference encoding",
-    "explained_variance_inference": "explained variance, inference encoding",
+    "fvu_train": "FVU of the training encoding (batch-level)",
     "dead_fraction": "latents that never fired here",
     "dense_fraction": "latents firing on > 10% of tokens",
     "density_histogram": "live latents per decade of firing frequency",
-    "threshold": "BatchTopK inference threshold",
+    "threshold": "inference threshold (mean over latents)",
     "ce_loss_clean": "next-token CE of the clean model (nats)",
     "ce_loss_spliced": "... with the SAE spliced in",
     "ce_loss_zero_ablation": "... with the hook zeroed on the same tokens",
@@ -78,9 +77,8 @@ def evaluate_sae_dir(sae_dir: str | Path, *, cache: str, split: str = "val",
     record = MetricsRecord(step=0, tokens_seen=0)
     for key, value in metrics.items():
         setattr(record, key, value)
-    theta = getattr(sae, "threshold", None)
-    if theta is not None and float(theta) >= 0:
-        record.threshold = float(theta)
+    record.threshold = sae.inference_threshold()
+    record.eval_split = split
     out = stream if stream is not None else sys.stdout
     out.write(format_metrics(record, output_format, header=f"{sae_dir} on {cache} [{split}]"))
     out.flush()

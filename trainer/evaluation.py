@@ -1,4 +1,10 @@
-"""Reconstruction metrics of an SAE on a source of token activations (raw units)."""
+"""Reconstruction metrics of an SAE on a source of token activations (raw units).
+
+The headline figures use the **shipped encoder**: ``sae.encode``/``sae.decode``, exactly what
+``export`` writes (BatchTopK: the calibrated per-token threshold). When an architecture trains
+with a different, batch-level encoding (``training_encoding_differs``), the same tokens also get
+that encoding's figures under ``*_train`` names, for diagnosis only.
+"""
 
 from __future__ import annotations
 
@@ -6,64 +12,57 @@ from typing import Any, Optional
 
 import torch
 
-from .batchtopk import BatchTopKSAE
 from .metrics import ReconstructionAccumulator, density_summary
-from .sae import SAE
+from .saes.base import SAE
 from .sources import ActivationSource
-from .sparse_ops import topk_sae_forward
 
 
 @torch.no_grad()
 def evaluate_reconstruction(sae: SAE, source: ActivationSource, *, max_tokens: Optional[int],
                             batch_tokens: int, seed: int = 0) -> dict[str, Any]:
-    """mse / fvu / explained_variance, both L0s, dead / dense fractions and the density histogram
-    (see trainer.metrics for the definitions) over the first ``max_tokens`` tokens of ``source``.
-
-    The primary fields use the training encoding (BatchTopK over batches of ``batch_tokens``);
-    ``*_inference`` fields use the per-token inference encoding. Vanilla SAEs have one encoding.
-    """
-    train_acc, inf_acc = ReconstructionAccumulator(), ReconstructionAccumulator()
+    """mse / fvu / explained_variance / l0 / dead and dense fractions / density histogram of the
+    shipped encoder (see trainer.metrics for the definitions) over the first ``max_tokens``
+    tokens of ``source`` (in ``(seed, epoch 0)`` order), plus ``l0_train`` and, for
+    architectures whose training encoding differs, ``mse_train`` / ``fvu_train`` /
+    ``explained_variance_train`` (the training encoding over batches of ``batch_tokens``)."""
+    shipped, train_acc = ReconstructionAccumulator(), ReconstructionAccumulator()
     fire_counts = torch.zeros(sae.cfg.d_sae, dtype=torch.int64, device=sae.W_enc.device)
-    n_tokens, l0_train, l0_inf = 0, 0.0, 0.0
-    is_topk = isinstance(sae, BatchTopKSAE)
-    scale = sae.input_scale
-    for batch in source.iter_batches(batch_tokens, seed=seed, epoch=0):
-        if max_tokens is not None:
-            batch = batch[: max_tokens - n_tokens]
-        if batch.shape[0] == 0:
-            break
-        batch = batch.to(sae.W_enc.device)
-        xs = sae.scale_input(batch)
-        if is_topk:
-            out = topk_sae_forward(xs, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.k)
-            x_hat_raw = out.x_hat.float() / scale  # the kernel reconstructs in scaled space
-            fire_counts += torch.bincount(out.latent_idx, minlength=sae.cfg.d_sae)
-            l0_train += out.values.numel()
-            f_inf = sae.encode_with_threshold(xs)
-            l0_inf += float((f_inf > 0).sum())
-            inf_acc.add(batch, sae.decode(f_inf).float())
-        else:
-            f = torch.relu(sae.pre_activations(xs))
-            x_hat_raw = sae.decode(f).float()
+    n_tokens, l0, l0_train = 0, 0.0, 0.0
+    differs = sae.training_encoding_differs
+    was_training = sae.training
+    sae.eval()
+    try:
+        for batch in source.iter_batches(batch_tokens, seed=seed, epoch=0):
+            if max_tokens is not None:
+                batch = batch[: max_tokens - n_tokens]
+            if batch.shape[0] == 0:
+                break
+            batch = batch.to(sae.W_enc.device)
+            f = sae.encode(batch)
             active = f > 0
             fire_counts += active.sum(0)
-            l0_train += float(active.sum())
-        train_acc.add(batch, x_hat_raw)
-        n_tokens += batch.shape[0]
-        if max_tokens is not None and n_tokens >= max_tokens:
-            break
+            l0 += float(active.sum())
+            shipped.add(batch, sae.decode(f).float())
+            if differs:
+                out = sae.training_forward(batch)
+                train_acc.add(batch, out.x_hat.float() / sae.input_scale)
+                l0_train += float(out.l0) * batch.shape[0]
+            n_tokens += batch.shape[0]
+            if max_tokens is not None and n_tokens >= max_tokens:
+                break
+    finally:
+        sae.train(was_training)
     if n_tokens == 0:
         return {}
-    out_metrics: dict[str, Any] = {"eval_tokens": n_tokens, **train_acc.result()}
-    out_metrics["l0_train"] = l0_train / n_tokens
-    if is_topk:
-        inf = inf_acc.result()
-        out_metrics["l0_inference"] = l0_inf / n_tokens
-        out_metrics["mse_inference"] = inf["mse"]
-        out_metrics["explained_variance_inference"] = inf["explained_variance"]
+    metrics: dict[str, Any] = {"eval_tokens": n_tokens, **shipped.result()}
+    metrics["l0"] = l0 / n_tokens
+    if differs:
+        train = train_acc.result()
+        metrics["l0_train"] = l0_train / n_tokens
+        metrics["mse_train"] = train["mse"]
+        metrics["fvu_train"] = train["fvu"]
+        metrics["explained_variance_train"] = train["explained_variance"]
     else:
-        out_metrics["l0_inference"] = out_metrics["l0_train"]
-        out_metrics["mse_inference"] = out_metrics["mse"]
-        out_metrics["explained_variance_inference"] = out_metrics["explained_variance"]
-    out_metrics.update(density_summary(fire_counts.cpu(), n_tokens))
-    return out_metrics
+        metrics["l0_train"] = metrics["l0"]
+    metrics.update(density_summary(fire_counts.cpu(), n_tokens))
+    return metrics

@@ -5,8 +5,12 @@ Definitions (SAEBench / SAELens conventions):
 * ``explained_variance = 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over the evaluation
   tokens (mean over those tokens); ``fvu = 1 - explained_variance``.
 * ``mse``: mean over tokens and dimensions of ``(x - x_hat)^2`` in raw activation units.
-* ``l0_train``: mean active latents per token with the training encoding (BatchTopK over the
-  batch); ``l0_inference``: with the per-token inference encoding (the learned threshold).
+* Every headline figure (``mse``, ``fvu``, ``explained_variance``, ``l0``, ``dead_fraction``,
+  ``dense_fraction``, the CE/KL metrics) uses the **shipped encoder** (``sae.encode``, what
+  ``export`` writes; BatchTopK: the calibrated threshold, one token at a time).
+* ``l0_train``: mean active latents per token with the training encoding (BatchTopK: over the
+  batch); ``mse_train`` / ``fvu_train`` / ``explained_variance_train``: that encoding's
+  reconstruction, for the architectures whose training encoding differs (None otherwise).
 * ``dead_fraction``: latents that never fired on the evaluation tokens; ``dense_fraction``: latents
   firing on more than 10 % of them; ``density_histogram``: counts of live latents per decade of
   firing frequency, bins ``DENSITY_BIN_EDGES`` (log10; the first bin also takes anything lower).
@@ -17,6 +21,7 @@ The end-to-end fields are filled by ``EndToEndObjective`` (None otherwise).
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
@@ -49,21 +54,28 @@ class MetricsRecord:
     # -- reconstruction on the validation tokens -------------------------------------------
     eval_tokens: int = 0
     """Number of validation tokens the metrics below were computed on (0: no validation)."""
+    eval_split: Optional[str] = None
+    """The split the metrics below were computed on (``val`` during training, ``test`` for the
+    final record of a sweep trial / ``sae-sweep eval``)."""
     mse: Optional[float] = None
     fvu: Optional[float] = None
     explained_variance: Optional[float] = None
+    l0: Optional[float] = None
+    """Mean active latents per token of the shipped encoder."""
     l0_train: Optional[float] = None
-    l0_inference: Optional[float] = None
-    mse_inference: Optional[float] = None
-    """``mse`` with the inference encoding (differs from ``mse`` only for BatchTopK)."""
-    explained_variance_inference: Optional[float] = None
+    """... of the training encoding (BatchTopK: over the batch)."""
+    mse_train: Optional[float] = None
+    """``mse`` with the training encoding (architectures whose training encoding differs)."""
+    fvu_train: Optional[float] = None
+    explained_variance_train: Optional[float] = None
     dead_fraction: Optional[float] = None
     dense_fraction: Optional[float] = None
     density_histogram: Optional[list[int]] = None
     dead_fraction_train: Optional[float] = None
     """Latents idle for ``n_batches_to_dead`` training batches (the AuxK notion of dead)."""
     threshold: Optional[float] = None
-    """BatchTopK's inference threshold theta (None before the threshold warm-up ends)."""
+    """The shipped encoder's inference threshold (BatchTopK: theta; JumpReLU: the mean of the
+    per-latent thresholds; None for architectures without one)."""
     # -- end-to-end (filled by EndToEndObjective) ----------------------------------------
     ce_loss_clean: Optional[float] = None
     ce_loss_spliced: Optional[float] = None
@@ -106,16 +118,22 @@ class MetricsRecord:
         return out
 
 
-def numeric_metric_names() -> tuple[str, ...]:
-    """Names of the MetricsRecord fields that can serve as a 'best' metric."""
-    skip = {"step", "tokens_seen", "epoch", "eval_tokens", "lr", "elapsed_s", "tokens_per_s"}
+def numeric_fields() -> tuple[str, ...]:
+    """Every MetricsRecord field holding one number (read from the type hints, not strings)."""
+    hints = typing.get_type_hints(MetricsRecord)
     out = []
     for f in dataclasses.fields(MetricsRecord):
-        if f.name in skip:
-            continue
-        if f.type in ("Optional[float]", "float", "int"):
+        args = set(typing.get_args(hints[f.name])) - {type(None)}
+        if hints[f.name] in (int, float) or (args and args <= {int, float}):
             out.append(f.name)
     return tuple(out)
+
+
+def numeric_metric_names() -> tuple[str, ...]:
+    """Names of the MetricsRecord fields that can serve as a 'best' metric or an objective
+    (the numeric ones, less the bookkeeping counters)."""
+    skip = {"step", "tokens_seen", "epoch", "eval_tokens", "lr", "elapsed_s", "tokens_per_s"}
+    return tuple(n for n in numeric_fields() if n not in skip)
 
 
 class ReconstructionAccumulator:

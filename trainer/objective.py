@@ -13,9 +13,11 @@ projection/renormalisation, dead tracking, validation cadence, checkpoints and r
   ``finalize``, ``state_dict`` / ``load_state_dict`` -- optional hooks with token-batch
   defaults here.
 
-``LocalObjective`` is the default: reconstruction MSE x reconstruction_loss_weight
-+ l1_coefficient x L1 (standard SAE) + aux_penalty x AuxK (BatchTopK), on shuffled token rows
-from an ActivationSource, with the norm-outlier policy applied to training batches.
+``LocalObjective`` is the default: ``reconstruction_loss_weight`` x the architecture's
+reconstruction term + the architecture's own penalties (its ``TrainStepOutput``: L1, AuxK, L0...
+with its own coefficients), on shuffled token rows from an ActivationSource, with the
+norm-outlier policy applied to training batches. No objective knows which architecture it
+trains: everything architecture-specific comes from ``sae.training_forward``.
 """
 
 from __future__ import annotations
@@ -27,10 +29,9 @@ from typing import Any, Iterator, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .batchtopk import BatchTopKSAE
 from .errors import EmptySourceError, NonFiniteActivationError
 from .evaluation import evaluate_reconstruction
-from .sae import SAE
+from .saes.base import SAE, TrainStepOutput
 from .sources import ActivationSource
 from .training_config import TrainingConfig
 
@@ -42,6 +43,9 @@ class StepOutput(NamedTuple):
     """Per-step statistics (floats or detached 0-d tensors), averaged between reports."""
     fired: Tensor
     """bool [d_sae]: latents that fired in this batch (dead-latent tracking)."""
+    running: Optional[dict[str, Any]] = None
+    """The architecture's running statistics of this step (``TrainStepOutput.running``, merged
+    over chunks), applied by ``sae.update_training_state`` after the optimizer step."""
 
 
 def noop_step(sae: SAE, stats: Optional[dict[str, Any]] = None) -> StepOutput:
@@ -90,6 +94,13 @@ class Objective(ABC):
         """Called once after the last step; may return a message for the reporter."""
         return None
 
+    def calibration_batches(self, train_source: Any) -> Iterator[Tensor]:
+        """Raw token batches for calibrating the inference encoding: training tokens in their
+        own order (seed + 1), so no reported or selection metric is computed on them (those use
+        the validation and test splits) and the training order is untouched."""
+        return train_source.iter_batches(self.config.train_batch_tokens,
+                                         seed=self.config.seed + 1, epoch=0)
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state saved in checkpoints."""
         return {}
@@ -98,21 +109,13 @@ class Objective(ABC):
         """Restore what ``state_dict`` returned."""
 
 
-def weighted_sae_loss(sae: SAE, config: Any, terms: dict[str, Any]
-                      ) -> tuple[Tensor, dict[str, Any]]:
-    """The SAE's own loss from its ``training_forward`` terms, and the step's stats:
-    reconstruction_loss_weight x mse + aux_penalty x AuxK (BatchTopK) or l1_coefficient x L1
-    (standard; TrainingConfig.l1_coefficient overrides SAEConfig's when set)."""
-    loss = config.reconstruction_loss_weight * terms["mse"]
-    stats: dict[str, Any] = {"mse": terms["mse"].detach(), "l0": terms["l0"]}
-    if isinstance(sae, BatchTopKSAE):
-        loss = loss + sae.cfg.aux_penalty * terms["aux"]
-        stats["aux"] = terms["aux"].detach()
-    else:
-        l1_coef = (config.l1_coefficient if config.l1_coefficient is not None
-                   else sae.cfg.l1_coefficient)
-        loss = loss + l1_coef * terms["l1"]
-        stats["l1"] = terms["l1"].detach()
+def weighted_sae_loss(config: Any, out: TrainStepOutput) -> tuple[Tensor, dict[str, Any]]:
+    """The SAE's own loss from its training forward, and the step's stats:
+    ``reconstruction_loss_weight x reconstruction_loss + sparsity_loss`` (the architecture's
+    penalties, already weighted by its own coefficients); stats are its named terms and l0."""
+    loss = config.reconstruction_loss_weight * out.reconstruction_loss + out.sparsity_loss
+    stats: dict[str, Any] = dict(out.terms)
+    stats["l0"] = out.l0
     return loss, stats
 
 
@@ -191,11 +194,11 @@ class LocalObjective(Objective):
             return noop_step(sae, {"outlier_fraction": 1.0})
         out = sae.training_forward(batch)
         cfg = self.config
-        loss, stats = weighted_sae_loss(sae, cfg, out)
+        loss, stats = weighted_sae_loss(cfg, out)
         with torch.no_grad():
             # explained variance of the batch without another pass over x - x_hat:
             # SSE = mse * N * d; total = sum ||x_s||^2 - N ||mean(x_s)||^2 (in float64)
-            xs = out["x_scaled"]
+            xs = out.x_scaled
             n, d = xs.shape
             scale2 = sae.input_scale.double() ** 2
             total = norms.double().pow(2).sum() * scale2 - n * xs.mean(0).double().pow(2).sum()
@@ -203,25 +206,9 @@ class LocalObjective(Objective):
             stats["explained_variance"] = 1.0 - sse / total.clamp_min(1e-30)
         if cfg.outlier_policy == "drop" and self.outlier_cap is not None:
             stats["outlier_fraction"] = 1.0 - batch.shape[0] / n_in
-        return StepOutput(loss, stats, out["fired"])
+        return StepOutput(loss, stats, out.fired, out.running)
 
     # -- evaluation and the end of training --------------------------------------------------------
     def evaluate(self, sae: SAE, val_source: Any, max_tokens: Optional[int]) -> dict[str, Any]:
         return evaluate_reconstruction(sae, val_source, max_tokens=max_tokens,
                                        batch_tokens=self.config.train_batch_tokens)
-
-    def finalize(self, sae: SAE, train_source: Any, val_source: Any) -> Optional[str]:
-        """Calibrate BatchTopK's inference threshold on held-out tokens (if configured)."""
-        if not (self.config.calibrate_threshold and isinstance(sae, BatchTopKSAE)):
-            return None
-        source = val_source if val_source is not None else train_source
-        batches = source.iter_batches(self.config.train_batch_tokens, seed=self.config.seed,
-                                      epoch=0)
-        before = float(sae.threshold)
-        theta = sae.calibrate_threshold(batches, self.config.calibration_tokens)
-        where = "validation" if val_source is not None else "training"
-        if theta is None:
-            return (f"inference threshold not calibrated: the {where} source has no tokens "
-                    f"(kept the training EMA, {before:.5g})")
-        return (f"inference threshold calibrated on {where} tokens: {before:.5g} -> {theta:.5g} "
-                f"(inference L0 = top_k = {sae.k} there)")

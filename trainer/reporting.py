@@ -38,8 +38,8 @@ def format_record(record: MetricsRecord) -> str:
     """One line summarising a MetricsRecord."""
     parts = [f"step {record.step}", f"tokens {record.tokens_seen:,}"]
     for name, label, fmt in (("loss", "loss", ".4g"), ("explained_variance", "ev", ".4f"),
-                             ("mse", "mse", ".4g"), ("l0_train", "l0", ".1f"),
-                             ("l0_inference", "l0_inf", ".1f"), ("dead_fraction", "dead", ".3f"),
+                             ("mse", "mse", ".4g"), ("l0", "l0", ".1f"),
+                             ("l0_train", "l0_train", ".1f"), ("dead_fraction", "dead", ".3f"),
                              ("dense_fraction", "dense", ".3f"), ("kl_div", "kl", ".4g"),
                              ("ce_loss_score", "ce_score", ".4f")):
         value = getattr(record, name)
@@ -78,7 +78,7 @@ class ConsoleReporter:
         self.records.append(record)
         if self._bar is not None and record.explained_variance is not None:
             self._bar.set_postfix(ev=f"{record.explained_variance:.3f}",
-                                  l0=f"{record.l0_train or 0:.1f}", refresh=False)
+                                  l0=f"{record.l0 if record.l0 is not None else (record.l0_train or 0):.1f}", refresh=False)
         if self.print_metrics:
             line = format_record(record)
             if checkpoint_dir:

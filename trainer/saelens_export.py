@@ -1,12 +1,11 @@
 """Export an SAE in SAELens's on-disk format (``cfg.json`` + ``sae_weights.safetensors``).
 
 The export takes raw activations (the input scaling is folded into the weights) and gives the
-same encode/decode outputs as ours in eval mode:
-
-* ``standard`` SAEs export as SAELens ``standard`` (ReLU);
-* ``batchtopk`` SAEs export as SAELens ``jumprelu`` with a per-latent threshold equal to our
-  global inference threshold theta (0 -- a plain ReLU -- if theta was never learned). This is
-  the inference form of a BatchTopK SAE; SAELens saves its own BatchTopK SAEs the same way.
+same encode/decode outputs as our shipped encoder. Each architecture says how it maps
+(``SAE.saelens_format``): ``standard`` -> SAELens ``standard``; ``topk`` -> ``topk`` with ``k``;
+``jumprelu`` -> ``jumprelu`` with its thresholds; ``batchtopk`` and ``matryoshka_batchtopk`` ->
+``jumprelu`` with the calibrated global threshold as every latent's threshold (their inference
+form; SAELens saves its own BatchTopK SAEs the same way).
 
 sae-lens is not imported: the files follow its documented 6.x layout, and a test opens them with
 ``sae_lens.SAE.load_from_disk``.
@@ -20,9 +19,8 @@ from typing import Any, Optional
 
 from safetensors.torch import save_file
 
-from .batchtopk import BatchTopKSAE
 from .checkpoint import atomic_directory
-from .sae import SAE
+from .saes.base import SAE
 
 SAELENS_CFG_FILE = "cfg.json"
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
@@ -39,25 +37,21 @@ def export_saelens(sae: SAE, out_dir: str | Path, *, model_name: Optional[str] =
         "b_enc": folded.b_enc.detach(),
         "b_dec": folded.b_dec.detach(),
     }
+    fmt = sae.saelens_format(folded)
+    tensors.update(fmt.tensors)
     metadata: dict[str, Any] = {
         "sae_lens_version": SAELENS_FORMAT_VERSION,
         "sae_lens_training_version": SAELENS_FORMAT_VERSION,
         "hook_name": sae.hook_spec,
         "exported_by": "sae-sweep",
         "sae_sweep_architecture": sae.architecture,
+        **fmt.metadata,
     }
     if model_name is not None:
         metadata["model_name"] = model_name
-    if isinstance(folded, BatchTopKSAE):
-        architecture = "jumprelu"
-        theta = folded.threshold.clamp_min(0).to(folded.dtype)
-        tensors["threshold"] = theta.expand(sae.cfg.d_sae).clone()
-        metadata["top_k"] = folded.k
-    else:
-        architecture = "standard"
     metadata.update(extra_metadata or {})
     cfg = {
-        "architecture": architecture,
+        "architecture": fmt.architecture,
         "d_in": sae.cfg.d_in,
         "d_sae": sae.cfg.d_sae,
         "dtype": sae.cfg.dtype,
@@ -65,6 +59,7 @@ def export_saelens(sae: SAE, out_dir: str | Path, *, model_name: Optional[str] =
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
         "reshape_activations": "none",
+        **fmt.cfg,
         "metadata": metadata,
     }
     out = Path(out_dir)

@@ -48,6 +48,8 @@ __all__ = [
     "batch_topk_indices",
     "topk_sae_forward",
     "topk_sae_forward_reference",
+    "topk_per_token_forward",
+    "prefix_decodes",
 ]
 
 # Size of the random sample the selection threshold is estimated from.
@@ -530,3 +532,50 @@ def auxk_reconstruct(
     pattern = SparsePattern(token_idx, latent_idx, n, d_sae)
     values, e_hat = _encode_decode(x, W_enc, b_enc, W_dec, b_dec, xc, pre_values, pattern)
     return AuxKForward(e_hat, lambda: (values, token_idx, latent_idx))
+
+
+def topk_per_token_forward(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int
+) -> TopKForward:
+    """TopK per token (Gao et al.): keep each token's ``k`` largest pre-activations, then ReLU
+    (so a token keeps fewer than ``k`` when fewer are positive). Same inputs and outputs as
+    :func:`topk_sae_forward`, and the same sparse backward; only the selection differs."""
+    _check_shapes(x, W_enc, b_enc, W_dec, b_dec)
+    n, d_sae = x.shape[0], W_enc.shape[1]
+    k = min(int(k), d_sae)
+    with torch.no_grad():
+        xc = x - b_dec
+        pre = torch.addmm(b_enc, xc, W_enc)
+        top = pre.topk(k, dim=1, sorted=False)
+        cols, order = top.indices.sort(dim=1)  # ascending latent within each token
+        vals = top.values.gather(1, order)
+        keep = vals > 0
+        token_idx = torch.arange(n, device=x.device)[:, None].expand(n, k)[keep]
+        latent_idx = cols[keep]
+        pre_values = vals[keep]
+    pattern = SparsePattern(token_idx, latent_idx, n, d_sae)
+    values, decoded = _encode_decode(x, W_enc, b_enc, W_dec, b_dec, xc, pre_values, pattern)
+    return TopKForward(decoded + b_dec, values, token_idx, latent_idx, pre)
+
+
+def prefix_decodes(
+    out: TopKForward, W_dec: Tensor, b_dec: Tensor, widths: tuple[int, ...]
+) -> list[Tensor]:
+    """Reconstructions from nested prefixes of the dictionary (Matryoshka): for each width w
+    in ``widths`` (increasing, the last one d_sae), ``b_dec + sum of the selected pairs with
+    latent < w`` [N, d_in], differentiable like ``out.x_hat``. The last entry is ``out.x_hat``
+    itself; the others cost one sparse decode in all (each pair is decoded in its own group)."""
+    n = out.x_hat.shape[0]
+    d_sae = W_dec.shape[0]
+    recon = b_dec.expand(n, -1)
+    prefixes: list[Tensor] = []
+    lo = 0
+    for w in widths[:-1]:
+        with torch.no_grad():
+            sel = (out.latent_idx >= lo) & (out.latent_idx < w)
+        pattern = SparsePattern(out.token_idx[sel], out.latent_idx[sel], n, d_sae)
+        recon = recon + _SparseDecode.apply(out.values[sel], W_dec, pattern)
+        prefixes.append(recon)
+        lo = w
+    prefixes.append(out.x_hat)
+    return prefixes

@@ -2,11 +2,15 @@
 
 Per step: check the batch (via the objective), set the scheduled learning rate, forward/backward
 through the objective, project the decoder gradients, clip the gradient norm, Adam step,
-renormalise the decoder rows, update dead-latent counters and (after its warm-up) the inference
-threshold. Every ``log_freq`` steps (and at every checkpoint) it evaluates on the validation
-source and reports a MetricsRecord; every ``checkpoint_every`` steps it writes a resumable
-checkpoint. At the end it lets the objective finalise (threshold calibration), evaluates, writes
-the final checkpoint and saves the SAE (folded) to ``OUT/final``.
+renormalise the decoder rows, update dead-latent counters and the architecture's running
+statistics (a threshold EMA after its warm-up). Every ``log_freq`` steps (and at every
+checkpoint) it evaluates **the model it would ship** on the validation source and reports a
+MetricsRecord: for an architecture that ``needs_calibration`` (BatchTopK) that is a copy
+calibrated on calibration tokens (``Objective.calibration_batches``: training tokens in their
+own order, never the validation or test tokens), and ``OUT/best`` saves that calibrated copy.
+Every ``checkpoint_every`` steps it writes a resumable checkpoint. At the end it calibrates the
+SAE itself on the same tokens, evaluates, writes the final checkpoint and saves the SAE
+(folded) to ``OUT/final``.
 
 Output folder layout (when ``out_dir`` is given)::
 
@@ -38,7 +42,7 @@ from .errors import DimensionMismatchError, NonFiniteActivationError, TrainingDi
 from .metrics import MetricsRecord
 from .objective import LocalObjective, Objective
 from .reporting import ConsoleReporter, Reporter
-from .sae import SAE
+from .saes.base import SAE
 from .training_config import TrainingConfig
 
 
@@ -209,6 +213,9 @@ def train_sae(sae: SAE, train_source: Any, config: TrainingConfig, *, val_source
             break
 
     sae.eval()
+    message = loop.calibrate(sae)
+    if message:
+        reporter.on_message(message)
     message = objective.finalize(sae, train_source, val_source)
     if message:
         reporter.on_message(message)
@@ -285,7 +292,7 @@ class _Loop:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         self.optimizer.step()
         sae.normalize_decoder()
-        sae.update_training_state(out.fired, update_threshold=update_threshold,
+        sae.update_training_state(out.fired, out.running, update_threshold=update_threshold,
                                   threshold_beta=self.config.threshold_beta)
         tokens = self.objective.batch_tokens(batch)
         state.step = step_no
@@ -294,7 +301,26 @@ class _Loop:
         self.window.add(out.loss, out.stats, tokens)
         self.reporter.on_step(step_no)
 
-    def evaluate(self) -> MetricsRecord:
+    def calibrate(self, sae: SAE) -> Optional[str]:
+        """Calibrate ``sae``'s inference encoding on the calibration tokens (when it needs it
+        and ``calibrate_threshold`` is on); a message for the reporter."""
+        if not (sae.needs_calibration and self.config.calibrate_threshold):
+            return None
+        batches = self.objective.calibration_batches(self.train_source)
+        message = sae.calibrate(batches, self.config.calibration_tokens)
+        if message is None:
+            return "inference encoding not calibrated: the calibration source has no tokens"
+        return f"inference encoding calibrated on training tokens: {message}"
+
+    def shipped(self) -> SAE:
+        """The model ``export`` would ship now: the SAE itself, or a calibrated copy of it."""
+        if not (self.sae.needs_calibration and self.config.calibrate_threshold):
+            return self.sae
+        copy = self.sae.clone()
+        self.calibrate(copy)
+        return copy
+
+    def evaluate(self, model: SAE) -> MetricsRecord:
         state, sae = self.state, self.sae
         loss, terms = self.window.means()
         elapsed = time.perf_counter() - self.window.started
@@ -305,39 +331,40 @@ class _Loop:
             tokens_per_s=(self.window.tokens / elapsed
                           if elapsed > 0 and self.window.tokens else None),
         )
-        was_training = sae.training
-        sae.eval()
+        was_training = model.training
+        model.eval()
         metrics: dict[str, Any] = {}
         if self.val_source is not None:
-            metrics = self.objective.evaluate(sae, self.val_source, self.config.eval_max_tokens)
+            metrics = self.objective.evaluate(model, self.val_source, self.config.eval_max_tokens)
+            metrics.setdefault("eval_split", getattr(self.val_source, "split", None) or "val")
         elif terms:  # no held-out data: training-window averages
             metrics = {k: terms[k] for k in ("mse", "explained_variance") if k in terms}
             if "explained_variance" in metrics:
                 metrics["fvu"] = 1.0 - metrics["explained_variance"]
             if "l0" in terms:
                 metrics["l0_train"] = terms["l0"]
-        sae.train(was_training)
+            metrics["eval_split"] = "train"
+        model.train(was_training)
         for key, value in metrics.items():
             if not hasattr(record, key):
                 raise KeyError(f"objective.evaluate returned unknown metric {key!r}")
             setattr(record, key, value)
         record.dead_fraction_train = float(sae.dead_mask().float().mean())
-        theta = getattr(sae, "threshold", None)
-        if theta is not None and float(theta) >= 0:
-            record.threshold = float(theta)
+        record.threshold = model.inference_threshold()
         self.window.reset()
         return record
 
     def report(self, *, checkpoint: bool) -> Optional[Path]:
-        record = self.evaluate()
+        model = self.shipped()
+        record = self.evaluate(model)
         self.history.append(record)
         self.state.history.append(record.to_dict())
-        self._maybe_save_best(record)
+        self._maybe_save_best(record, model)
         path = self.write_checkpoint() if checkpoint else None
         self.reporter.on_metrics(record, str(path) if path is not None else None)
         return path
 
-    def _maybe_save_best(self, record: MetricsRecord) -> None:
+    def _maybe_save_best(self, record: MetricsRecord, model: SAE) -> None:
         value = getattr(record, self.config.best_metric)
         if value is None or not math.isfinite(value):
             return
@@ -348,7 +375,7 @@ class _Loop:
         self.state.best_value, self.state.best_step = float(value), record.step
         if self.out is not None and self.config.save_best:
             with atomic_directory(self.out / "best") as tmp:
-                self.sae.save(tmp, history=self.state.history)
+                model.save(tmp, history=self.state.history)
 
     def write_checkpoint(self) -> Path:
         assert self.out is not None

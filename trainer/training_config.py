@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Mapping, Optional
 
-from activation_cache import StrictConfig
+from activation_cache import ConfigError, StrictConfig
 
 from .metrics import numeric_metric_names
 
@@ -25,8 +25,17 @@ OUTLIER_POLICIES = ("drop", "clip", "none")
 # fields that may change between a checkpoint and its resumption without changing the math
 RESUME_SAFE_FIELDS = frozenset({
     "log_freq", "checkpoint_every", "keep_checkpoints", "save_best", "eval_max_tokens",
-    "num_dataloader_workers", "persistent_workers", "pin_memory", "show_progress",
+    "show_progress",
 })
+# fields that earlier versions accepted, and what to use instead (a YAML naming one is refused)
+REMOVED_FIELDS = {
+    "l1_coefficient": "the L1 weight belongs to the standard SAE: set sae.l1_coefficient",
+    "num_dataloader_workers": "it was never read; the cache reader needs no worker processes",
+    "persistent_workers": "it was never read; the cache reader needs no worker processes",
+    "pin_memory": "it was never read; remove it",
+    "max_text_length": ("it was never read: windows are tokenized when the cache is built "
+                        "(set max_text_length in the cache config)"),
+}
 
 
 @dataclass
@@ -61,9 +70,6 @@ class TrainingConfig(StrictConfig):
     seed: int = 0
     """Seeds data order (with the epoch) and, in ``train_from_yaml``, the SAE's initial weights."""
     # -- losses --------------------------------------------------------------------------------
-    l1_coefficient: Optional[float] = None
-    """Override of ``SAEConfig.l1_coefficient`` for this run (standard SAE only); None keeps the
-    SAE's value."""
     reconstruction_loss_weight: float = 1.0
     """Weight of the hooked layer's reconstruction MSE (mean over tokens and dimensions, on
     inputs scaled to E||x|| = sqrt(d_in))."""
@@ -84,16 +90,11 @@ class TrainingConfig(StrictConfig):
     """Temperature T of the KL training term: both distributions' logits are divided by T
     (evaluation's ``kl_div`` is always at T = 1)."""
     # -- data ------------------------------------------------------------------------------------
-    num_dataloader_workers: int = 0
-    """Workers of the sequence DataLoader (end-to-end); token sources ignore it."""
-    persistent_workers: bool = False
-    """Keep DataLoader workers between epochs (end-to-end)."""
-    pin_memory: bool = False
-    """Pin host memory for faster GPU transfers (end-to-end)."""
     activation_batch_size: int = 16
-    """Sequences per SAE forward chunk when activations are collected live (memory bound)."""
-    max_text_length: int = 256
-    """Tokens per window when text is tokenized live."""
+    """End-to-end training only: the SAE's training forward runs over the batch's train-mask
+    tokens in chunks of this many sequences, and each chunk is one training-encoding batch
+    (for BatchTopK the k x n_tokens budget is shared within a chunk, not across the batch).
+    The live model pass is chunked separately (by logits memory)."""
     outlier_policy: str = "drop"
     """What to do with training tokens whose norm exceeds ``outlier_norm_multiple`` x the median
     token norm (measured on the initialisation tokens): ``drop`` them (default), ``clip`` their
@@ -146,7 +147,7 @@ class TrainingConfig(StrictConfig):
 
     def validate(self) -> None:
         positive_ints = ("num_epochs", "batch_size", "train_batch_tokens", "log_freq",
-                         "activation_batch_size", "max_text_length", "init_tokens",
+                         "activation_batch_size", "init_tokens",
                          "calibration_tokens", "keep_checkpoints")
         for name in positive_ints:
             value = getattr(self, name)
@@ -157,8 +158,7 @@ class TrainingConfig(StrictConfig):
             if value is not None:
                 self._require(_is_int(value) and value >= 1, name,
                               f"must be an integer >= 1 or null, got {value!r}")
-        for name in ("lr_warmup_steps", "threshold_warmup_steps", "num_dataloader_workers",
-                     "seed"):
+        for name in ("lr_warmup_steps", "threshold_warmup_steps", "seed"):
             value = getattr(self, name)
             self._require(_is_int(value) and value >= 0, name,
                           f"must be an integer >= 0, got {value!r}")
@@ -174,9 +174,6 @@ class TrainingConfig(StrictConfig):
         if self.max_grad_norm is not None:
             self._require(self.max_grad_norm > 0, "max_grad_norm",
                           f"must be > 0 or null, got {self.max_grad_norm}")
-        if self.l1_coefficient is not None:
-            self._require(self.l1_coefficient >= 0, "l1_coefficient",
-                          f"must be >= 0, got {self.l1_coefficient}")
         for name in ("reconstruction_loss_weight", "block_mse_weight", "logit_kl_weight"):
             value = getattr(self, name)
             self._require(math.isfinite(value) and value >= 0, name, f"must be >= 0, got {value}")
@@ -206,6 +203,14 @@ class TrainingConfig(StrictConfig):
                       f"got {self.best_metric!r}")
         self._require(self.best_mode in ("max", "min"), "best_mode",
                       f"must be 'max' or 'min', got {self.best_mode!r}")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "TrainingConfig":
+        if isinstance(data, Mapping):
+            for name, why in REMOVED_FIELDS.items():
+                if name in data:
+                    raise ConfigError(f"TrainingConfig.{name}: no longer a field ({why})")
+        return super().from_dict(data)  # type: ignore[return-value]
 
     def resolved_lr(self, d_sae: int) -> float:
         """``lr``, or the auto rule 2e-4 / sqrt(d_sae / 2**14) when it is None."""

@@ -1,26 +1,42 @@
-"""The SAE base class (shared machinery) and the vanilla ReLU + L1 ``SAE``.
+"""The SAE base class: what every architecture shares, and the seam each one fills in.
 
 Conventions shared by every architecture:
 
 * Parameters: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]`` (unit-norm rows
-  during training), ``b_dec [d_in]``.
-* The public methods (``encode``, ``decode``, ``forward``) take and return **raw** activations.
+  during training), ``b_dec [d_in]``; an architecture may add its own (JumpReLU's threshold).
+* The public methods (``encode``, ``decode``, ``forward``) take and return **raw** activations
+  and are the **inference encoding** -- what ``export`` ships -- in train and eval mode alike.
   Internally inputs are multiplied by the fp32 buffer ``input_scale`` (chosen from data so that
   E||x|| = sqrt(d_in)); ``fold_scaling`` folds it into the weights (W_enc * s, W_dec / s,
   b_dec / s, scale 1) without changing any raw-input output; ``save`` folds by default.
   Encoder pre-activations are unchanged by that folding, so thresholds need no adjustment.
 * Encoding centres by b_dec: ``pre = (x_s - b_dec) @ W_enc + b_enc`` (as SAELens with
   ``apply_b_dec_to_input``), decoding is ``f @ W_dec + b_dec`` (then / input_scale).
-* Dead-latent tracking: ``ever_fired`` (the design notes' notion, for ``count_dead_features``) and
-  ``num_batches_not_active`` (consecutive training batches without firing; AuxK's notion).
+* Dead-latent tracking: ``ever_fired`` and ``num_batches_not_active`` (consecutive training
+  batches without firing; a latent idle for ``n_batches_to_dead`` of them is dead).
+
+The seam (what an architecture file ``trainer/saes/<name>.py`` provides; see ARCHITECTURE.md):
+
+* ``architecture`` (its registered name) and ``Options`` (an ``ArchitectureOptions`` dataclass:
+  its own config fields, their validation and what a sweep may search);
+* ``encode_scaled(x_scaled)`` -- the inference encoding, in the scaled space;
+* ``training_forward(x) -> TrainStepOutput`` -- the training encoding and every loss term of
+  the architecture, with its own coefficients, as a typed record (no state between calls);
+* ``saelens_format(folded) -> SAELensFormat`` -- how it exports to SAELens;
+* optionally: ``calibrate`` (inference thresholds fitted on held-out tokens after training),
+  ``update_running_statistics`` (e.g. a threshold EMA fed by ``TrainStepOutput.running``),
+  ``inference_threshold`` (a scalar summary for the metrics), and the class flags
+  ``training_encoding_differs`` / ``needs_calibration``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Iterable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,22 +44,73 @@ from torch import Tensor, nn
 
 from activation_cache import ConfigError
 
-from .errors import CheckpointMismatchError, DimensionMismatchError
-from .sae_config import SAEConfig
+from .. import registry
+from ..errors import CheckpointMismatchError, DimensionMismatchError
+from ..sae_config import ArchitectureOptions, SAEConfig
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 HISTORY_FILE = "history.json"
 
 
-class SAE(nn.Module):
-    """Vanilla sparse autoencoder: ReLU encoder, L1 penalty (``architecture: standard``).
+@dataclass
+class TrainStepOutput:
+    """What an architecture's ``training_forward`` returns for one batch of N tokens.
 
-    Also the base class of every architecture: scaling, data initialisation, decoder
-    normalisation and gradient projection, dead-latent tracking, save/load.
+    The objective's loss is ``reconstruction_loss_weight * reconstruction_loss +
+    sparsity_loss``; everything else is for statistics and the training state.
     """
 
-    architecture: ClassVar[str] = "standard"
+    x_scaled: Tensor
+    """[N, d_in] the input in the SAE's scaled space."""
+    x_hat: Tensor
+    """[N, d_in] the reconstruction with the whole dictionary (scaled space, differentiable)."""
+    reconstruction_loss: Tensor
+    """The reconstruction term (most architectures: MSE of ``x_hat``, mean over tokens and
+    dimensions; Matryoshka: the mean of its prefixes' MSEs)."""
+    sparsity_loss: Tensor
+    """The architecture's own penalties, each times its own coefficient, summed (L1, AuxK,
+    L0...); a 0-d zero when it has none."""
+    terms: dict[str, Tensor]
+    """Each named term, unweighted and detached, for logging (``mse`` always; ``l1``, ``aux``,
+    ``l0_penalty``, ``mse_prefix_<width>``...)."""
+    fired: Tensor
+    """bool [d_sae]: latents active on some token of the batch (dead-latent tracking)."""
+    l0: Tensor
+    """Mean active latents per token with the training encoding (detached 0-d)."""
+    running: dict[str, Tensor] = field(default_factory=dict)
+    """Running statistics this batch contributes (e.g. ``min_selected`` for a threshold EMA),
+    merged over chunks with ``SAE.merge_running`` and applied by
+    ``SAE.update_running_statistics`` after the optimizer step."""
+
+
+@dataclass
+class SAELensFormat:
+    """An architecture's SAELens export: its SAELens architecture name, the tensors beyond
+    W_enc/b_enc/W_dec/b_dec, and extra ``cfg.json`` keys and metadata."""
+
+    architecture: str
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+    cfg: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class SAE(nn.Module, ABC):
+    """Abstract base of every SAE architecture (see the module docstring for the seam).
+
+    Holds what they share: scaling, data initialisation, decoder normalisation and gradient
+    projection, dead-latent tracking, folding, save/load.
+    """
+
+    architecture: ClassVar[str]
+    """Registered name (``SAEConfig.architecture``)."""
+    Options: ClassVar[type[ArchitectureOptions]]
+    """The architecture's own config fields."""
+    training_encoding_differs: ClassVar[bool] = False
+    """True when training encodes differently from inference (BatchTopK: over the batch), so
+    evaluation also reports the training encoding's figures (``*_train``)."""
+    needs_calibration: ClassVar[bool] = False
+    """True when the inference encoding needs :meth:`calibrate` before it is meaningful."""
 
     def __init__(self, cfg: SAEConfig, *, seed: Optional[int] = None):
         super().__init__()
@@ -56,7 +123,6 @@ class SAE(nn.Module):
         self.dtype = cfg.torch_dtype()
         self.device = cfg.torch_device()
         self.hook_spec = cfg.hook_spec
-        self._last_dense_acts: Optional[Tensor] = None
         d_in, d_sae = cfg.d_in, cfg.d_sae
         kw: dict[str, Any] = {"dtype": self.dtype, "device": self.device}
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae, **kw))
@@ -67,7 +133,11 @@ class SAE(nn.Module):
         self.register_buffer("ever_fired", torch.zeros(d_sae, dtype=torch.bool, device=self.device))
         self.register_buffer("num_batches_not_active",
                              torch.zeros(d_sae, dtype=torch.int64, device=self.device))
+        self.init_architecture()
         self.initialize_weights(seed)
+
+    def init_architecture(self) -> None:
+        """Register the architecture's own parameters/buffers (called before initialisation)."""
 
     # -- construction ---------------------------------------------------------------------
     def get_hook_spec(self) -> str:
@@ -132,10 +202,15 @@ class SAE(nn.Module):
     def pre_activations(self, x_scaled: Tensor) -> Tensor:
         return (x_scaled - self.b_dec) @ self.W_enc + self.b_enc
 
-    # -- inference API (raw activations in and out) ----------------------------------------
+    # -- inference API (raw activations in and out): what export ships ---------------------
+    @abstractmethod
+    def encode_scaled(self, x_scaled: Tensor) -> Tensor:
+        """Inference encoding of scaled inputs [..., d_in] -> latents [..., d_sae] (per token:
+        a token's code never depends on the other tokens it is encoded with)."""
+
     def encode(self, x: Tensor) -> Tensor:
-        """Raw activations [..., d_in] -> latent activations [..., d_sae]."""
-        return torch.relu(self.pre_activations(self.scale_input(x)))
+        """Raw activations [..., d_in] -> latent activations [..., d_sae] (inference encoding)."""
+        return self.encode_scaled(self.scale_input(x))
 
     def decode(self, features: Tensor) -> Tensor:
         """Latent activations [..., d_sae] -> reconstructed raw activations [..., d_in]."""
@@ -146,30 +221,46 @@ class SAE(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(x_recon, features)`` for raw activations ``x`` (any leading dimensions)."""
         features = self.encode(x)
-        self._last_dense_acts = features
         return self.decode(features), features
 
-    # -- training --------------------------------------------------------------------------
-    def training_forward(self, x: Tensor) -> dict[str, Tensor]:
-        """Loss terms of one training batch (raw activations, any leading dimensions).
+    # -- training (the architecture's part of the seam) ---------------------------------------
+    @abstractmethod
+    def training_forward(self, x: Tensor) -> TrainStepOutput:
+        """The training encoding and loss terms of one batch of raw activations (any leading
+        dimensions, flattened to tokens). Pure: reads the dead mask, changes no state."""
 
-        Returns ``mse`` (mean over tokens and dims, scaled space), ``l1``
-        (sum_j |f_j| ||W_dec[j]||, mean over tokens), ``aux`` (0 for this architecture),
-        ``x_hat`` (scaled space, [N, d_in]), ``x_scaled``, ``fired`` (bool [d_sae]) and ``l0``.
-        """
-        xs = self.scale_input(x).reshape(-1, self.cfg.d_in)
-        f = torch.relu(self.pre_activations(xs))
-        x_hat = f @ self.W_dec + self.b_dec
-        active = f > 0
-        return {
-            "mse": (x_hat - xs).pow(2).mean(),
-            "l1": (f * self.W_dec.norm(dim=1)).sum(-1).mean(),
-            "aux": xs.new_zeros(()),
-            "x_hat": x_hat,
-            "x_scaled": xs,
-            "fired": active.any(0),
-            "l0": active.sum(-1).float().mean().detach(),
-        }
+    @abstractmethod
+    def saelens_format(self, folded: "SAE") -> SAELensFormat:
+        """How ``folded`` (a copy of this SAE with the input scaling folded in) exports to
+        SAELens (see trainer/saelens_export.py)."""
+
+    def merge_running(self, a: dict[str, Tensor], b: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Combine the running statistics of two chunks of one step (default: elementwise
+        minimum of each statistic, which is what a threshold statistic needs)."""
+        out = dict(a)
+        for key, value in b.items():
+            out[key] = value if key not in out else torch.minimum(out[key], value)
+        return out
+
+    @torch.no_grad()
+    def update_running_statistics(self, running: dict[str, Tensor], *, update_threshold: bool,
+                                  threshold_beta: float) -> None:
+        """Apply one step's running statistics (after the optimizer step). ``update_threshold``
+        is false during the threshold warm-up. Default: nothing to track."""
+
+    @torch.no_grad()
+    def calibrate(self, batches: Iterable[Tensor], max_tokens: int) -> Optional[str]:
+        """Fit the inference encoding's thresholds on raw token batches (up to ``max_tokens``);
+        returns a one-line description, or None when there is nothing to calibrate / no data."""
+        return None
+
+    def inference_threshold(self) -> Optional[float]:
+        """A scalar summary of the inference threshold(s) for the metrics (None: none)."""
+        return None
+
+    def sparsity_coefficients(self) -> dict[str, float]:
+        """The architecture's loss coefficients by name (for model cards and reports)."""
+        return {}
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -199,10 +290,15 @@ class SAE(nn.Module):
         self.num_batches_not_active.masked_fill_(fired, 0)
 
     @torch.no_grad()
-    def update_training_state(self, fired: Tensor, *, update_threshold: bool = False,
+    def update_training_state(self, fired: Tensor, running: Optional[dict[str, Tensor]] = None,
+                              *, update_threshold: bool = False,
                               threshold_beta: float = 0.999) -> None:
-        """Everything the SAE tracks after an optimizer step (architectures extend it)."""
+        """Everything the SAE tracks after an optimizer step: dead latents, then the
+        architecture's running statistics (``TrainStepOutput.running``)."""
         self.update_inactive_features(fired)
+        if running:
+            self.update_running_statistics(running, update_threshold=update_threshold,
+                                           threshold_beta=threshold_beta)
 
     def dead_mask(self) -> Tensor:
         """Latents idle for ``n_batches_to_dead`` consecutive training batches."""
@@ -227,11 +323,16 @@ class SAE(nn.Module):
         self.b_dec.div_(s)
         self.input_scale.fill_(1.0)
 
-    def folded_copy(self) -> "SAE":
-        """A copy with the input scaling folded in (for saving/export); ``self`` is unchanged."""
+    def clone(self) -> "SAE":
+        """An independent copy (same class, config, parameters and buffers)."""
         other = type(self)(self.cfg, seed=0)
         other.load_state_dict(self.state_dict())
         other.train(self.training)
+        return other
+
+    def folded_copy(self) -> "SAE":
+        """A copy with the input scaling folded in (for saving/export); ``self`` is unchanged."""
+        other = self.clone()
         other.fold_scaling()
         return other
 
@@ -259,15 +360,13 @@ class SAE(nn.Module):
         ``device`` overrides the saved device (a saved cuda device falls back to cpu when CUDA is
         unavailable). Returns the SAE, or ``(sae, history)`` when ``load_history`` is true.
         """
-        from .registry import SAE_REGISTRY
-
         path = Path(path)
         cfg = read_sae_config(path)
         if device is None and cfg.device.startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"  # saved on a GPU machine, loaded on a CPU one
         if device is not None:
             cfg = cfg.replace(device=device)
-        klass = SAE_REGISTRY[cfg.architecture]
+        klass = registry.sae_class(cfg.architecture)
         if not issubclass(klass, cls):
             raise CheckpointMismatchError(
                 f"{path / CONFIG_FILE}: architecture {cfg.architecture!r} is a {klass.__name__}, "

@@ -1,0 +1,66 @@
+"""TopK (Gao et al. 2024): exactly ``top_k`` active latents per token, AuxK (``topk``).
+
+* Encoding (training and inference alike): each token keeps its ``top_k`` largest
+  pre-activations, ReLU'd (fewer when fewer are positive). No threshold, nothing to calibrate:
+  a token's code never depends on its batch. The training step runs the same sparse kernels as
+  BatchTopK (``trainer.sparse_ops.topk_per_token_forward``).
+* Loss: ``mse + aux_penalty * AuxK`` (saes/auxk.py).
+* SAELens export: ``topk`` with ``k = top_k`` (decoder rows are unit-norm, so SAELens's
+  ``rescale_acts_by_decoder_norm`` is off and changes nothing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ..registry import register
+from ..sae_config import ArchitectureOptions
+from ..sparse_ops import topk_per_token_forward
+from .auxk import KSparseOptions, auxk_loss
+from .base import SAE, SAELensFormat, TrainStepOutput
+
+
+@dataclass
+class TopKOptions(KSparseOptions):
+    """Fields of ``topk``: ``top_k`` (active latents per token), ``top_k_aux`` and
+    ``aux_penalty`` (see saes/auxk.py)."""
+
+
+@register
+class TopKSAE(SAE):
+    """Per-token TopK with AuxK (module docstring)."""
+
+    architecture: ClassVar[str] = "topk"
+    Options: ClassVar[type[ArchitectureOptions]] = TopKOptions
+
+    @property
+    def k(self) -> int:
+        return int(self.cfg.top_k)
+
+    def encode_scaled(self, x_scaled: Tensor) -> Tensor:
+        pre = self.pre_activations(x_scaled)
+        top = pre.topk(min(self.k, self.cfg.d_sae), dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
+
+    def training_forward(self, x: Tensor) -> TrainStepOutput:
+        xs = self.scale_input(x).reshape(-1, self.cfg.d_in)
+        out = topk_per_token_forward(xs, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k)
+        fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=xs.device)
+        fired[out.latent_idx] = True
+        mse = (out.x_hat - xs).pow(2).mean()
+        aux = auxk_loss(self, xs, out.x_hat, out.pre_acts)
+        return TrainStepOutput(
+            x_scaled=xs, x_hat=out.x_hat, reconstruction_loss=mse,
+            sparsity_loss=self.cfg.aux_penalty * aux,
+            terms={"mse": mse.detach(), "aux": aux.detach()}, fired=fired,
+            l0=torch.tensor(out.values.numel() / max(xs.shape[0], 1)))
+
+    def saelens_format(self, folded: SAE) -> SAELensFormat:
+        return SAELensFormat("topk", cfg={"k": self.k, "rescale_acts_by_decoder_norm": False})
+
+    def sparsity_coefficients(self) -> dict[str, float]:
+        return {"aux_penalty": float(self.cfg.aux_penalty)}
