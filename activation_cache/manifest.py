@@ -15,7 +15,7 @@ Schema (version 1)::
     excluded                 {"padding": true, "bos": bool, "bos_token_id", "pad_token_id",
                               "token_ids": [...]} -- what train_mask leaves out
     tensors                  {tensor name: {"dtype", "shape"}} per window (shape without N)
-    splits                   {"train"|"val": {"num_sequences", "num_tokens" (real tokens),
+    splits                   {"train"|"val"|"test": {"num_sequences", "num_tokens" (real tokens),
                               "num_train_tokens" (train_mask), "shards": [shard record, ...]}}
     bytes_per_token          {item: bytes on disk per real token}; "total"
 
@@ -37,7 +37,7 @@ from .storage import Storage
 FORMAT = "sae-sweep/activation-cache"
 VERSION = 1
 MANIFEST = "manifest.json"
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
 
 _TOP_KEYS = {
     "format": str, "version": int, "config": dict, "config_sha256": str, "model": dict,

@@ -315,10 +315,15 @@ class CacheReader:
 
     def _split(self, split: str) -> dict:
         if split not in SPLITS:
-            raise CacheMismatchError(f"unknown split {split!r}: use 'train' or 'val'")
+            raise CacheMismatchError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
         info = self.manifest["splits"].get(split)
         if info is None:
-            raise CacheMismatchError(f"{self.storage.describe(MANIFEST)}: has no {split!r} split")
+            why = ""
+            if split == "test" and "test_fraction" not in self.manifest.get("config", {}):
+                why = (" (it was built before caches had a test split; rebuild it with "
+                       "test_fraction > 0 for held-out test figures)")
+            raise CacheMismatchError(
+                f"{self.storage.describe(MANIFEST)}: has no {split!r} split{why}")
         return info
 
     def _require_hook(self, hook: str) -> None:

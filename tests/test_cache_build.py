@@ -55,10 +55,10 @@ def test_build_cache_from_text_files_matches_the_windows(tmp_path):
     m = reader.manifest
     assert m["config"] == cfg.to_dict() and m["model"]["name"].startswith("tiny")
     docs = load_corpus(cfg.corpus)
-    train_docs, val_docs = split_documents(docs, 0.25, 0)
+    train_docs, val_docs, test_docs = split_documents(docs, 0.25, 0, test_fraction=0.1)
     from activation_cache import load_model
     model = load_model(cfg.model)
-    for split, split_docs in (("train", train_docs), ("val", val_docs)):
+    for split, split_docs in (("train", train_docs), ("val", val_docs), ("test", test_docs)):
         ds = WindowedTextDataset(split_docs, model.tokenizer, 32, True)
         got = list(reader.sequence_batches(split, 5))
         tokens = torch.cat([b.tokens for b in got])

@@ -92,8 +92,10 @@ def test_token_source_errors(cache):
         reader.token_source("blocks.1.hook_resid_post")
     with pytest.raises(CacheMismatchError, match="d_in=64 in this cache, but 128"):
         reader.token_source(HOOK, d_in=128)
-    with pytest.raises(CacheMismatchError, match="unknown split"):
-        reader.token_source(HOOK, split="test")
+    with pytest.raises(CacheMismatchError, match="unknown split 'dev': use one of train, val, test"):
+        reader.token_source(HOOK, split="dev")
+    with pytest.raises(CacheMismatchError, match="has no 'test' split"):
+        reader.token_source(HOOK, split="test")  # built from windows without a test split
     assert reader.token_source(HOOK, split="val").num_tokens > 0
 
 

@@ -165,9 +165,9 @@ def _docs(n):
 
 def test_split_is_deterministic_disjoint_and_sized():
     docs = _docs(40)
-    train, val = split_documents(docs, 0.1, seed=0)
-    assert (train, val) == split_documents(docs, 0.1, seed=0)
-    assert len(val) == 4 and len(train) == 36
+    train, val, test = split_documents(docs, 0.1, seed=0)
+    assert (train, val, test) == split_documents(docs, 0.1, seed=0)
+    assert len(val) == 4 and len(train) == 36 and test == []
     assert {d.doc_id for d in train} | {d.doc_id for d in val} == {d.doc_id for d in docs}
     assert not {d.doc_id for d in train} & {d.doc_id for d in val}
     assert train == [d for d in docs if d in train]  # input order kept
@@ -175,14 +175,29 @@ def test_split_is_deterministic_disjoint_and_sized():
     assert split_documents(docs, 0.0)[1] == []
     assert len(split_documents(_docs(3), 0.01)[1]) == 1  # at least one validation document
     assert len(split_documents(_docs(2), 0.9)[0]) == 1  # never all of them
-    assert split_documents(_docs(1), 0.5) == (_docs(1), [])
+    assert split_documents(_docs(1), 0.5) == (_docs(1), [], [])
+
+
+def test_test_split_is_disjoint_and_leaves_the_validation_documents_in_place():
+    docs = _docs(40)
+    _, val_only, _ = split_documents(docs, 0.1, seed=0)
+    train, val, test = split_documents(docs, 0.1, seed=0, test_fraction=0.1)
+    assert val == val_only and len(test) == 4 and len(train) == 32
+    ids = [{d.doc_id for d in part} for part in (train, val, test)]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    assert ids[0] | ids[1] | ids[2] == {d.doc_id for d in docs}
+    # with few documents training keeps at least one; the test split gets one when it can
+    assert [len(p) for p in split_documents(_docs(3), 0.3, test_fraction=0.3)] == [1, 1, 1]
+    assert [len(p) for p in split_documents(_docs(2), 0.3, test_fraction=0.3)] == [1, 1, 0]
+    with pytest.raises(Exception, match="val_fraction \\+ test_fraction: must be < 1"):
+        split_documents(docs, 0.5, test_fraction=0.5)
 
 
 def test_split_is_stable_when_documents_are_added():
     docs = _docs(50)
-    _, val = split_documents(docs, 0.2, seed=3)
+    _, val, _ = split_documents(docs, 0.2, seed=3)
     for extra in range(1, 6):
-        _, val2 = split_documents(docs + [Document(f"new{extra}", "x")], 0.2, seed=3)
+        _, val2, _ = split_documents(docs + [Document(f"new{extra}", "x")], 0.2, seed=3)
         kept = {d.doc_id for d in val} & {d.doc_id for d in val2}
         assert len(kept) >= len(val) - 1
 
