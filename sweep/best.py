@@ -5,6 +5,11 @@ going and on machines without Ray. Defaults come from the sweep's stored config:
 metric and mode, and its constraints (e.g. ``l0 <= 64``) as a filter, so ``best`` answers the
 question the sweep was asked. Only trials with a finite value of the ranked metric(s) and status
 ``completed`` or ``stopped`` (early-stopped trials carry genuine, shorter-trained metrics) count.
+
+Held-out roles: trials are ranked (and ``--where`` / the constraints filter) on the validation
+figures (``fvu``, ``l0``...: what the sweep selected on); the ``test_*`` columns shown next to
+them are the shipped SAE's figures on the test split, which nothing was tuned on -- the ones to
+report.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ from .sweep_config import ConstraintSpec, searchable_names
 
 OUTPUT_FORMATS = ("table", "csv", "json")
 RANKED_STATUSES = ("completed", "stopped")
-_SHOWN_METRICS = ("fvu", "explained_variance", "l0", "dead_fraction", "ce_loss_delta", "kl_div",
+_SHOWN_METRICS = ("test_fvu", "test_l0", "test_explained_variance", "test_dead_fraction",
+                  "test_ce_loss_delta", "test_kl_div", "test_ce_loss_score",
+                  "fvu", "explained_variance", "l0", "dead_fraction", "ce_loss_delta", "kl_div",
                   "ce_loss_score")
 
 
@@ -50,6 +57,13 @@ def print_best(
     chosen = select_best(frame, objective=objective, metric=metric, mode=mode, where=where,
                          top=top, pareto=pareto)
     print(format_table(chosen, output_format))
+    if output_format == "table" and not chosen.empty:
+        ranked = metric or (_as_list(objective.get("metric")) or ["fvu"])[0]
+        has_test = any(c.startswith("test_") for c in chosen.columns)
+        print(f"(ranked on validation {ranked}; " + ("test_* columns: the held-out test split, "
+                                                    "the figures to report)" if has_test else
+                                                    "no test_* figures: the cache has no test "
+                                                    "split)"))
     return chosen
 
 

@@ -147,10 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-resume", action="store_true",
                     help="start over even if the output folder holds a checkpoint")
 
-    sp = add("eval", _cmd_eval, "evaluate a saved SAE on a cache's validation split")
+    sp = add("eval", _cmd_eval, "evaluate a saved SAE on a cache's held-out test split")
     sp.add_argument("sae_dir", help="a folder written by train/export (native format)")
     sp.add_argument("--cache", required=True, help="activation cache path or URI")
-    sp.add_argument("--split", default="val", choices=["train", "val"])
+    sp.add_argument("--split", default=None, choices=["train", "val", "test"],
+                    help="which split (default: test, the figures nothing was tuned on; val for "
+                         "a cache without a test split)")
     sp.add_argument("--max-tokens", type=int, default=None)
     sp.add_argument("--format", default="table", choices=["table", "json"])
 

@@ -153,7 +153,8 @@ def train_trial(params: Mapping[str, Any], *, job: Mapping[str, Any]) -> None:
     torch.set_num_threads(max(1, int(cfg.resources_per_trial.cpu)))
 
     sae_cfg, train_cfg = build_trial_configs(cfg, params, job["d_in"])
-    objective, train_source, val_source = _sources(open_cache(cfg.cache), cfg.hook, train_cfg)
+    objective, train_source, val_source, test_source = _sources(open_cache(cfg.cache), cfg.hook,
+                                                                train_cfg)
 
     ctx = ray.get_runtime_context()
     reporter = RayReporter(monitored=cfg.objective.monitored_metrics(),
@@ -179,6 +180,29 @@ def train_trial(params: Mapping[str, Any], *, job: Mapping[str, Any]) -> None:
             return
         if not reporter.reported_final:
             _report_final(reporter, result, resume_dir)
+        if test_source is not None:
+            _report_test(reporter, result, train_cfg, test_source, objective)
+
+
+def _report_test(reporter: RayReporter, result: Any, train_cfg: Any, test_source: Any,
+                 objective: Any) -> None:
+    """One last report: the final (val) metrics again, plus the shipped SAE's figures on the
+    held-out test split as ``test_<metric>`` (what ``best`` shows and the card reports;
+    nothing selects on them). The searcher still reads the val objective from it."""
+    from trainer import evaluate_split
+
+    record = evaluate_split(result.sae, test_source, train_cfg, split="test", objective=objective)
+    metrics = dict(reporter.last_metrics)
+    for key in ("final", "node_id", "node_ip"):
+        metrics.pop(key, None)
+    metrics.update({f"test_{k}": v for k, v in record.scalars().items()
+                    if not k.startswith("loss") and k not in NOT_TEST_METRICS})
+    reporter.report(metrics, None, final=True)
+
+
+# bookkeeping fields of a MetricsRecord that are not figures of the test evaluation
+NOT_TEST_METRICS = frozenset({"step", "tokens_seen", "epoch", "lr", "elapsed_s", "tokens_per_s",
+                              "dead_fraction_train"})
 
 
 def _elapsed_at(checkpoint_dir: str) -> float:
@@ -213,16 +237,21 @@ def _report_final(reporter: RayReporter, result: Any, resume_dir: Optional[str])
     reporter.report(metrics, str(checkpoint_dir) if checkpoint_dir else None, final=True)
 
 
-def _sources(cache: Any, hook: str, train_cfg: Any) -> tuple[Any, Any, Any]:
-    """``(objective, train_source, val_source)`` on the shared cache: shuffled token rows and
-    the trainer's default objective, or -- with ``use_end_to_end`` -- whole windows and the
-    trainer's EndToEndObjective on the model the cache was built from (checked against the
-    cache's recorded identity, so the splice never runs against another model)."""
+def _sources(cache: Any, hook: str, train_cfg: Any) -> tuple[Any, Any, Any, Any]:
+    """``(objective, train_source, val_source, test_source)`` on the shared cache: shuffled
+    token rows and the trainer's default objective, or -- with ``use_end_to_end`` -- whole
+    windows and the trainer's EndToEndObjective on the model the cache was built from (checked
+    against the cache's recorded identity, so the splice never runs against another model).
+    ``test_source`` is None when the cache has no test split (built before they existed)."""
+    has_test = "test" in cache.manifest.get("splits", {})
     if not train_cfg.use_end_to_end:
-        return None, cache.token_source(hook, "train"), cache.token_source(hook, "val")
-    from trainer import end_to_end_sources
+        test = cache.token_source(hook, "test") if has_test else None
+        return None, cache.token_source(hook, "train"), cache.token_source(hook, "val"), test
+    from trainer import SequenceSource, end_to_end_sources
 
-    return end_to_end_sources(cache, train_cfg, hook, "train", "val")
+    objective, train, val = end_to_end_sources(cache, train_cfg, hook, "train", "val")
+    test = SequenceSource(cache, "test", hook, shuffle=False) if has_test else None
+    return objective, train, val, test
 
 
 def _is_divergence(exc: BaseException) -> bool:

@@ -52,8 +52,12 @@ def test_sweep_results_table_is_complete(finished_sweep):
     # finished trials: every metric column filled, the budget spent, a checkpoint to export
     assert (done["top_k"] < done["d_sae"]).all()
     assert done["final"].all() and (done["tokens_seen"] >= 0.9 * cfg.tokens_per_trial).all()
-    for col in ("fvu", "explained_variance", "l0", "dead_fraction", "mse", "train_seconds"):
+    for col in ("fvu", "explained_variance", "l0", "dead_fraction", "mse", "train_seconds",
+                "test_fvu", "test_l0", "test_explained_variance", "test_eval_tokens"):
         assert done[col].map(math.isfinite).all(), col
+    # l0 (validation) and test_l0 are the shipped encoder's on held-out tokens: calibrated on
+    # training tokens, so not top_k by construction
+    assert (done["l0"] != done["top_k"]).any() and (done["test_l0"] != done["l0"]).all()
     assert done["checkpoint_path"].map(lambda p: (pd.notna(p))).all()
     assert done["node_id"].notna().all()
 

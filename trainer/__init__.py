@@ -25,7 +25,7 @@ Public API (everything else in this package is internal):
 from .end_to_end import EndToEndObjective, SequenceSource, end_to_end_sources, load_cache_model
 from .errors import (CheckpointMismatchError, DimensionMismatchError, EmptySourceError,
                      NonFiniteActivationError, TrainingDivergedError)
-from .eval_job import evaluate_sae_dir
+from .eval_job import evaluate_sae_dir, evaluate_split
 from .job import TrainJobConfig, train_from_yaml
 from .metrics import MetricsRecord, numeric_metric_names as metric_names
 from .objective import LocalObjective, Objective, StepOutput
@@ -64,7 +64,7 @@ __all__ = [
     "Objective", "LocalObjective", "StepOutput",
     "train_sae", "TrainResult", "train_from_yaml",
     "export_saelens",
-    "EndToEndObjective", "SequenceSource", "evaluate_sae_dir", "end_to_end_sources",
+    "EndToEndObjective", "SequenceSource", "evaluate_sae_dir", "evaluate_split", "end_to_end_sources",
     "load_cache_model",
     "DimensionMismatchError", "NonFiniteActivationError", "EmptySourceError",
     "TrainingDivergedError",

@@ -47,7 +47,30 @@ _DESCRIPTIONS = {
 }
 
 
-def evaluate_sae_dir(sae_dir: str | Path, *, cache: str, split: str = "val",
+def evaluate_split(sae: SAE, source: Any, config: TrainingConfig, *, split: str,
+                   objective: Any = None) -> MetricsRecord:
+    """The metrics of ``sae`` -- as it is: pass the model you ship (calibrated) -- on ``source``
+    (a held-out split: ``test`` for reported figures), computed by ``objective.evaluate`` (the
+    default local objective when None; an ``EndToEndObjective`` adds the CE/KL figures) over at
+    most ``config.eval_max_tokens`` tokens. The record's ``eval_split`` names the split."""
+    from .objective import LocalObjective
+
+    objective = objective if objective is not None else LocalObjective(config)
+    was_training = sae.training
+    sae.eval()
+    try:
+        metrics = objective.evaluate(sae, source, config.eval_max_tokens)
+    finally:
+        sae.train(was_training)
+    record = MetricsRecord(step=0, tokens_seen=0)
+    for key, value in metrics.items():
+        setattr(record, key, value)
+    record.threshold = sae.inference_threshold()
+    record.eval_split = split
+    return record
+
+
+def evaluate_sae_dir(sae_dir: str | Path, *, cache: str, split: Optional[str] = None,
                      max_tokens: Optional[int] = None, output_format: str = "table",
                      stream: Optional[IO[str]] = None, show_progress: bool = True,
                      model: Any = None) -> MetricsRecord:
@@ -65,6 +88,11 @@ def evaluate_sae_dir(sae_dir: str | Path, *, cache: str, split: str = "val",
 
     sae: SAE = load_sae(sae_dir)
     reader = open_cache(cache)
+    note = ""
+    if split is None:  # the held-out test split; a cache built before test splits: val
+        split = "test" if "test" in reader.manifest.get("splits", {}) else "val"
+        if split == "val":
+            note = " (the cache has no test split: these are validation figures)"
     hook = str(sae.cfg.hook_spec)
     source = SequenceSource(reader, split, hook, shuffle=False)
     if source.d_in != sae.cfg.d_in:
@@ -80,7 +108,8 @@ def evaluate_sae_dir(sae_dir: str | Path, *, cache: str, split: str = "val",
     record.threshold = sae.inference_threshold()
     record.eval_split = split
     out = stream if stream is not None else sys.stdout
-    out.write(format_metrics(record, output_format, header=f"{sae_dir} on {cache} [{split}]"))
+    out.write(format_metrics(record, output_format,
+                             header=f"{sae_dir} on {cache} [{split}]{note}"))
     out.flush()
     return record
 
