@@ -238,20 +238,14 @@ def _report_final(reporter: RayReporter, result: Any, resume_dir: Optional[str])
 
 
 def _sources(cache: Any, hook: str, train_cfg: Any) -> tuple[Any, Any, Any, Any]:
-    """``(objective, train_source, val_source, test_source)`` on the shared cache: shuffled
-    token rows and the trainer's default objective, or -- with ``use_end_to_end`` -- whole
-    windows and the trainer's EndToEndObjective on the model the cache was built from (checked
-    against the cache's recorded identity, so the splice never runs against another model).
-    ``test_source`` is None when the cache has no test split (built before they existed)."""
-    has_test = "test" in cache.manifest.get("splits", {})
-    if not train_cfg.use_end_to_end:
-        test = cache.token_source(hook, "test") if has_test else None
-        return None, cache.token_source(hook, "train"), cache.token_source(hook, "val"), test
-    from trainer import SequenceSource, end_to_end_sources
+    """``(objective, train_source, val_source, test_source)`` on the shared cache, as
+    ``trainer.job_sources`` builds them for this training config (local, end-to-end on the
+    cache's identity-checked model, or the two-phase fine-tune). ``test_source`` is None when
+    the cache has no test split (built before they existed)."""
+    from trainer import job_sources
 
-    objective, train, val = end_to_end_sources(cache, train_cfg, hook, "train", "val")
-    test = SequenceSource(cache, "test", hook, shuffle=False) if has_test else None
-    return objective, train, val, test
+    s = job_sources(cache, train_cfg, hook)
+    return s.objective, s.train, s.val, s.test
 
 
 def _is_divergence(exc: BaseException) -> bool:

@@ -18,11 +18,15 @@ Public API (everything else in this package is internal):
     export_saelens                                      -- SAELens format
     EndToEndObjective, SequenceSource, evaluate_sae_dir -- the SAE spliced into the live model:
     end_to_end_sources, load_cache_model                   KL / block-MSE training, CE/KL metrics
+    TwoPhaseObjective, PhasedSource                     -- local, then an end-to-end fine-tune
+    job_sources, JobSources, evaluate_split             -- a job's objective and split sources
     DimensionMismatchError, NonFiniteActivationError, EmptySourceError,
     TrainingDivergedError, CheckpointMismatchError      -- user errors (activation_cache.UserError)
 """
 
 from .end_to_end import EndToEndObjective, SequenceSource, end_to_end_sources, load_cache_model
+from .finetune import PhasedSource, TwoPhaseObjective
+from .job_sources import JobSources, job_sources
 from .errors import (CheckpointMismatchError, DimensionMismatchError, EmptySourceError,
                      NonFiniteActivationError, TrainingDivergedError)
 from .eval_job import evaluate_sae_dir, evaluate_split
@@ -65,7 +69,7 @@ __all__ = [
     "train_sae", "TrainResult", "train_from_yaml",
     "export_saelens",
     "EndToEndObjective", "SequenceSource", "evaluate_sae_dir", "evaluate_split", "end_to_end_sources",
-    "load_cache_model",
+    "load_cache_model", "TwoPhaseObjective", "PhasedSource", "JobSources", "job_sources",
     "DimensionMismatchError", "NonFiniteActivationError", "EmptySourceError",
     "TrainingDivergedError",
     "CheckpointMismatchError",

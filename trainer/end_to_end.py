@@ -13,7 +13,7 @@
    (padding, BOS and excluded tokens keep their clean values) and the rest of the model runs,
    restarting at the splice point from the cached residual (trainer/splice.py).
 3. **End-to-end terms**, averaged over the batch's train-mask tokens:
-   ``logit_kl_weight × KL(clean ‖ spliced)`` of the next-token distributions at temperature
+   ``logit_kl_weight × s × KL(clean ‖ spliced)`` of the next-token distributions at temperature
    ``kl_temperature`` (trainer/logit_kl.py), with the clean side from the cached compact logits,
    or from a clean pass when the cache has none; and ``block_mse_weight × Σ_l MSE_l`` between the
    clean and spliced ``blocks.{l}.hook_resid_post`` for each ``l`` of ``block_mse_layers``
@@ -30,6 +30,11 @@ logits never exist for the whole batch and the loss the trainer backpropagates i
 
 **Frozen model.** The objective puts the model in eval mode and turns off ``requires_grad`` on
 all its parameters; only the SAE receives gradients.
+
+**KL scale** ``s``: 1 with ``logit_kl_scale: fixed``; with ``mse`` it is MSE_0 / KL_0, the SAE's
+reconstruction MSE and the KL measured (without grad) on the first batch this objective trains
+on, and then kept (it is part of the objective's checkpointed state), so ``logit_kl_weight`` is
+relative to the MSE and carries over between models, layers and SAE widths.
 
 Norm outliers (``TrainingConfig.outlier_policy``, cap from the initialisation tokens as in
 ``LocalObjective``): ``drop`` leaves those tokens out of the splice (they keep clean values) and
@@ -194,6 +199,8 @@ class EndToEndObjective(Objective):
         self.max_logit_elements = int(max_logit_elements)
         self.local = LocalObjective(config)
         self.device = next(model.parameters()).device
+        self.kl_scale: Optional[float] = None
+        """MSE_0 / KL_0 once measured (``logit_kl_scale: mse``); None: 1."""
 
     # -- seam hooks -------------------------------------------------------------------------
     def iter_batches(self, source: SequenceSource, *, epoch: int, start_batch: int) -> Iterator[Any]:
@@ -210,19 +217,25 @@ class EndToEndObjective(Objective):
         """Mean train-mask tokens per batch of ``batch_size`` windows (sizes the schedule)."""
         return source.num_tokens / self.steps_per_epoch(source)
 
-    def initialize(self, sae: SAE, source: SequenceSource) -> None:
+    def initialize(self, sae: SAE, source: SequenceSource, *, init_weights: bool = True) -> None:
         """Input scale, b_dec and the outlier cap from the split's tokens (as LocalObjective)."""
-        self.local.initialize(sae, source.token_source())
+        self.local.initialize(sae, source.token_source(), init_weights=init_weights)
 
     def calibration_batches(self, train_source: SequenceSource) -> Iterator[Tensor]:
         """The training split's tokens in their own order (as LocalObjective's)."""
         return self.local.calibration_batches(train_source.token_source())
 
     def state_dict(self) -> dict[str, Any]:
-        return self.local.state_dict()
+        return {**self.local.state_dict(), "kl_scale": self.kl_scale}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.local.load_state_dict(state)
+        self.kl_scale = state.get("kl_scale")
+
+    @property
+    def kl_factor(self) -> float:
+        """``logit_kl_weight`` x the KL scale (module docstring)."""
+        return self.config.logit_kl_weight * (1.0 if self.kl_scale is None else self.kl_scale)
 
     # -- helpers -----------------------------------------------------------------------------
     def site(self, sae: SAE) -> SpliceSite:
@@ -337,6 +350,8 @@ class EndToEndObjective(Objective):
             fired = out.fired if fired is None else fired | out.fired
             running = sae.merge_running(running, out.running)
         x_hat_raw = torch.cat(x_hats).float() / sae.input_scale
+        if (cfg.logit_kl_scale == "mse" and cfg.use_logit_kl and self.kl_scale is None):
+            self._measure_kl_scale(sae, batch, x, mask, x_hat_raw, stats, n_tok)
 
         # 2-3. splice and end-to-end terms, micro-batch by micro-batch
         patch = torch.zeros_like(x).masked_scatter(mask[..., None], x_hat_raw.to(x.dtype))
@@ -346,6 +361,16 @@ class EndToEndObjective(Objective):
         if grad is not None:
             loss = loss + ((patch - patch.detach()) * grad).sum()
         return StepOutput(loss, stats, fired, running)
+
+    def _measure_kl_scale(self, sae: SAE, batch: Any, x: Tensor, mask: Tensor,
+                          x_hat_raw: Tensor, stats: dict[str, Any], n_tok: int) -> None:
+        """``logit_kl_scale: mse``: fix s = MSE_0 / KL_0 on this (the first) batch."""
+        with torch.no_grad():
+            patch = torch.zeros_like(x).masked_scatter(mask[..., None],
+                                                       x_hat_raw.detach().to(x.dtype))
+            _, _, live = self._live_losses(sae, batch, patch, mask, n_tok)
+        mse0, kl0 = float(stats["mse"]), float(live.get("kl", 0.0))
+        self.kl_scale = mse0 / kl0 if kl0 > 1e-12 and mse0 > 0 else 1.0
 
     def _live_losses(self, sae: SAE, batch: Any, patch: Tensor, mask: Tensor, n_tok: int
                      ) -> tuple[Tensor, Optional[Tensor], dict[str, Any]]:
@@ -384,7 +409,7 @@ class EndToEndObjective(Objective):
                                     compact=None if compact is None else CompactClean(
                                         compact.topk_logprobs[m], compact.topk_indices[m]),
                                     temperature=self.kl_temperature).sum()
-                part = part + cfg.logit_kl_weight * kl / n_tok
+                part = part + self.kl_factor * kl / n_tok
                 kl_sum = kl_sum + kl.detach()
             for layer in layers:
                 diff = (out.resid_post[layer] - clean.resid_post[layer])[m] * scale
@@ -393,7 +418,7 @@ class EndToEndObjective(Objective):
                 block_sum = block_sum + sq.detach()
             if leaf.requires_grad:
                 part.backward()
-        value = (cfg.logit_kl_weight * kl_sum + cfg.block_mse_weight * block_sum) / n_tok
+        value = (self.kl_factor * kl_sum + cfg.block_mse_weight * block_sum) / n_tok
         stats: dict[str, Any] = {}
         if use_kl:
             stats["kl"] = kl_sum / n_tok

@@ -24,7 +24,8 @@ from activation_cache import ConfigError, StrictConfig
 
 from .checkpoint import CHECKPOINTS_DIR, latest_checkpoint
 from .errors import DimensionMismatchError
-from .registry import build_sae
+from .job_sources import job_sources
+from .registry import build_sae, load_sae
 from .reporting import ConsoleReporter, Reporter
 from .sae_config import SAEConfig
 from .saelens_export import export_saelens
@@ -85,6 +86,20 @@ def _open_cache(uri: str) -> Any:
     return opener(uri)
 
 
+def _initial_sae(job: "TrainJobConfig", path: str | Path) -> Any:
+    """A fresh SAE of ``job.sae``, or the trained one ``training.init_from`` names (checked
+    against the job's SAE config: architecture, d_in, d_sae and hook must agree)."""
+    if job.training.init_from is None:
+        return build_sae(job.sae, seed=job.training.seed)
+    sae = load_sae(job.training.init_from)
+    for name in ("architecture", "d_in", "d_sae", "hook_spec"):
+        mine, theirs = getattr(job.sae, name), getattr(sae.cfg, name)
+        if mine != theirs:
+            raise ConfigError(f"{path}: training.init_from {job.training.init_from} is an SAE "
+                              f"with {name}={theirs!r}, but the job's sae.{name} is {mine!r}")
+    return sae
+
+
 def train_from_yaml(path: str | Path, *, out_dir: str | Path | None = None, resume: bool = True,
                     reporter: Optional[Reporter] = None) -> TrainResult:
     """Run the training job described by the YAML file ``path`` (see the module docstring)."""
@@ -94,27 +109,19 @@ def train_from_yaml(path: str | Path, *, out_dir: str | Path | None = None, resu
     reader = _open_cache(job.cache)
     hook = job.hook
     assert hook is not None
-    train_source = reader.token_source(hook, job.train_split)
-    if train_source.d_in != job.sae.d_in:
+    d_in = reader.token_source(hook, job.train_split).d_in
+    if d_in != job.sae.d_in:
         raise DimensionMismatchError(
             f"{path}: sae.d_in is {job.sae.d_in} but the cache {job.cache} stores "
-            f"{hook} with d_in={train_source.d_in}; set sae.d_in: {train_source.d_in}")
-    val_source = None
-    if job.val_split is not None:
-        splits = reader.manifest.get("splits", {}) if hasattr(reader, "manifest") else {}
-        if job.val_split in splits:
-            val_source = reader.token_source(hook, job.val_split)
-        else:
-            reporter.on_message(f"cache has no {job.val_split!r} split: training without "
-                                "validation (metrics are training-batch averages)")
-
-    objective = None
-    if job.training.use_end_to_end:
-        # whole windows through the spliced model (trainer/end_to_end.py)
-        from .end_to_end import end_to_end_sources
-        objective, train_source, val_source = end_to_end_sources(
-            reader, job.training, hook, job.train_split,
-            job.val_split if val_source is not None else None)
+            f"{hook} with d_in={d_in}; set sae.d_in: {d_in}")
+    splits = reader.manifest.get("splits", {}) if hasattr(reader, "manifest") else {}
+    if job.val_split is not None and job.val_split not in splits:
+        reporter.on_message(f"cache has no {job.val_split!r} split: training without "
+                            "validation (metrics are training-batch averages)")
+    sources = job_sources(reader, job.training, hook, train_split=job.train_split,
+                          val_split=job.val_split, test_split=None)
+    objective, train_source, val_source = sources.objective, sources.train, sources.val
+    if objective is not None:
         reporter.on_message(objective.describe(train_source))
 
     resume_from = latest_checkpoint(out) if resume else None
@@ -123,7 +130,7 @@ def train_from_yaml(path: str | Path, *, out_dir: str | Path | None = None, resu
         shutil.rmtree(out / CHECKPOINTS_DIR)
     out.mkdir(parents=True, exist_ok=True)
     job.to_yaml(out / "job.yaml")
-    sae = build_sae(job.sae, seed=job.training.seed)
+    sae = _initial_sae(job, path)
     result = train_sae(sae, train_source, job.training, val_source=val_source, out_dir=out,
                        resume_from=resume_from, reporter=reporter, objective=objective)
     if job.export_saelens:

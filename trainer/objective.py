@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .errors import EmptySourceError, NonFiniteActivationError
+from .schedule import Schedule
 from .evaluation import evaluate_reconstruction
 from .saes.base import SAE, TrainStepOutput
 from .sources import ActivationSource
@@ -87,8 +88,19 @@ class Objective(ABC):
         the learning-rate schedule (the loop still stops on the tokens actually seen)."""
         return float(self.config.train_batch_tokens)
 
-    def initialize(self, sae: SAE, source: Any) -> None:
-        """Called once at the start of a fresh (not resumed) run, before the first step."""
+    def planned_steps(self, source: Any) -> Optional[int]:
+        """The run's step count when the objective plans it itself (e.g. two phases); None:
+        the loop derives it from epochs and ``max_tokens`` and stops on the tokens seen."""
+        return None
+
+    def schedule(self, base_lr: float, total_steps: int) -> Any:
+        """The learning-rate schedule of the run (an object with ``lr(step)``)."""
+        return Schedule(self.config, base_lr, total_steps)
+
+    def initialize(self, sae: SAE, source: Any, *, init_weights: bool = True) -> None:
+        """Called once at the start of a fresh (not resumed) run, before the first step.
+        ``init_weights`` is False when the SAE is already trained (continue, don't restart):
+        then only the objective's own state (e.g. the outlier cap) comes from the data."""
 
     def finalize(self, sae: SAE, train_source: Any, val_source: Any) -> Optional[str]:
         """Called once after the last step; may return a message for the reporter."""
@@ -146,16 +158,18 @@ class LocalObjective(Objective):
             )
         return x
 
-    def initialize(self, sae: SAE, source: Any) -> None:
-        """Outlier cap from the median token norm, then input scale and b_dec from the rest."""
+    def initialize(self, sae: SAE, source: Any, *, init_weights: bool = True) -> None:
+        """Outlier cap from the median token norm, then (unless the SAE is already trained)
+        input scale and b_dec from the rest."""
         x = self._initial_tokens(source)
         if self.config.outlier_policy != "none":
             median = float(x.norm(dim=1).median())
             self.outlier_cap = self.config.outlier_norm_multiple * median if median > 0 else None
             if self.outlier_cap is not None:
                 x = self._apply_outlier_policy(x)
-        sae.initialize_from_data(x, b_dec_init=self.config.b_dec_init,
-                                 scale_inputs=self.config.scale_inputs)
+        if init_weights:
+            sae.initialize_from_data(x, b_dec_init=self.config.b_dec_init,
+                                     scale_inputs=self.config.scale_inputs)
 
     def _apply_outlier_policy(self, batch: Tensor, norms: Optional[Tensor] = None) -> Tensor:
         if self.outlier_cap is None or self.config.outlier_policy == "none":

@@ -42,6 +42,7 @@ from .errors import DimensionMismatchError, NonFiniteActivationError, TrainingDi
 from .metrics import MetricsRecord
 from .objective import LocalObjective, Objective
 from .reporting import ConsoleReporter, Reporter
+from .schedule import Schedule
 from .saes.base import SAE
 from .training_config import TrainingConfig
 
@@ -64,24 +65,6 @@ class TrainResult:
     best_dir: Optional[Path] = None
     last_checkpoint: Optional[Path] = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-class Schedule:
-    """Linear warm-up (capped at a tenth of the run), constant, linear decay to 0 at the end."""
-
-    def __init__(self, config: TrainingConfig, base_lr: float, total_steps: int):
-        self.base = base_lr
-        self.total = total_steps
-        self.warmup = min(config.lr_warmup_steps, total_steps // 10)
-        self.decay_start = total_steps - int(total_steps * config.lr_decay_fraction)
-
-    def lr(self, step: int) -> float:
-        """Learning rate of the step with 0-based index ``step``."""
-        if step < self.warmup:
-            return self.base * (step + 1) / self.warmup
-        if step >= self.decay_start and self.total > self.decay_start:
-            return self.base * (self.total - step) / (self.total - self.decay_start)
-        return self.base
 
 
 class _DeferredInterrupt:
@@ -154,13 +137,17 @@ def train_sae(sae: SAE, train_source: Any, config: TrainingConfig, *, val_source
                 f"d_in={sae.cfg.d_in} (SAEConfig.d_in; hook {sae.hook_spec})")
     out = Path(out_dir) if out_dir is not None else None
 
-    steps_per_epoch = objective.steps_per_epoch(train_source)
-    total_steps = steps_per_epoch * config.num_epochs
-    if config.max_tokens is not None:
-        total_steps = min(total_steps, math.ceil(
-            config.max_tokens / objective.tokens_per_step(train_source)))
+    planned = objective.planned_steps(train_source)
+    if planned is not None:  # the objective plans its own steps (e.g. two phases)
+        total_steps = planned
+    else:
+        total_steps = objective.steps_per_epoch(train_source) * config.num_epochs
+        if config.max_tokens is not None:
+            total_steps = min(total_steps, math.ceil(
+                config.max_tokens / objective.tokens_per_step(train_source)))
+    token_budget = config.max_tokens if planned is None else None
     base_lr = config.resolved_lr(sae.cfg.d_sae)
-    schedule = Schedule(config, base_lr, total_steps)
+    schedule = objective.schedule(base_lr, total_steps)
     threshold_start = min(config.threshold_warmup_steps, total_steps // 2)
     optimizer = make_optimizer(sae, config, base_lr)
 
@@ -170,7 +157,11 @@ def train_sae(sae: SAE, train_source: Any, config: TrainingConfig, *, val_source
         reporter.on_message(f"resumed from {resume_from} at step {state.step}")
     else:
         state = TrainerState()
-        objective.initialize(sae, train_source)
+        trained = bool(sae.data_initialized)
+        objective.initialize(sae, train_source, init_weights=not trained)
+        if trained:  # a trained SAE (a second phase, --init-from): continue, never re-initialise
+            reporter.on_message("continuing from trained weights (b_dec, input scale, threshold "
+                                "and dead counters kept)")
         sae.normalize_decoder()
     history = [MetricsRecord.from_dict(r) for r in state.history]
 
@@ -193,7 +184,7 @@ def train_sae(sae: SAE, train_source: Any, config: TrainingConfig, *, val_source
                                                 start_batch=state.batch_in_epoch):
                 loop.train_step(batch, schedule.lr(state.step), state.step >= threshold_start)
                 last = state.step >= total_steps or (
-                    config.max_tokens is not None and state.tokens_seen >= config.max_tokens)
+                    token_budget is not None and state.tokens_seen >= token_budget)
                 if last:
                     break
                 ckpt_due = (out is not None and config.checkpoint_every is not None

@@ -61,8 +61,12 @@ class TrainingConfig(StrictConfig):
     """Adam beta2."""
     adam_eps: float = 1e-8
     """Adam epsilon."""
-    lr_warmup_steps: int = 1000
-    """Linear warm-up from 0 to ``lr``; capped at a tenth of the run's steps so short runs train."""
+    lr_warmup_steps: Optional[int] = None
+    """Linear warm-up from 0 to ``lr`` over this many steps (capped at a tenth of the run);
+    None: ``lr_warmup_fraction`` of the run's steps."""
+    lr_warmup_fraction: float = 0.01
+    """Warm-up as a fraction of the run's steps (when ``lr_warmup_steps`` is None), so the
+    default fits a 100-step trial and a 100k-step run alike."""
     lr_decay_fraction: float = 0.2
     """Linear decay to 0 over this final fraction of the steps (0: constant after warm-up)."""
     max_grad_norm: Optional[float] = 1.0
@@ -89,6 +93,24 @@ class TrainingConfig(StrictConfig):
     logit_kl_temperature: float = 1.0
     """Temperature T of the KL training term: both distributions' logits are divided by T
     (evaluation's ``kl_div`` is always at T = 1)."""
+    logit_kl_scale: str = "fixed"
+    """How ``logit_kl_weight`` is read: ``fixed`` (the KL term is weight x KL) or ``mse`` (the
+    weight is relative to the reconstruction MSE when the end-to-end phase starts: the term is
+    weight x (MSE_0 / KL_0) x KL, with both measured on its first batch, so weight 1 makes KL
+    count as much as the MSE there and a weight carries over between models and layers)."""
+    # -- two-phase schedule (local, then an end-to-end fine-tune) --------------------------------
+    finetune_fraction: float = 0.0
+    """With ``use_end_to_end``: the last fraction of the token budget (``max_tokens``) is an
+    end-to-end fine-tune, the rest trains locally on cached activations (Karvonen 2025: a short
+    KL fine-tune closes much of the CE gap of full end-to-end training). 0: one phase
+    (end-to-end throughout). Each phase has its own warm-up and decay; Adam's moments, the dead
+    counters and the threshold EMA carry over (trainer/finetune.py)."""
+    finetune_lr: Optional[float] = None
+    """Peak learning rate of the fine-tune phase (None: ``lr`` / 10)."""
+    init_from: Optional[str] = None
+    """Start from the SAE saved in this folder (``final/``, ``best/``, a checkpoint, a native
+    export) instead of a fresh one: its weights, input scale, threshold and dead counters are
+    kept (fine-tune a sweep's winner). Its architecture and shape must match the job's."""
     # -- data ------------------------------------------------------------------------------------
     activation_batch_size: int = 16
     """End-to-end training only: the SAE's training forward runs over the batch's train-mask
@@ -158,13 +180,35 @@ class TrainingConfig(StrictConfig):
             if value is not None:
                 self._require(_is_int(value) and value >= 1, name,
                               f"must be an integer >= 1 or null, got {value!r}")
-        for name in ("lr_warmup_steps", "threshold_warmup_steps", "seed"):
+        for name in ("threshold_warmup_steps", "seed"):
             value = getattr(self, name)
             self._require(_is_int(value) and value >= 0, name,
                           f"must be an integer >= 0, got {value!r}")
-        if self.lr is not None:
-            self._require(math.isfinite(self.lr) and self.lr > 0, "lr",
-                          f"must be > 0, got {self.lr}")
+        if self.lr_warmup_steps is not None:
+            self._require(_is_int(self.lr_warmup_steps) and self.lr_warmup_steps >= 0,
+                          "lr_warmup_steps",
+                          f"must be an integer >= 0 or null, got {self.lr_warmup_steps!r}")
+        self._require(0 <= self.lr_warmup_fraction <= 0.5, "lr_warmup_fraction",
+                      f"must be in [0, 0.5], got {self.lr_warmup_fraction}")
+        for name in ("lr", "finetune_lr"):
+            value = getattr(self, name)
+            if value is not None:
+                self._require(isinstance(value, (int, float)) and math.isfinite(value)
+                              and value > 0, name, f"must be > 0, got {value!r}")
+        self._require(self.logit_kl_scale in ("fixed", "mse"), "logit_kl_scale",
+                      f"must be 'fixed' or 'mse', got {self.logit_kl_scale!r}")
+        self._require(isinstance(self.finetune_fraction, (int, float))
+                      and 0 <= self.finetune_fraction < 1, "finetune_fraction",
+                      f"must be in [0, 1), got {self.finetune_fraction!r}")
+        if self.finetune_fraction > 0:
+            self._require(self.use_end_to_end, "finetune_fraction",
+                          "is a fraction of an end-to-end fine-tune: set use_end_to_end: true")
+            self._require(self.max_tokens is not None, "finetune_fraction",
+                          "needs a token budget to split (max_tokens; a sweep sets it from "
+                          "tokens_per_trial)")
+        if self.init_from is not None:
+            self._require(isinstance(self.init_from, str) and bool(self.init_from), "init_from",
+                          f"must be a folder path, got {self.init_from!r}")
         for name in ("adam_beta1", "adam_beta2", "threshold_beta"):
             value = getattr(self, name)
             self._require(0 <= value < 1, name, f"must be in [0, 1), got {value}")
@@ -211,6 +255,18 @@ class TrainingConfig(StrictConfig):
                 if name in data:
                     raise ConfigError(f"TrainingConfig.{name}: no longer a field ({why})")
         return super().from_dict(data)  # type: ignore[return-value]
+
+    def warmup_steps(self, total_steps: int) -> int:
+        """Warm-up steps of a phase of ``total_steps`` steps."""
+        if self.lr_warmup_steps is not None:
+            return min(self.lr_warmup_steps, total_steps // 10)
+        return int(round(self.lr_warmup_fraction * total_steps))
+
+    def resolved_finetune_lr(self, d_sae: int) -> float:
+        """``finetune_lr``, or a tenth of the local phase's lr."""
+        if self.finetune_lr is not None:
+            return self.finetune_lr
+        return self.resolved_lr(d_sae) / 10.0
 
     def resolved_lr(self, d_sae: int) -> float:
         """``lr``, or the auto rule 2e-4 / sqrt(d_sae / 2**14) when it is None."""

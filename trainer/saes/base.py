@@ -133,6 +133,9 @@ class SAE(nn.Module, ABC):
         self.register_buffer("ever_fired", torch.zeros(d_sae, dtype=torch.bool, device=self.device))
         self.register_buffer("num_batches_not_active",
                              torch.zeros(d_sae, dtype=torch.int64, device=self.device))
+        # set by initialize_from_data; a trained SAE is continued, never re-initialised
+        self.register_buffer("data_initialized", torch.zeros((), dtype=torch.bool,
+                                                             device=self.device))
         self.init_architecture()
         self.initialize_weights(seed)
 
@@ -182,6 +185,7 @@ class SAE(nn.Module, ABC):
         else:
             raise ValueError(f"unknown b_dec_init {b_dec_init!r}")
         self.b_dec.copy_(center.to(self.b_dec))
+        self.data_initialized.fill_(True)
 
     # -- input handling -------------------------------------------------------------------
     def check_input(self, x: Tensor) -> Tensor:
@@ -392,6 +396,8 @@ class SAE(nn.Module, ABC):
             raise CheckpointMismatchError(
                 f"{file}: not a readable safetensors file ({exc})") from None
         own = self.state_dict()
+        if "data_initialized" not in tensors:  # saved before the marker existed: trained
+            tensors["data_initialized"] = torch.ones((), dtype=torch.bool)
         missing = sorted(set(own) - set(tensors))
         extra = sorted(set(tensors) - set(own))
         if missing or extra:

@@ -1,0 +1,67 @@
+"""What a training job on a cache trains on: the objective and a source per split.
+
+``job_sources`` picks, from the TrainingConfig alone (never from the architecture):
+
+* local training (the default): ``LocalObjective`` (None: the loop's default) on shuffled token
+  rows of each split;
+* ``use_end_to_end``: ``EndToEndObjective`` on whole windows (``SequenceSource``), on the model
+  the cache was built from (loaded and identity-checked);
+* ``use_end_to_end`` with ``finetune_fraction > 0``: ``TwoPhaseObjective`` on ``PhasedSource``s
+  (both views of each split).
+
+``sae-sweep train`` and every sweep trial build their sources here, so both behave the same.
+A split the cache does not hold comes back as None.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .training_config import TrainingConfig
+
+
+@dataclass
+class JobSources:
+    objective: Any
+    """The objective to pass to ``train_sae`` (None: the default local objective)."""
+    train: Any
+    val: Optional[Any]
+    test: Optional[Any]
+
+
+def job_sources(reader: Any, config: TrainingConfig, hook: str, *, train_split: str = "train",
+                val_split: Optional[str] = "val", test_split: Optional[str] = "test",
+                model: Any = None) -> JobSources:
+    """The objective and the sources of a job on the cache ``reader`` (module docstring)."""
+    splits = reader.manifest.get("splits", {})
+
+    def have(split: Optional[str]) -> Optional[str]:
+        return split if split is not None and split in splits else None
+
+    val_split, test_split = have(val_split), have(test_split)
+    if not config.use_end_to_end:
+        def tokens(split: Optional[str]) -> Any:
+            return None if split is None else reader.token_source(hook, split)
+        return JobSources(None, reader.token_source(hook, train_split), tokens(val_split),
+                          tokens(test_split))
+
+    from .end_to_end import EndToEndObjective, SequenceSource, load_cache_model
+
+    model = model if model is not None else load_cache_model(reader)
+
+    def windows(split: Optional[str], shuffle: bool = False) -> Any:
+        return None if split is None else SequenceSource(reader, split, hook, shuffle=shuffle)
+
+    if config.finetune_fraction <= 0:
+        return JobSources(EndToEndObjective(model, config), windows(train_split, True),
+                          windows(val_split), windows(test_split))
+    from .finetune import PhasedSource, TwoPhaseObjective
+
+    def both(split: Optional[str], shuffle: bool = False) -> Any:
+        if split is None:
+            return None
+        return PhasedSource(reader.token_source(hook, split), windows(split, shuffle))
+
+    return JobSources(TwoPhaseObjective(model, config), both(train_split, True),
+                      both(val_split), windows(test_split))
