@@ -6,8 +6,6 @@ export) is tests/test_architecture_contract.py; BatchTopK's and the standard SAE
 are in tests/test_sae_models.py.
 """
 
-import math
-
 import pytest
 import torch
 
