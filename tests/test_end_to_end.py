@@ -7,52 +7,21 @@ import io
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from activation_cache import (CacheConfig, ConfigError, ModelSpec, compact_kl, load_model,
-                              model_identity, open_cache)
-from activation_cache.builder import Windows, build_from_windows
+from activation_cache import ConfigError, compact_kl, load_model
 from trainer import (BatchTopKSAE, EndToEndObjective, MetricsRecord, SAEConfig, SequenceSource,
-                     TrainingConfig, build_sae, evaluate_sae_dir, train_sae)
+                     build_sae, evaluate_sae_dir, train_sae)
 from trainer.end_to_end import EndToEndDataError
 
-SEQ, BOS, PAD = 16, 1, 0
-HOOKS = ("blocks.1.hook_resid_post", "blocks.1.hook_mlp_out", "blocks.1.hook_attn_out")
-SPEC = ModelSpec(source="tiny", n_ctx=32, tiny_n_layers=3, tiny_d_model=32, tiny_d_mlp=64)
-D = 32
-
-
-def _windows(n: int, seed: int, first_doc: int = 0) -> Windows:
-    """Text-like windows: BOS, tokens from a skewed (Zipf-ish) distribution, right padding."""
-    rng = np.random.default_rng(seed)
-    probs = 1.0 / np.arange(1, 257) ** 1.1
-    toks = rng.choice(np.arange(3, 259), size=(n, SEQ), p=probs / probs.sum())
-    toks[:, 0] = BOS
-    am = np.ones((n, SEQ), dtype=bool)
-    for i in range(1, n, 2):
-        length = int(rng.integers(5, SEQ))
-        am[i, length:] = False
-        toks[i, length:] = PAD
-    return Windows(toks.astype(np.int64), am, first_doc + np.arange(n) // 2)
+from _e2e_helpers import D, HOOKS, SPEC, build_cache as _build, e2e_config as _e2e_config
 
 
 @pytest.fixture(scope="module")
 def model():
     return load_model(SPEC)
-
-
-def _build(tmp_path_factory, model, name, n_train=48, n_val=16, **overrides):
-    out = tmp_path_factory.mktemp(name)
-    fields = dict(output=str(out), model=SPEC, hooks=HOOKS, max_text_length=SEQ,
-                  shard_tokens=SEQ * 64, batch_size=16, dtype="float32")
-    fields.update(overrides)
-    cfg = CacheConfig(**fields)
-    windows = {"train": _windows(n_train, 1), "val": _windows(n_val, 2, first_doc=1000)}
-    uri = build_from_windows(cfg, model, model_identity(model, SPEC), windows)
-    return open_cache(uri)
 
 
 @pytest.fixture(scope="module")
@@ -83,14 +52,6 @@ def cache_bare(tmp_path_factory, model):
 def _batch(reader, split="train", n=8):
     return next(iter(SequenceSource(reader, split, HOOKS[0], shuffle=False).batches(n)))
 
-
-def _e2e_config(**kw) -> TrainingConfig:
-    base = dict(use_end_to_end=True, use_logit_kl=True, logit_kl_weight=1.0, batch_size=8,
-                show_progress=False, init_tokens=256, lr_warmup_steps=0, log_freq=1000,
-                checkpoint_every=None, save_best=False, threshold_warmup_steps=1000,
-                calibrate_threshold=False, outlier_policy="none")
-    base.update(kw)
-    return TrainingConfig(**base)
 
 
 def _standard_sae(hook=HOOKS[0], seed=0, d_sae=128) -> "torch.nn.Module":

@@ -124,7 +124,7 @@ class JumpReLUSAE(SAE):
         return torch.relu(pre) * (pre > theta)
 
     def inference_threshold(self) -> Optional[float]:
-        return float(self.threshold.mean())
+        return float(self.threshold.detach().mean())
 
     def training_forward(self, x: Tensor) -> TrainStepOutput:
         xs = self.scale_input(x).reshape(-1, self.cfg.d_in)
