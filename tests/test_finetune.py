@@ -1,0 +1,169 @@
+"""Continue-don't-restart, the two-phase (local then end-to-end) schedule and the KL scale."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from _e2e_helpers import D, HOOKS, SPEC, build_cache, e2e_config
+from activation_cache import load_model
+from trainer import (SAEConfig, TensorSource, TrainingConfig, build_sae, job_sources, load_sae,
+                     train_sae)
+from trainer.finetune import PhasedSource, TwoPhaseObjective
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return load_model(SPEC)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, model):
+    return build_cache(tmp_path_factory, model, "ft", store_logits=True, logits_top_k=32)
+
+
+class Recorder:
+    def __init__(self, stop_at_checkpoint_step=None):
+        self.records, self.messages, self.stop_at = [], [], stop_at_checkpoint_step
+
+    def on_train_start(self, **kw):
+        pass
+
+    def on_step(self, step):
+        pass
+
+    def on_metrics(self, record, checkpoint_dir):
+        self.records.append(record)
+        if checkpoint_dir and record.step == self.stop_at:
+            raise KeyboardInterrupt
+
+    def on_message(self, text):
+        self.messages.append(text)
+
+    def on_train_end(self, result):
+        pass
+
+
+def _two_phase_config(**kw) -> TrainingConfig:
+    base = dict(max_tokens=2400, finetune_fraction=0.25, train_batch_tokens=128, batch_size=4,
+                lr=1e-2, finetune_lr=1e-3, log_freq=3, checkpoint_every=3, keep_checkpoints=20,
+                threshold_warmup_steps=2, calibrate_threshold=True, logit_kl_scale="mse",
+                save_best=False)
+    base.update(kw)
+    return e2e_config(**base)
+
+
+def _sae(seed=0):
+    return build_sae(SAEConfig(d_in=D, d_sae=64, top_k=4, hook_layer=1), seed=seed)
+
+
+def _run(model, cache, cfg, out, *, resume_from=None, reporter=None):
+    s = job_sources(cache, cfg, HOOKS[0], model=model)
+    return train_sae(_sae(), s.train, cfg, val_source=s.val, objective=s.objective, out_dir=out,
+                     resume_from=resume_from, reporter=reporter or Recorder())
+
+
+def test_a_trained_sae_is_continued_not_reinitialised():
+    torch.manual_seed(0)
+    x = torch.randn(2048, 16) * 3 + 2
+    sae = build_sae(SAEConfig(d_in=16, d_sae=64, top_k=4), seed=0)
+    cfg = TrainingConfig(train_batch_tokens=256, num_epochs=1, log_freq=4, show_progress=False,
+                         threshold_warmup_steps=2)
+    train_sae(sae, TensorSource(x), cfg, reporter=Recorder())
+    kept = {k: v.clone() for k, v in sae.state_dict().items()}
+    assert bool(sae.data_initialized) and float(sae.threshold) > 0
+    # a second run on shifted data: a fresh SAE would take the new geometric median and scale
+    rec = Recorder()
+    train_sae(sae, TensorSource(x * 10 - 5), cfg.replace(lr=1e-12, threshold_beta=0.999999,
+                                                         calibrate_threshold=False),
+              reporter=rec)
+    assert any("continuing from trained weights" in m for m in rec.messages)
+    assert torch.equal(sae.input_scale, kept["input_scale"])
+    assert torch.allclose(sae.b_dec, kept["b_dec"], atol=1e-6)
+    assert float(sae.threshold) == pytest.approx(float(kept["threshold"]), rel=1e-3)
+
+
+def test_init_from_a_saved_sae_keeps_its_state(tmp_path):
+    from trainer import train_from_yaml
+    import trainer.job as job_module
+
+    class Reader:
+        manifest = {"splits": {"train": {}, "val": {}}}
+
+        def token_source(self, hook, split="train"):
+            g = torch.Generator().manual_seed(1 if split == "train" else 2)
+            return TensorSource(torch.randn(512, 16, generator=g) * 4 + 1)
+
+    sae = build_sae(SAEConfig(d_in=16, d_sae=64, top_k=4, hook_layer=2), seed=0)
+    sae.initialize_from_data(torch.randn(256, 16) * 9 + 3)
+    with torch.no_grad():
+        sae.threshold.fill_(0.7)
+    sae.save(tmp_path / "start")
+    saved = load_sae(tmp_path / "start")
+    job = tmp_path / "job.yaml"
+    job.write_text(f"""
+cache: c
+out_dir: {tmp_path / 'out'}
+sae: {{d_in: 16, d_sae: 64, top_k: 4, hook_layer: 2}}
+training: {{max_tokens: 256, train_batch_tokens: 128, lr: 1.0e-12, show_progress: false,
+           calibrate_threshold: false, init_from: {tmp_path / 'start'}}}
+""")
+    orig = job_module._open_cache
+    job_module._open_cache = lambda uri: Reader()
+    try:
+        result = train_from_yaml(job)
+        assert torch.allclose(result.sae.b_dec, saved.b_dec, atol=1e-6)
+        assert float(result.sae.threshold) == pytest.approx(0.7, rel=1e-3)  # only the EMA moves it
+        assert float(result.sae.input_scale) == 1.0  # the saved SAE was folded
+        # a different shape is refused before training
+        job.write_text(job.read_text().replace("d_sae: 64", "d_sae: 32"))
+        from activation_cache import ConfigError
+        with pytest.raises(ConfigError, match="init_from .* d_sae=64, but the job's sae.d_sae is 32"):
+            train_from_yaml(job)
+    finally:
+        job_module._open_cache = orig
+
+
+def test_two_phase_plan_schedule_and_metrics(model, cache, tmp_path):
+    cfg = _two_phase_config()
+    s = job_sources(cache, cfg, HOOKS[0], model=model)
+    assert isinstance(s.objective, TwoPhaseObjective) and isinstance(s.train, PhasedSource)
+    s1, s2 = s.objective.phase_steps(s.train)
+    assert s1 == math.ceil(0.75 * 2400 / 128)  # 15 local steps
+    per_window_step = s.train.sequences.num_tokens / math.ceil(
+        s.train.sequences.num_sequences / 4)
+    assert s2 == math.ceil(0.25 * 2400 / per_window_step)
+    sched = s.objective.schedule(1e-2, s1 + s2)
+    assert sched.lr(s1 - 1) < 1e-2 * 0.5  # phase 1 decays towards 0 at its end
+    assert sched.lr(s1 + s2 // 2) == pytest.approx(1e-3)  # phase 2 at finetune_lr
+    rec = Recorder()
+    result = train_sae(_sae(), s.train, cfg, val_source=s.val, objective=s.objective,
+                       reporter=rec)
+    assert result.steps == s1 + s2
+    local = [r for r in result.history if r.step < s1]
+    tuned = [r for r in result.history if r.step >= s1]  # from the boundary on
+    assert local and tuned
+    assert all(r.kl_div is None for r in local)  # phase 1: reconstruction metrics only
+    assert all(r.kl_div is not None and r.ce_loss_delta is not None for r in tuned)
+    assert "kl" in tuned[-1].loss_terms and "kl" not in local[0].loss_terms
+    assert s.objective.e2e.kl_scale is not None and s.objective.e2e.kl_scale > 0
+    assert result.final.l0 is not None and float(result.sae.threshold) > 0
+
+
+@pytest.mark.parametrize("stop", [6, 15, 18], ids=["in-local", "at-boundary", "in-finetune"])
+def test_two_phase_resume_is_bit_exact(model, cache, tmp_path, stop):
+    cfg = _two_phase_config()
+    straight = _run(model, cache, cfg, tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        _run(model, cache, cfg, tmp_path / "b", reporter=Recorder(stop_at_checkpoint_step=stop))
+    resumed = _run(model, cache, cfg, tmp_path / "b",
+                   resume_from=tmp_path / "b" / "checkpoints" / f"step_{stop:08d}")
+    assert resumed.steps == straight.steps
+    a, b = straight.sae.state_dict(), resumed.sae.state_dict()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert [r.loss for r in straight.history] == [r.loss for r in resumed.history]
+    assert straight.final.kl_div == resumed.final.kl_div
