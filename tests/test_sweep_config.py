@@ -162,6 +162,41 @@ def test_expansion_factor_and_architecture_conditionals():
         assert training.max_tokens == cfg.tokens_per_trial
 
 
+def test_every_registered_architecture_is_a_sweep_dimension_with_only_its_own_fields():
+    import trainer
+    from sweep.results import TrialRow, rows_to_frame
+
+    archs = trainer.architecture_names()
+    cfg = SweepConfig.from_dict(base(search_space={
+        "architecture": {"type": "categorical", "choices": archs},
+        "d_sae": {"type": "int", "low": 32, "high": 64},
+        "top_k": {"type": "int", "low": 2, "high": 8},
+        "l1_coefficient": {"type": "float", "low": 1e-3, "high": 1.0, "log": True},
+        "l0_coefficient": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+    }))
+    samples = _sample(cfg, d_in=12, n=60, seed=2)
+    assert {p["architecture"] for p in samples} == set(archs)
+    for p in samples:
+        owned = set(trainer.architecture_fields(p["architecture"]))
+        for name in ("top_k", "l1_coefficient", "l0_coefficient"):
+            assert (name in p) == (name in owned), (p, name)  # drawn iff the arch has it
+        sae, _ = build_trial_configs(cfg, p, d_in=12)
+        assert sae.architecture == p["architecture"]
+    # one typed schema: a field that does not apply is null, ints stay ints
+    frame = rows_to_frame([TrialRow(trial_id=str(i), status="completed", params=p)
+                           for i, p in enumerate(samples)])
+    assert str(frame["top_k"].dtype) == "Int64" and str(frame["d_sae"].dtype) == "Int64"
+    standard = frame[frame["architecture"] == "standard"]
+    assert standard["top_k"].isna().all() and standard["l1_coefficient"].notna().all()
+    # a field no drawn architecture has is refused up front
+    with pytest.raises(ConfigError, match="l0_coefficient: only applies to architecture\\(s\\) "
+                                          "jumprelu, which this sweep never uses"):
+        SweepConfig.from_dict(base(search_space={
+            "architecture": {"type": "categorical", "choices": ["topk", "batchtopk"]},
+            "d_sae": {"type": "int", "low": 32, "high": 64},
+            "l0_coefficient": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}}))
+
+
 def test_trial_configs_route_fields_and_check_space_uses_trainer_validation():
     cfg = SweepConfig.from_dict(base(training={"log_freq": 7}, search_space={
         "d_sae": {"type": "int", "low": 16, "high": 64},
