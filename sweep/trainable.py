@@ -96,6 +96,8 @@ class RayReporter:
                final: bool) -> None:
         for name in self.monitored:
             value = metrics.get(name)
+            if value is None and not final:
+                continue  # e.g. ce_loss_delta before a two-phase trial's fine-tune starts
             if value is None:
                 raise MissingMetricError(
                     f"the sweep's objective needs metric {name!r}, but this training run does "

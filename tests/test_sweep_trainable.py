@@ -45,9 +45,15 @@ def test_non_finite_objective_is_divergence_and_missing_metric_is_an_error():
     reporter = RayReporter(monitored=("fvu",), report_fn=lambda m, c: pytest.fail("reported"))
     with pytest.raises(TrialDiverged, match="fvu is nan at step 5"):
         reporter.report({"step": 5, "fvu": float("nan")}, None, final=False)
+    # an intermediate report may lack it (a two-phase trial before its fine-tune); the final
+    # one may not
+    sent = []
+    RayReporter(monitored=("ce_loss_delta",), report_fn=lambda m, c: sent.append(m)).report(
+        {"step": 1, "fvu": 0.1}, None, final=False)
+    assert sent and "ce_loss_delta" not in sent[0]
     with pytest.raises(MissingMetricError, match="ce_loss_delta"):
         RayReporter(monitored=("ce_loss_delta",)).report({"step": 1, "fvu": 0.1}, None,
-                                                         final=False)
+                                                         final=True)
 
 
 def test_record_to_metrics_renames_and_derives():
