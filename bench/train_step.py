@@ -1,6 +1,6 @@
 """k-sparse training-step benchmark: sae-sweep vs SAELens (CPU, fp32). Prints figures.
 
-    .venv/bin/python bench/train_step.py                  # everything (see RESULTS.md for time)
+    .venv/bin/python bench/train_step.py                  # everything (~10-20 min on 2 cores)
     .venv/bin/python bench/train_step.py --arch topk --d-sae 4608 --dead-fraction 0
 
 For each architecture (``--arch``: batchtopk, topk, matryoshka_batchtopk), dictionary size and
