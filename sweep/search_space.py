@@ -33,11 +33,11 @@ class SearchSpace:
         import trainer
 
         self.params: dict[str, ParamSpec] = dict(cfg.search_space)
-        self.fixed_architecture: str = cfg.sae.get("architecture", "batchtopk")
+        archs = cfg.architectures()
+        self.fixed_architecture: str = archs[0]
         self.fixed_d_sae: int | None = cfg.sae.get("d_sae")
         self.d_in = int(d_in)
         # what the registry says, as plain data (the space is pickled to Ray workers)
-        archs = cfg.architectures()
         self.owned: dict[str, set[str]] = {a: set(trainer.architecture_fields(a)) for a in archs}
         self.all_owned: set[str] = set().union(*self.owned.values()) | set(
             n for n in self.params if trainer.architectures_with_field(n))

@@ -374,7 +374,7 @@ class SweepConfig(StrictConfig):
         """The architectures this sweep can draw (searched choices, else the fixed one)."""
         if "architecture" in self.search_space:
             return list(self.search_space["architecture"].choices or [])
-        return [self.sae.get("architecture", "batchtopk")]
+        return [self.sae.get("architecture", default_architecture())]
 
     def _validate_fields(self) -> None:
         sae_fields, train_fields = sae_field_names(), training_field_names()
@@ -541,6 +541,15 @@ def reported_metric_names() -> frozenset[str]:
 
     counters = {"step", "tokens_seen", "epoch", "eval_tokens", "tokens_per_s"}
     return frozenset(set(metric_names()) | counters | {"train_seconds", "lr_current"})
+
+
+def default_architecture() -> str:
+    """SAEConfig's default architecture (the trainer's, not a copy of it)."""
+    import dataclasses as dc
+
+    from trainer import SAEConfig
+
+    return next(f.default for f in dc.fields(SAEConfig) if f.name == "architecture")
 
 
 def sae_field_names() -> frozenset[str]:
