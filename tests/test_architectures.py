@@ -191,7 +191,7 @@ def _hand_jumprelu() -> JumpReLUSAE:
     sae = JumpReLUSAE(SAEConfig(d_in=3, d_sae=3, architecture="jumprelu", l0_coefficient=0.1,
                                 jumprelu_bandwidth=0.2), seed=0)
     return _set(sae, W_enc=torch.eye(3), b_enc=[0.0] * 3, W_dec=JR_W_DEC, b_dec=[0.0] * 3,
-                log_threshold=torch.tensor([0.5, 1.0, 2.0]).log())
+                threshold=torch.tensor([0.5, 1.0, 2.0]))
 
 
 def test_jumprelu_forward_and_l0_penalty_hand_case():
@@ -212,7 +212,7 @@ def test_jumprelu_forward_and_l0_penalty_hand_case():
 
 
 def test_jumprelu_straight_through_gradients_hand_case():
-    """The module docstring's estimators, with d/dlog_theta = theta d/dtheta:
+    """The module docstring's estimators:
     df/dtheta = -(theta/eps) K(u), dH/dtheta = -(1/eps) K(u), df/dz = H(z - theta), dH/dz = 0."""
     sae = _hand_jumprelu().train()
     out = sae.training_forward(JR_X)
@@ -222,10 +222,9 @@ def test_jumprelu_straight_through_gradients_hand_case():
     #   t1: [0.432, 1.42, 0.92] / 3 = [0.144, 0.47333, 0.30667]
     # dmse/dtheta[j] = sum_t dmse/df[t, j] * -(theta_j / eps) K[t, j]
     #   j0: -0.18 * -2.5 = 0.45;  j1: -0.502 * -5 = 2.51;  j2: 0.30667 * -10 = -3.0667
-    # d/dlog_theta = theta * that = [0.225, 2.51, -6.1333]
     out.reconstruction_loss.backward(retain_graph=True)
-    expected = torch.tensor([0.5 * 0.45, 1.0 * 2.51, 2.0 * (-0.92 / 3 * 10)])
-    assert torch.allclose(sae.log_threshold.grad, expected, rtol=1e-5, atol=1e-6)
+    expected = torch.tensor([0.45, 2.51, -0.92 / 3 * 10])
+    assert torch.allclose(sae.threshold.grad, expected, rtol=1e-5, atol=1e-6)
     # df/dz = H(z - theta): db_enc[j] = sum_t dmse/df[t, j] H[t, j]; t0's latent 1 is inside
     # the window but inactive, and gets no gradient through z
     #   j0: -0.18 + 0.144 = -0.036;  j1: 0.47333;  j2: 0.30667
@@ -233,10 +232,10 @@ def test_jumprelu_straight_through_gradients_hand_case():
                           rtol=1e-5, atol=1e-6)
 
     # the L0 penalty: dl0/dtheta[j] = mean_t -(1/eps) K[t, j] = [-2.5, -2.5, -2.5]
-    # d/dlog_theta = theta * that = [-1.25, -2.5, -5]; and nothing reaches z (dH/dz = 0)
+    # and nothing reaches z (dH/dz = 0)
     sae.zero_grad(set_to_none=True)
     (out.sparsity_loss / sae.cfg.l0_coefficient).backward()
-    assert torch.allclose(sae.log_threshold.grad, torch.tensor([-1.25, -2.5, -5.0]), rtol=1e-5)
+    assert torch.allclose(sae.threshold.grad, torch.tensor([-2.5, -2.5, -2.5]), rtol=1e-5)
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         grad = getattr(sae, name).grad
         assert grad is None or not grad.any(), name

@@ -31,7 +31,7 @@ def test_export_round_trips_through_sae_lens(tmp_path, arch):
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
         if arch == "jumprelu":  # thresholds that cut something, different per latent
-            sae.log_threshold.copy_(torch.empty(64).uniform_(-3.0, 0.5))
+            sae.threshold.copy_(torch.empty(64).uniform_(0.05, 1.6))
     assert float(sae.input_scale) != 1.0
     if sae.needs_calibration:
         assert sae.calibrate(iter([x[:200]]), max_tokens=200) is not None
