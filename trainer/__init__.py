@@ -10,6 +10,7 @@ Public API (everything else in this package is internal):
     Objective, LocalObjective, StepOutput               -- what a training step computes
     train_sae, TrainResult, train_from_yaml             -- training
     export_saelens                                      -- SAELens format
+    resolve_device, to_device                           -- auto|cpu|cuda|cuda:N; batches to it
     EndToEndObjective, SequenceSource, evaluate_sae_dir -- the SAE spliced into the live model:
     end_to_end_sources, load_cache_model                   KL / block-MSE training, CE/KL metrics
     DimensionMismatchError, NonFiniteActivationError, EmptySourceError,
@@ -17,6 +18,7 @@ Public API (everything else in this package is internal):
 """
 
 from .batchtopk import BatchTopKSAE
+from .device import resolve_device, to_device
 from .end_to_end import EndToEndObjective, SequenceSource, end_to_end_sources, load_cache_model
 from .errors import (CheckpointMismatchError, DimensionMismatchError, EmptySourceError,
                      NonFiniteActivationError, TrainingDivergedError)
@@ -42,6 +44,7 @@ __all__ = [
     "Objective", "LocalObjective", "StepOutput",
     "train_sae", "TrainResult", "train_from_yaml",
     "export_saelens",
+    "resolve_device", "to_device",
     "EndToEndObjective", "SequenceSource", "evaluate_sae_dir", "end_to_end_sources",
     "load_cache_model",
     "DimensionMismatchError", "NonFiniteActivationError", "EmptySourceError",
