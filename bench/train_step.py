@@ -34,6 +34,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import io  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
@@ -58,13 +59,17 @@ D_IN, K = 576, 32
 
 
 class OurStep:
-    """One sae-sweep training step, as ``trainer.train_sae`` runs it."""
+    """One sae-sweep training step, as ``trainer.train_sae`` runs it (``autocast``: the forward
+    under bf16 autocast on ``device``)."""
 
     name = "sae-sweep"
 
-    def __init__(self, d_sae: int, k_aux: int, lr: float, seed: int = 0):
-        self.cfg = SAEConfig(d_in=D_IN, d_sae=d_sae, top_k=K, top_k_aux=k_aux,
-                             n_batches_to_dead=1000)
+    def __init__(self, d_sae: int, k_aux: int, lr: float, seed: int = 0, *, d_in: int = D_IN,
+                 k: int = K, device: str = "cpu", autocast: bool = False):
+        self.cfg = SAEConfig(d_in=d_in, d_sae=d_sae, top_k=k, top_k_aux=k_aux,
+                             n_batches_to_dead=1000, device=device)
+        self.autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+                         if autocast else contextlib.nullcontext())
         self.sae = BatchTopKSAE(self.cfg, seed=seed)
         self.config = TrainingConfig(lr=lr, outlier_policy="none")
         self.objective = LocalObjective(self.config)
@@ -81,7 +86,8 @@ class OurStep:
         tick = timer or (lambda name: None)
         sae = self.sae
         self.opt.zero_grad(set_to_none=True)
-        out = self.objective.step(sae, x)
+        with self.autocast:
+            out = self.objective.step(sae, x)
         if not bool(torch.isfinite(out.loss)):
             raise RuntimeError("the loss diverged")
         tick("forward (objective.step)")
@@ -102,17 +108,18 @@ class SaeLensStep:
 
     name = "SAELens"
 
-    def __init__(self, d_sae: int, lr: float, total_steps: int = 10**6, batch: int = 4096):
+    def __init__(self, d_sae: int, lr: float, total_steps: int = 10**6, batch: int = 4096, *,
+                 d_in: int = D_IN, k: int = K, device: str = "cpu", autocast: bool = False):
         from sae_lens.config import SAETrainerConfig
         from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
         from sae_lens.training.sae_trainer import SAETrainer
 
-        cfg = BatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=d_sae, k=K, dtype="float32",
-                                         device="cpu")
+        cfg = BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, dtype="float32",
+                                         device=device)
         self.sae = BatchTopKTrainingSAE(cfg)
         tcfg = SAETrainerConfig(total_training_samples=total_steps * batch,
                                 train_batch_size_samples=batch, lr=lr, lr_end=lr,
-                                dead_feature_window=1000)
+                                dead_feature_window=1000, device=device, autocast=autocast)
         self.trainer = SAETrainer(cfg=tcfg, sae=self.sae, data_provider=iter(()))
 
     def set_dead(self, dead: torch.Tensor) -> None:
