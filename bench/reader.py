@@ -103,6 +103,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--hook", default=None)
     p.add_argument("--reps", type=int, default=3, help="later epochs measured (best kept)")
+    p.add_argument("--block-tokens", type=int, default=None,
+                   help="the token source's block size (default: the reader's default)")
     p.add_argument("--no-trainer", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -119,7 +121,8 @@ def main() -> None:
         raw_read(reader, hook)  # warm the page cache for both sides
         for dtype, label in ((None, "stored"), (torch.float32, "float32")):
             reader = open_cache(uri)  # a fresh reader: epoch 0 verifies checksums again
-            src = reader.token_source(hook, dtype=dtype)
+            block = {"block_tokens": args.block_tokens} if args.block_tokens else {}
+            src = reader.token_source(hook, dtype=dtype, **block)
             e0 = reader_epoch(src, args.batch_size, 0)
             raws, epochs = [], []
             for rep in range(args.reps):
