@@ -266,11 +266,13 @@ def sweep_on_one_gpu(device: torch.device, cache: str, work: Path,
                      "calibration_tokens": 4 * args.batch, "num_epochs": 1000},
         "search_space": {"top_k": {"type": "categorical", "choices": [args.k, 2 * args.k]}},
         "num_samples": 2, "max_concurrent_trials": 2, "sampler": "random", "max_failures": 0,
+        "time_budget_s": args.sweep_budget_s,  # a scheduling problem ends the part, not the run
         "resources_per_trial": {"cpu": max(1, cpus // 2), "gpu": 0.5},
     })
-    # a dry run declares one GPU, so Ray's fractional-GPU bookkeeping runs without one
-    ray.init(num_cpus=cpus, num_gpus=None if device.type == "cuda" else 1,
-             include_dashboard=False, log_to_driver=False)
+    # the GPUs torch sees (Ray's own detection may not work in a sandbox); a dry run declares
+    # one, so Ray's fractional-GPU bookkeeping runs without a GPU
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 1
+    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
     try:
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):  # Tune's progress tables: not figures
@@ -306,6 +308,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)
         args.d_in, args.d_sae, args.k, args.batch = 64, [256, 512], 8, 256
         args.warmup, args.reps, args.cache_tokens, args.sweep_tokens = 1, 3, 20_000, 4096
+        args.sweep_budget_s = 300
     else:
         if not torch.cuda.is_available():
             print("bench/gpu.py: CUDA is not available here (use --dry-run on a machine without "
@@ -314,6 +317,7 @@ def main(argv=None) -> int:
         device = torch.device("cuda")
         args.d_in, args.d_sae, args.k, args.batch = 576, [4608, 16384], 32, 4096
         args.warmup, args.reps, args.cache_tokens, args.sweep_tokens = 5, 30, 1_000_000, 2_000_000
+        args.sweep_budget_s = 240
     start = time.perf_counter()
     say("run", f"{'dry run (CPU, tiny sizes)' if args.dry_run else 'GPU'}; torch "
                f"{torch.__version__}; {os.cpu_count()} CPUs; load {os.getloadavg()[0]:.1f}")
