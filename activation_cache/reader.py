@@ -1,16 +1,34 @@
 """Reading a cache: ``open_cache`` -> :class:`CacheReader` -> token batches or whole windows.
 
 **Token batches** (``token_source(hook).iter_batches``, the trainer's ``ActivationSource``):
-float32 rows of the train-mask tokens only (no padding, no BOS unless the cache kept it). The
-shuffle is a *shard-mixing buffer*: each epoch the shards are put in a random order and grouped
-into chunks of about ``shuffle_buffer_tokens`` tokens; the tokens of a chunk (drawn from several
-shards) are permuted together, and batches are consecutive slices of the resulting stream (a batch
-may straddle two chunks; only the last batch of an epoch may be smaller). Everything is a pure
-function of ``(seed, epoch)`` and the manifest's token counts, so ``start_batch=n`` locates the
-chunk holding batch n without reading anything before it and yields exactly what the
-uninterrupted iteration yields from batch n on. Local shards are memory-mapped (no copy); a
-background thread gathers and converts the next few batches while the trainer consumes the
-current one, single-threaded so it never competes for torch's intra-op threads.
+rows of the train-mask tokens only (no padding, no BOS unless the cache kept it), float32 by
+default or as stored (``dtype=None``: fp16/bf16, half the bytes, for a conversion on the GPU).
+
+The shuffle is a *block shuffle in a mixing buffer*. Each epoch the shards are put in a random
+order and grouped into mixing buffers of at least N = ``shuffle_buffer_tokens`` train tokens
+(default: 512 MiB of stored rows -- about 466k tokens at d_in 576 in fp16 -- so several shards;
+a short remainder joins the last buffer). In a buffer the train tokens are cut into *blocks* of
+at most b = ``block_tokens`` (default 32) consecutive tokens of one window, the blocks of all its
+shards are permuted together, and batches are consecutive slices of the resulting stream (a
+batch may straddle two buffers; only the last batch of an epoch may be smaller).
+
+Mixing: a batch of B tokens is a uniformly random draw of about B/b blocks from a buffer of at
+least N tokens, so one window of T train tokens (m = ceil(T/b) blocks) supplies on average
+B*T/N of a batch's tokens -- as a per-token shuffle of the same buffer would -- in whole blocks,
+and it supplies more than k of its blocks to a given batch with probability at most about
+C(m, k+1) * (B/N)^(k+1) (a union bound; blocks of one window are adjacent in the stream no
+more often than any two blocks). For the defaults (b 32, N ~466k, T 127, B 4096) some window
+supplies more than 2 blocks (64 tokens, 1.6% of the batch) to at most about 1 batch in 100,
+and no window ever supplies more than its T tokens (3.1%). The blocks are what make the reader fast: a batch is ~B/b contiguous
+row ranges, copied once each, instead of B single-row gathers.
+
+Everything is a pure function of ``(seed, epoch)`` and the manifest, so ``start_batch=n``
+locates the buffer holding batch n without reading anything before it and yields exactly what
+the uninterrupted iteration yields from batch n on. Local shards are memory-mapped (no copy)
+and each batch is one copy out of the page cache; a background thread assembles the next few
+batches while the trainer consumes the current one, single-threaded so it never competes for
+torch's intra-op threads. With ``pin_memory=True`` (where CUDA is available) the batches are
+allocated in pinned memory, ready for a non-blocking copy to the GPU.
 
 **Windows** (``sequence_batches``, for end-to-end losses): whole windows with every stored tensor,
 in cache order; with ``shuffle=True`` the shard order and the window order inside each shard are
@@ -31,6 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import sys
 import threading
 from dataclasses import dataclass, fields
 from typing import Iterator, Mapping
@@ -44,10 +63,12 @@ from torch import Tensor
 from .cache_errors import CacheMismatchError, CorruptCacheError
 from .manifest import MANIFEST, SPLITS, act_key, canonical_json, read_manifest
 from .read_ahead import read_ahead
-from .shard_file import map_tensor, read_header, read_tensor
+from .shard_file import _ST_DTYPES, map_array, read_header, read_tensor
 from .storage import Storage
 
-DEFAULT_BUFFER_BYTES = 256 * 2**20
+DEFAULT_BUFFER_BYTES = 512 * 2**20  # default mixing buffer, in stored bytes of rows
+DEFAULT_BLOCK_TOKENS = 32  # default block: at most this many consecutive tokens of one window
+_BATCH_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 LOGIT_TENSORS = ("clean_topk_logprobs", "clean_topk_indices", "clean_logsumexp",
                  "clean_next_token_logprob")
 
@@ -167,12 +188,18 @@ class CacheReader:
     # -- token batches ---------------------------------------------------------------------
     def token_source(self, hook: str, split: str = "train", *, d_in: int | None = None,
                      shuffle_buffer_tokens: int | None = None,
+                     block_tokens: int = DEFAULT_BLOCK_TOKENS,
+                     dtype: torch.dtype | None = torch.float32, pin_memory: bool = False,
                      read_ahead_batches: int = 4) -> "CacheTokenSource":
         """An ActivationSource of the train-mask tokens of ``hook`` in ``split``.
 
         ``d_in``: the width the caller expects (raises CacheMismatchError if different).
-        ``shuffle_buffer_tokens``: tokens permuted together (default: 256 MiB of float32 rows,
-        at least one shard).
+        ``shuffle_buffer_tokens``: the mixing buffer N, the least number of tokens whose blocks
+        are permuted together (default: 512 MiB of stored rows, at least one shard).
+        ``block_tokens``: b, the most consecutive tokens of one window kept together.
+        ``dtype``: dtype of the batches (float32 by default; ``None``: the storage dtype, e.g.
+        float16, for a conversion on the GPU). ``pin_memory``: allocate batches in pinned memory
+        (only where CUDA is available; ignored otherwise).
         """
         width = self.d_in(hook)
         if d_in is not None and d_in != width:
@@ -184,8 +211,16 @@ class CacheReader:
         if info["num_train_tokens"] == 0:
             raise CacheMismatchError(f"{self.storage.describe(MANIFEST)}: split {split!r} has "
                                      "no train-mask tokens")
-        buffer = shuffle_buffer_tokens or max(1, DEFAULT_BUFFER_BYTES // (4 * width))
-        return CacheTokenSource(self, hook, split, buffer, read_ahead_batches)
+        if not isinstance(block_tokens, int) or block_tokens < 1:
+            raise ValueError(f"block_tokens must be an integer >= 1, got {block_tokens!r}")
+        if dtype is not None and dtype not in _BATCH_DTYPES:
+            raise ValueError(f"dtype must be None (as stored) or one of "
+                             f"{', '.join(map(str, _BATCH_DTYPES))}, got {dtype!r}")
+        stored = _ST_DTYPES[info["shards"][0]["tensors"][act_key(hook)]["dtype"]]
+        row_bytes = width * stored.itemsize
+        buffer = shuffle_buffer_tokens or max(1, DEFAULT_BUFFER_BYTES // row_bytes)
+        return CacheTokenSource(self, hook, split, buffer, read_ahead_batches,
+                                block_tokens=block_tokens, dtype=dtype, pin_memory=pin_memory)
 
     # -- window batches --------------------------------------------------------------------
     def sequence_batches(self, split: str, batch_size: int, *, start_batch: int = 0,
@@ -249,13 +284,22 @@ class CacheReader:
         )
 
     # -- shard access ----------------------------------------------------------------------
-    def read_tensors(self, rec: Mapping, names: list[str], *,
-                     mmap: bool = False) -> dict[str, Tensor]:
-        """Some tensors of one shard record, verified on their first read by this reader.
+    def read_tensors(self, rec: Mapping, names: list[str]) -> dict[str, Tensor]:
+        """Some tensors of one shard record, read into memory and verified on their first read
+        by this reader."""
+        return self._read(rec, names, mmap=False)
 
-        ``mmap=True`` memory-maps them when the cache is on a local disk (no copy; the tensors
-        are read-only views of the file's pages) and reads them into memory otherwise.
-        """
+    def map_arrays(self, rec: Mapping, names: list[str]) -> dict[str, np.ndarray]:
+        """Some tensors of one shard record as numpy arrays (bfloat16 bytes as int16), verified
+        on their first read by this reader: read-only memory maps of the file's pages when the
+        cache is on a local disk (no copy), read into memory otherwise."""
+        out = self._read(rec, names, mmap=True)
+        for name, a in out.items():
+            if isinstance(a, Tensor):
+                out[name] = (a.view(torch.int16) if a.dtype == torch.bfloat16 else a).numpy()
+        return out
+
+    def _read(self, rec: Mapping, names: list[str], *, mmap: bool) -> dict:
         out = {}
         with self.storage.open_ranges(rec["file"]) as f:
             if rec["file"] not in self._headers_checked:
@@ -267,8 +311,8 @@ class CacheReader:
                 key = (rec["file"], name)
                 verify = self.verify_checksums and key not in self._verified
                 if mmap and self.storage.is_local:
-                    out[name] = map_tensor(self.storage.full(rec["file"]), entry, verify=verify,
-                                           name=name)
+                    out[name] = map_array(self.storage.full(rec["file"]), entry, verify=verify,
+                                          name=name)
                 else:
                     out[name] = read_tensor(f, entry, verify=verify, name=name)
                 if verify:
@@ -335,10 +379,16 @@ class CacheReader:
 
 
 class CacheTokenSource:
-    """The ActivationSource of one hook and split of a cache (see the module doc)."""
+    """The ActivationSource of one hook and split of a cache (see the module doc).
+
+    ``dtype`` is the dtype of the batches it yields (``float32`` by default; the storage dtype
+    when created with ``dtype=None``); ``pin_memory`` whether their memory is pinned (page-locked,
+    only where CUDA is available) so a non-blocking copy to a GPU can overlap with compute.
+    """
 
     def __init__(self, reader: CacheReader, hook: str, split: str, buffer_tokens: int,
-                 read_ahead_batches: int):
+                 read_ahead_batches: int, *, block_tokens: int = DEFAULT_BLOCK_TOKENS,
+                 dtype: torch.dtype | None = torch.float32, pin_memory: bool = False):
         self.reader = reader
         self.hook = hook
         self.split = split
@@ -346,34 +396,52 @@ class CacheTokenSource:
         self.shards = [r for r in reader._split(split)["shards"] if r["num_train_tokens"] > 0]
         self.num_tokens = sum(r["num_train_tokens"] for r in self.shards)
         self.buffer_tokens = buffer_tokens
+        self.block_tokens = block_tokens
         self.read_ahead_batches = read_ahead_batches
+        entry = self.shards[0]["tensors"][act_key(hook)] if self.shards else None
+        self.stored_dtype = _ST_DTYPES[entry["dtype"]] if entry else torch.float32
+        self.dtype = self.stored_dtype if dtype is None else dtype
+        self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
+        self._blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def chunks(self, seed: int, epoch: int) -> list[list[int]]:
-        """The shard groups of an epoch, in order (a function of seed and epoch only)."""
+        """The shard groups (mixing buffers) of an epoch, in order (a function of seed and epoch
+        only): the shards in a random order, cut into groups of at least ``buffer_tokens``
+        train tokens; a last group shorter than that joins the one before it."""
         order = np.random.default_rng([seed, epoch]).permutation(len(self.shards))
         groups, current, size = [], [], 0
         for s in order:
-            n = self.shards[s]["num_train_tokens"]
-            if current and size + n > self.buffer_tokens:
+            current.append(int(s))
+            size += self.shards[s]["num_train_tokens"]
+            if size >= self.buffer_tokens:
                 groups.append(current)
                 current, size = [], 0
-            current.append(int(s))
-            size += n
         if current:
-            groups.append(current)
+            if groups:
+                groups[-1].extend(current)
+            else:
+                groups.append(current)
         return groups
 
     def load_chunk(self, group: list[int], seed: int, epoch: int, number: int) -> "_Chunk":
-        """The shards of a group (memory-mapped when local) and the permutation of their rows."""
+        """The shards of a group (memory-mapped when local), cut into blocks of at most
+        ``block_tokens`` consecutive train tokens of one window, the blocks permuted."""
         key = act_key(self.hook)
-        sources, row_of = [], []
-        for s in group:
-            t = self.reader.read_tensors(self.shards[s], ["train_mask", key], mmap=True)
-            sources.append(t[key].reshape(-1, self.d_in))
-            row_of.append(np.flatnonzero(t["train_mask"].numpy().reshape(-1)))
-        shard_of = np.repeat(np.arange(len(group)), [len(r) for r in row_of])
-        perm = np.random.default_rng([seed, epoch, number]).permutation(len(shard_of))
-        return _Chunk(sources, shard_of[perm], np.concatenate(row_of)[perm], self.d_in)
+        sources, shard_of, start_of, length_of = [], [], [], []
+        for i, s in enumerate(group):
+            if s not in self._blocks:  # the same every epoch: cut once
+                mask = self.reader.map_arrays(self.shards[s], ["train_mask"])["train_mask"]
+                self._blocks[s] = _blocks(mask.reshape(-1), mask.shape[-1], self.block_tokens)
+            starts, lengths = self._blocks[s]
+            sources.append(self.reader.map_arrays(self.shards[s], [key])[key]
+                           .reshape(-1, self.d_in))
+            shard_of.append(np.full(len(starts), i))
+            start_of.append(starts)
+            length_of.append(lengths)
+        shard = np.concatenate(shard_of)
+        perm = np.random.default_rng([seed, epoch, number]).permutation(len(shard))
+        return _Chunk(sources, shard[perm], np.concatenate(start_of)[perm],
+                      np.concatenate(length_of)[perm])
 
     def iter_batches(self, batch_size: int, *, seed: int, epoch: int,
                      start_batch: int = 0) -> Iterator[Tensor]:
@@ -388,68 +456,127 @@ class CacheTokenSource:
         first = int(np.searchsorted(ends, pos, side="right"))
 
         def produce() -> Iterator[Tensor]:
-            cur, carry = pos, []
+            buffers = _BatchBuffers(batch_size, self.d_in, self.dtype, self.pin_memory,
+                                    keep=self.read_ahead_batches + 4)
+            cur, parts = pos, []
             for number in range(first, len(groups)):
                 chunk = self.load_chunk(groups[number], seed, epoch, number)
                 begin = int(ends[number - 1]) if number else 0
                 while cur < ends[number]:
                     batch_end = min((cur // batch_size + 1) * batch_size, total)
                     stop = min(batch_end, int(ends[number]))
-                    carry.append(chunk.rows(cur - begin, stop - begin))
+                    parts.extend(chunk.slices(cur - begin, stop - begin))
                     cur = stop
                     if cur == batch_end:
-                        yield carry[0] if len(carry) == 1 else torch.cat(carry)
-                        carry = []
+                        yield self._assemble(parts, buffers)
+                        parts = []
 
         return read_ahead(produce, self.read_ahead_batches)
 
-
-class _Chunk:
-    """Shards of one shuffle chunk and, for each position of its permuted stream, the shard and
-    row it comes from. ``rows(a, b)`` gathers positions [a, b) as float32.
-
-    Which tokens form a batch is set by the permutation; inside a batch the rows are put in
-    storage order (shard, then row), so each shard is gathered with one forward-sweeping
-    ``np.take`` straight into the output (a batch is a set: its order does not matter). The gather and the conversion to
-    float32 run single-threaded (numpy, and torch copies kept below its parallel grain size):
-    the reader thread never wakes torch's intra-op pool, which belongs to the trainer.
-    """
-
-    def __init__(self, sources: list[Tensor], shard_of: np.ndarray, row_of: np.ndarray,
-                 d_in: int):
-        self.dtype = sources[0].dtype
-        self.sources = [t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
-                        for t in sources]
-        self.shard_of = shard_of
-        self.row_of = row_of
-        self.stride = max(len(t) for t in sources) + 1
-        self.d_in = d_in
-        self.step = max(1, _SERIAL_ELEMENTS // d_in)
-
-    def rows(self, a: int, b: int) -> Tensor:
-        # storage order inside the batch: a forward sweep through each shard, not random reads
-        key = np.sort(self.shard_of[a:b] * self.stride + self.row_of[a:b])
-        shard, row = key // self.stride, key % self.stride
-        out = torch.empty(b - a, self.d_in, dtype=torch.float32)
-        if len(self.sources) == 1:
-            self._gather(out, self.sources[0], row)
+    def _assemble(self, parts: list[np.ndarray], buffers: "_BatchBuffers") -> Tensor:
+        """One batch from its row slices: one copy into the output, or -- when the output dtype
+        is not the storage dtype -- one copy into a scratch buffer (which stays in the CPU's
+        cache) and a converting copy into the output."""
+        n = sum(len(p) for p in parts)
+        out = buffers.get(n)
+        if self.dtype == self.stored_dtype:
+            np.concatenate(parts, axis=0, out=_numpy(out))
             return out
-        bounds = np.searchsorted(shard, np.arange(len(self.sources) + 1))
-        for i, src in enumerate(self.sources):
-            lo, hi = int(bounds[i]), int(bounds[i + 1])
-            if hi > lo:
-                self._gather(out[lo:hi], src, row[lo:hi])
+        scratch = buffers.scratch(self.stored_dtype)[:n]
+        np.concatenate(parts, axis=0, out=_numpy(scratch))
+        # Pieces below torch's parallel grain size: the reader thread never wakes torch's
+        # intra-op pool (it belongs to the trainer).
+        step = max(1, _SERIAL_ELEMENTS // self.d_in)
+        torch.cat([scratch[i:i + step] for i in range(0, n, step)], out=out)
         return out
 
-    def _gather(self, out: Tensor, src: np.ndarray, rows: np.ndarray) -> None:
-        if self.dtype == torch.float32:
-            np.take(src, rows, axis=0, out=out.numpy(), mode="clip")  # "raise" would buffer out
-            return
-        picked = torch.from_numpy(np.take(src, rows, axis=0, mode="clip"))
-        if self.dtype == torch.bfloat16:
-            picked = picked.view(torch.bfloat16)
-        for i in range(0, len(rows), self.step):
-            out[i:i + self.step].copy_(picked[i:i + self.step])
+
+def _numpy(t: Tensor) -> np.ndarray:
+    """A CPU tensor's memory as a numpy array (bfloat16 as int16)."""
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+class _BatchBuffers:
+    """Memory for the batches of one iteration, recycled once the consumer lets go of a batch.
+
+    A fresh allocation per batch costs a page fault and the zeroing of every page (as much as
+    the copy itself). Batches are therefore numpy arrays handed out through ``torch.from_numpy``
+    (which keeps its array referenced for as long as any tensor or view of it lives): an array
+    referenced only by this pool is free to be filled again. At most ``keep`` arrays are kept;
+    beyond that, batches are plain allocations. Pinned batches come from torch's pinned-memory
+    allocator instead, which recycles its blocks itself (after their copies to the GPU end).
+    """
+
+    def __init__(self, rows: int, d_in: int, dtype: torch.dtype, pin_memory: bool, keep: int):
+        self.shape = (rows, d_in)
+        self.dtype = dtype
+        self.pin_memory = pin_memory
+        self.keep = keep
+        self.arrays: list[np.ndarray] = []
+        self._scratch: Tensor | None = None
+        self.np_dtype = (np.int16 if dtype == torch.bfloat16
+                         else torch.empty(0, dtype=dtype).numpy().dtype)
+        for probe in [np.empty(0)]:  # references of a free array, seen as get() sees them
+            self.free_refs = sys.getrefcount(probe)
+
+    def get(self, rows: int) -> Tensor:
+        if self.pin_memory:
+            return torch.empty((rows, self.shape[1]), dtype=self.dtype, pin_memory=True)
+        for arr in self.arrays:
+            if sys.getrefcount(arr) == self.free_refs:
+                break
+        else:
+            arr = np.empty(self.shape, dtype=self.np_dtype)
+            if len(self.arrays) < self.keep:
+                self.arrays.append(arr)
+        t = torch.from_numpy(arr[:rows])
+        return t.view(torch.bfloat16) if self.dtype == torch.bfloat16 else t
+
+    def scratch(self, dtype: torch.dtype) -> Tensor:
+        """A reused [rows, d_in] buffer of ``dtype`` that is never handed out."""
+        if self._scratch is None:
+            self._scratch = torch.empty(self.shape, dtype=dtype)
+        return self._scratch
+
+
+def _blocks(train_mask: np.ndarray, seq_len: int, block_tokens: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Blocks of a shard's train tokens: ``(first storage row, length)`` of each run of at most
+    ``block_tokens`` train tokens that are consecutive rows of one window."""
+    rows = np.flatnonzero(train_mask)
+    if len(rows) == 0:
+        return rows, rows
+    idx = np.arange(len(rows))
+    new_run = np.ones(len(rows), dtype=bool)
+    new_run[1:] = (np.diff(rows) != 1) | (rows[1:] % seq_len == 0)
+    run_start = np.maximum.accumulate(np.where(new_run, idx, 0))
+    first = np.flatnonzero(new_run | ((idx - run_start) % block_tokens == 0))
+    return rows[first], np.diff(np.append(first, len(rows)))
+
+
+class _Chunk:
+    """The shards of one mixing buffer and its permuted blocks: block i is rows
+    ``start[i] : start[i] + length[i]`` of shard ``shard[i]``; the chunk's token stream is the
+    blocks in this order. ``slices(a, b)`` gives stream positions [a, b) as views of the
+    (memory-mapped) shards, one per block touched: assembling a batch is one copy of each."""
+
+    def __init__(self, sources: list[np.ndarray], shard: np.ndarray, start: np.ndarray,
+                 length: np.ndarray):
+        self.sources = sources  # numpy has no bfloat16: its bytes travel as int16
+        self.shard = shard
+        self.start = start
+        self.length = length
+        self.ends = np.cumsum(length)
+
+    def slices(self, a: int, b: int) -> list[np.ndarray]:
+        first = int(np.searchsorted(self.ends, a, side="right"))
+        last = int(np.searchsorted(self.ends, b, side="left"))
+        ends = self.ends[first:last + 1]
+        begins = ends - self.length[first:last + 1]
+        lo = self.start[first:last + 1] + (np.maximum(begins, a) - begins)
+        hi = self.start[first:last + 1] + (np.minimum(ends, b) - begins)
+        return [self.sources[s][x:y] for s, x, y in
+                zip(self.shard[first:last + 1].tolist(), lo.tolist(), hi.tolist())]
 
 
 # torch parallelises element-wise copies above 32768 elements; smaller copies stay serial.

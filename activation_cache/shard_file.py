@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import struct
 from typing import Mapping
 
@@ -72,15 +73,29 @@ def read_header(reader: RangeReader) -> dict:
     return header
 
 
-def map_tensor(path: str, entry: Mapping, *, verify: bool, name: str) -> torch.Tensor:
-    """Memory-map one tensor of a local shard (no copy: pages load as rows are touched).
+def map_array(path: str, entry: Mapping, *, verify: bool, name: str) -> np.ndarray:
+    """Memory-map one tensor of a local shard as a read-only numpy array (no copy: a view of the
+    file's pages in the page cache; bfloat16 bytes appear as int16).
 
-    ``verify`` hashes the mapped bytes (reading them once) and compares with the manifest.
+    The mapping is *populated* where the OS supports it (``MAP_POPULATE``): its page tables are
+    filled in one pass when it is created (reading the bytes from disk if they are not cached
+    yet) instead of one page fault per page as rows are first touched. ``verify`` hashes the
+    mapped bytes and compares with the manifest.
     """
-    dt = entry["dtype"]
+    np_dtype = np.dtype(_NP_DTYPES[entry["dtype"]])
+    offset, nbytes = int(entry["offset"]), int(entry["bytes"])
+    shape = tuple(entry["shape"])
     try:
-        arr = np.memmap(path, dtype=_NP_DTYPES[dt], mode="c", offset=int(entry["offset"]),
-                        shape=tuple(entry["shape"]))
+        if nbytes == 0:
+            arr = np.zeros(shape, dtype=np_dtype)
+        else:
+            base = offset - offset % mmap.ALLOCATIONGRANULARITY
+            with open(path, "rb") as f:
+                mapped = mmap.mmap(f.fileno(), offset + nbytes - base, prot=mmap.PROT_READ,
+                                   flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                                   offset=base)
+            arr = np.frombuffer(mapped, dtype=np_dtype, count=nbytes // np_dtype.itemsize,
+                                offset=offset - base).reshape(shape)
     except (ValueError, OSError) as exc:  # e.g. the file is shorter than the tensor
         raise CorruptCacheError(f"{path}: cannot map tensor {name!r}: {exc}") from None
     if verify and hashlib.sha256(arr.reshape(-1).view(np.uint8)).hexdigest() != entry["sha256"]:
@@ -88,8 +103,7 @@ def map_tensor(path: str, entry: Mapping, *, verify: bool, name: str) -> torch.T
             f"{path}: tensor {name!r} fails its sha256 check (the file is corrupted or was "
             "changed after the build); rebuild the cache"
         )
-    t = torch.from_numpy(arr)
-    return t.view(torch.bfloat16) if dt == "BF16" else t
+    return arr
 
 
 def read_tensor(reader: RangeReader, entry: Mapping, *, verify: bool, name: str,

@@ -39,6 +39,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -62,14 +63,18 @@ ARCHS = ("batchtopk", "topk", "matryoshka_batchtopk")
 
 
 class OurStep:
-    """One sae-sweep training step of architecture ``arch``, as ``trainer.train_sae`` runs it."""
+    """One sae-sweep training step of architecture ``arch``, as ``trainer.train_sae`` runs it
+    (``autocast``: the forward under bf16 autocast on ``device``)."""
 
     name = "sae-sweep"
 
-    def __init__(self, arch: str, d_sae: int, k_aux: int, lr: float, seed: int = 0):
+    def __init__(self, arch: str, d_sae: int, k_aux: int, lr: float, seed: int = 0, *,
+                 d_in: int = D_IN, k: int = K, device: str = "cpu", autocast: bool = False):
         self.arch = arch
-        self.cfg = SAEConfig(d_in=D_IN, d_sae=d_sae, architecture=arch, top_k=K,
-                             top_k_aux=k_aux, n_batches_to_dead=1000)
+        self.cfg = SAEConfig(d_in=d_in, d_sae=d_sae, architecture=arch, top_k=k,
+                             top_k_aux=k_aux, n_batches_to_dead=1000, device=device)
+        self.autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+                         if autocast else contextlib.nullcontext())
         self.sae = build_sae(self.cfg, seed=seed)
         self.config = TrainingConfig(lr=lr, outlier_policy="none")
         self.objective = LocalObjective(self.config)
@@ -93,7 +98,8 @@ class OurStep:
         tick = timer or (lambda name: None)
         sae = self.sae
         self.opt.zero_grad(set_to_none=True)
-        out = self.objective.step(sae, x)
+        with self.autocast:
+            out = self.objective.step(sae, x)
         if not bool(torch.isfinite(out.loss)):
             raise RuntimeError("the loss diverged")
         tick("forward (objective.step)")
@@ -111,9 +117,10 @@ class OurStep:
         tick("renormalisation + dead tracking + running statistics")
 
 
-def saelens_training_sae(arch: str, d_sae: int, prefix_widths: Optional[tuple[int, ...]]):
+def saelens_training_sae(arch: str, d_sae: int, prefix_widths: Optional[tuple[int, ...]], *,
+                         d_in: int = D_IN, k: int = K, device: str = "cpu"):
     """SAELens's training SAE matching ``arch`` (its defaults, k=K; Matryoshka: our widths)."""
-    common = dict(d_in=D_IN, d_sae=d_sae, k=K, dtype="float32", device="cpu")
+    common = dict(d_in=d_in, d_sae=d_sae, k=k, dtype="float32", device=device)
     if arch == "batchtopk":
         from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
 
@@ -140,14 +147,16 @@ class SaeLensStep:
 
     def __init__(self, arch: str, d_sae: int, lr: float,
                  prefix_widths: Optional[tuple[int, ...]] = None, total_steps: int = 10**6,
-                 batch: int = 4096):
+                 batch: int = 4096, *, d_in: int = D_IN, k: int = K, device: str = "cpu",
+                 autocast: bool = False):
         from sae_lens.config import SAETrainerConfig
         from sae_lens.training.sae_trainer import SAETrainer
 
-        self.sae = saelens_training_sae(arch, d_sae, prefix_widths)
+        self.sae = saelens_training_sae(arch, d_sae, prefix_widths, d_in=d_in, k=k,
+                                        device=device)
         tcfg = SAETrainerConfig(total_training_samples=total_steps * batch,
                                 train_batch_size_samples=batch, lr=lr, lr_end=lr,
-                                dead_feature_window=1000)
+                                dead_feature_window=1000, device=device, autocast=autocast)
         self.trainer = SAETrainer(cfg=tcfg, sae=self.sae, data_provider=iter(()))
 
     def set_dead(self, dead: torch.Tensor) -> None:

@@ -144,8 +144,7 @@ def _run(cfg: SweepConfig, d_in: int, tune_path: str, *, restore: bool,
     from .trainable import train_trial
 
     job = {"config": cfg.to_dict(), "d_in": d_in}
-    trainable = tune.with_resources(tune.with_parameters(train_trial, job=job),
-                                    cfg.resources_per_trial.as_tune_resources())
+    trainable = with_trial_resources(tune.with_parameters(train_trial, job=job), cfg)
     with ray_session(address):
         if restore:
             if not tune.Tuner.can_restore(tune_path):
@@ -176,6 +175,15 @@ def _run(cfg: SweepConfig, d_in: int, tune_path: str, *, restore: bool,
     logger.info("sweep %s: %s; query it with `sae-sweep best %s`", cfg.experiment_path,
                 ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), cfg.experiment_path)
     return results
+
+
+def with_trial_resources(trainable: Any, cfg: SweepConfig) -> Any:
+    """``trainable`` reserving ``resources_per_trial`` for each trial: Ray starts a trial only
+    where its CPUs, GPUs (fractions share a GPU: 0.25 packs four trials on one) and custom
+    resources are free, and assigns them to it (see ``trainable.configure_trial_resources``)."""
+    from ray import tune
+
+    return tune.with_resources(trainable, cfg.resources_per_trial.as_tune_resources())
 
 
 def _tune_config(cfg: SweepConfig, d_in: int) -> Any:

@@ -9,6 +9,14 @@ a lost worker, a lost node or a driver restart) and trains with ``trainer.train_
 MetricsRecord becomes one ``ray.tune.report(metrics, checkpoint=...)`` carrying the checkpoint
 the trainer wrote at that step, so Tune always holds the newest resumable state.
 
+Resources: a trial reserves ``resources_per_trial`` (CPUs, GPUs -- fractions pack several trials
+on one GPU, e.g. 0.25 for four -- and custom resources). :func:`configure_trial_resources` sets
+torch's intra-op threads to the CPUs Ray assigned to the trial (at least 1), and makes the trial
+see only its device: Ray sets ``CUDA_VISIBLE_DEVICES`` to the GPU it assigned (the same GPU for
+the trials that share it), so ``device: auto`` or ``cuda`` is that GPU; a trial that reserved no
+GPU gets an empty ``CUDA_VISIBLE_DEVICES`` (Ray leaves the variable alone then), so it cannot
+silently use a GPU that other trials reserved (``auto`` becomes the CPU, ``cuda`` a clear error).
+
 A diverged trial (the trainer's NaN/inf loss, or a non-finite objective metric) ends with one
 last report that carries ``error`` (the reason) and NaN objective values, and then returns: the
 results table records it as ``failed`` with that reason, the searcher tells Optuna FAIL (never
@@ -22,6 +30,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -143,7 +152,6 @@ def train_trial(params: Mapping[str, Any], *, job: Mapping[str, Any]) -> None:
     """Ray Tune function trainable: ``params`` are the sampled hyperparameters, ``job`` the
     sweep (``{"config": SweepConfig dict, "d_in": int}``) bound with ``tune.with_parameters``."""
     import ray
-    import torch
     from ray import tune
 
     from activation_cache import open_cache
@@ -152,7 +160,7 @@ def train_trial(params: Mapping[str, Any], *, job: Mapping[str, Any]) -> None:
     from .trial_configs import build_trial_configs
 
     cfg = SweepConfig.from_dict(job["config"])
-    torch.set_num_threads(max(1, int(cfg.resources_per_trial.cpu)))
+    configure_trial_resources(cfg.resources_per_trial)
 
     sae_cfg, train_cfg = build_trial_configs(cfg, params, job["d_in"])
     objective, train_source, val_source, test_source = _sources(open_cache(cfg.cache), cfg.hook,
@@ -205,6 +213,49 @@ def _report_test(reporter: RayReporter, result: Any, train_cfg: Any, test_source
 # bookkeeping fields of a MetricsRecord that are not figures of the test evaluation
 NOT_TEST_METRICS = frozenset({"step", "tokens_seen", "epoch", "lr", "elapsed_s", "tokens_per_s",
                               "dead_fraction_train"})
+
+
+def configure_trial_resources(resources: Any, assigned: Optional[Mapping[str, float]] = None
+                              ) -> dict[str, Any]:
+    """Set up this trial's process for its resources; return what it got.
+
+    ``resources`` is the sweep's ``resources_per_trial``; ``assigned`` what Ray assigned to this
+    worker (default: ``ray.get_runtime_context().get_assigned_resources()``, empty outside Ray).
+    Torch's intra-op threads become the assigned CPUs (else ``resources.cpu``), at least 1.
+    Without an assigned GPU, ``CUDA_VISIBLE_DEVICES`` is emptied (before CUDA starts) so the
+    trial cannot use a GPU it did not reserve. Returns ``{"cpus", "gpus", "threads", "assigned",
+    "cuda_visible_devices"}``.
+    """
+    import torch
+
+    if assigned is None:
+        assigned = _assigned_resources()
+    cpus = float(assigned.get("CPU", resources.cpu))
+    gpus = float(assigned.get("GPU", 0.0))
+    threads = max(1, int(cpus))
+    torch.set_num_threads(threads)
+    if gpus == 0 and assigned:
+        if torch.cuda.is_initialized():  # pragma: no cover - a reused process that used CUDA
+            logger.warning("trial reserved no GPU, but CUDA is already initialised here")
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    got = {"cpus": cpus, "gpus": gpus, "threads": threads, "assigned": dict(assigned),
+           "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    logger.info("trial resources: %g CPU (torch threads %d), %g GPU (CUDA_VISIBLE_DEVICES=%s)",
+                cpus, threads, gpus, got["cuda_visible_devices"])
+    return got
+
+
+def _assigned_resources() -> dict[str, float]:
+    """The resources Ray assigned to this worker (CPU, GPU, custom), {} outside a Ray worker."""
+    import ray
+
+    if not ray.is_initialized():
+        return {}
+    ctx = ray.get_runtime_context()
+    if ctx.worker.mode != ray.WORKER_MODE:
+        return {}
+    return {k: float(v) for k, v in ctx.get_assigned_resources().items()}
 
 
 def _elapsed_at(checkpoint_dir: str) -> float:

@@ -1,5 +1,9 @@
 """The token source: train-mask rows only, shuffled across shards, deterministic, resumable."""
 
+import math
+from collections import Counter
+
+import numpy as np
 import pytest
 import torch
 
@@ -107,3 +111,138 @@ def test_val_split_left_out_when_empty(tmp_path):
     assert set(reader.manifest["splits"]) == {"train"}
     with pytest.raises(CacheMismatchError, match="has no 'val' split"):
         reader.token_source(HOOK, split="val")
+
+
+# -- the block shuffle: speed without letting one window dominate a batch --------------------
+
+MIX_SEQ = 32  # 31 train tokens a window (BOS excluded); every other window is padded shorter
+
+
+@pytest.fixture(scope="module")
+def mix_cache(tmp_path_factory):
+    """600 windows in fp16, 20 windows a shard, and where each stored row comes from."""
+    windows = {"train": random_windows(600, seed=21, seq=MIX_SEQ),
+               "val": random_windows(0, seed=21, seq=MIX_SEQ)}
+    uri, _, _ = build_tiny(tmp_path_factory.mktemp("mix") / "cache", windows=windows,
+                           val_fraction=0.0, max_text_length=MIX_SEQ, dtype="float16",
+                           shard_tokens=MIX_SEQ * 20, batch_size=50)
+    reader = open_cache(uri)
+    whole = next(iter(reader.sequence_batches("train", 10_000)))
+    acts = whole.acts[HOOK].numpy()
+    where = {}  # row bytes -> (window, position); None when two rows are equal
+    for w in range(len(whole)):
+        for p in np.flatnonzero(whole.train_mask[w].numpy()):
+            key = acts[w, p].tobytes()
+            where[key] = None if key in where else (int(whole.sequence[w]), int(p))
+    return reader, where
+
+
+def provenance(batch, where):
+    """(window, position) of every row whose value is unique in the cache."""
+    rows = [where[r.tobytes()] for r in batch.float().numpy()]
+    return [r for r in rows if r is not None]
+
+
+def test_block_shuffle_bounds_the_share_of_one_window_in_a_batch(mix_cache):
+    reader, where = mix_cache
+    B, b = 256, 8
+    src = reader.token_source(HOOK, shuffle_buffer_tokens=reader.num_tokens(), block_tokens=b)
+    N, n_windows = src.num_tokens, reader.num_sequences()
+    m = math.ceil((MIX_SEQ - 1) / b)  # most blocks a window has
+    batches = list(src.iter_batches(B, seed=0, epoch=0))[:-1]  # the full ones
+    assert len(src.chunks(0, 0)) == 1 and len(batches) > 40
+    # The documented bound: one window supplies more than k blocks to a batch with probability
+    # at most C(m, k+1) (B/N)^(k+1). For k = 3 summed over every window and batch it is < 1%:
+    # more than 3 blocks here would be a defect, not bad luck.
+    q = B / N
+    assert math.comb(m, 4) * q ** 4 * n_windows * len(batches) < 0.01
+    shares, doubled = [], 0
+    for batch in batches:
+        counts = Counter(w for w, _ in provenance(batch, where))
+        shares.append(max(counts.values()) / B)
+        doubled += sum(c > b for c in counts.values())  # certainly 2+ blocks of one window
+    assert max(shares) <= 3 * b / B  # <= 9.4% of a batch
+    # windows supplying 2+ blocks: no more often than a uniform draw of blocks allows
+    # (expected at most C(m, 2) q^2 per window and batch); clustering would be ~every window
+    assert doubled <= 2 * math.comb(m, 2) * q ** 2 * n_windows * len(batches)
+
+
+def test_block_shuffle_batches_are_many_short_runs_from_many_shards(mix_cache):
+    reader, where = mix_cache
+    B, b = 256, 8
+    src = reader.token_source(HOOK, shuffle_buffer_tokens=reader.num_tokens(), block_tokens=b)
+    long_runs = 0
+    for batch in list(src.iter_batches(B, seed=1, epoch=0))[:-1]:
+        rows = provenance(batch, where)
+        windows = {w for w, _ in rows}
+        # a batch is about B/b blocks of different windows; reading in order would give ~B/T
+        assert len(windows) >= 0.75 * B / b
+        assert len({w // 20 for w in windows}) >= 8  # shards
+        run = 1
+        for (w0, p0), (w1, p1) in zip(rows, rows[1:]):
+            run = run + 1 if (w1, p1) == (w0, p0 + 1) else 1
+            long_runs += run == b + 1
+    # consecutive positions of one window come in blocks of <= b; two blocks of a window land
+    # next to each other in order only by chance (about once an epoch here)
+    assert long_runs <= 3
+
+
+def test_mixing_buffers_hold_at_least_the_buffer_size(mix_cache):
+    reader, _ = mix_cache
+    src = reader.token_source(HOOK, shuffle_buffer_tokens=2000)
+    tokens = {i: r["num_train_tokens"] for i, r in enumerate(src.shards)}
+    for seed in range(3):
+        groups = src.chunks(seed, 0)
+        assert sorted(s for g in groups for s in g) == list(range(len(src.shards)))
+        assert all(sum(tokens[s] for s in g) >= 2000 for g in groups) and len(groups) > 2
+
+
+def test_batches_as_stored_are_the_float32_batches_unconverted(mix_cache):
+    reader, _ = mix_cache
+    as_f32 = reader.token_source(HOOK, shuffle_buffer_tokens=3000)
+    as_stored = reader.token_source(HOOK, shuffle_buffer_tokens=3000, dtype=None)
+    assert as_f32.dtype == torch.float32 and as_stored.dtype == torch.float16
+    a = list(as_f32.iter_batches(300, seed=2, epoch=1))
+    s = list(as_stored.iter_batches(300, seed=2, epoch=1))
+    assert len(a) == len(s) and all(x.dtype == torch.float16 for x in s)
+    assert all(torch.equal(x.float(), y) for x, y in zip(s, a))
+    resumed = list(as_stored.iter_batches(300, seed=2, epoch=1, start_batch=7))
+    assert all(torch.equal(x, y) for x, y in zip(s[7:], resumed))
+
+
+def test_bfloat16_and_float32_storage_as_stored(tmp_path, cache):
+    reader32, *_ = cache
+    src = reader32.token_source(HOOK, dtype=None)
+    assert src.dtype == torch.float32
+    assert all(x.dtype == torch.float32 for x in src.iter_batches(64, seed=0, epoch=0))
+    uri, _, _ = build_tiny(tmp_path / "bf16", dtype="bfloat16")
+    reader = open_cache(uri)
+    a = list(reader.token_source(HOOK).iter_batches(50, seed=0, epoch=0))
+    s = list(reader.token_source(HOOK, dtype=None).iter_batches(50, seed=0, epoch=0))
+    assert all(x.dtype == torch.bfloat16 for x in s)
+    assert all(torch.equal(x.float(), y) for x, y in zip(s, a))
+
+
+def test_batch_memory_is_recycled_only_once_released(mix_cache):
+    reader, _ = mix_cache
+    src = reader.token_source(HOOK, shuffle_buffer_tokens=3000, dtype=None, read_ahead_batches=2)
+    kept = list(src.iter_batches(100, seed=0, epoch=0))  # every batch still referenced
+    streamed, pointers = [], set()
+    for x in src.iter_batches(100, seed=0, epoch=0):
+        pointers.add(x.data_ptr())
+        streamed.append(x.clone())  # the batch itself is released
+    assert all(torch.equal(x, y) for x, y in zip(kept, streamed)) and len(kept) == len(streamed)
+    assert len({x.data_ptr() for x in kept}) == len(kept)  # none overwritten while held
+    assert len(pointers) <= 2 + 4 + 1  # read-ahead + pool slack: memory reused, not reallocated
+    views = [x[:10] for x in src.iter_batches(100, seed=0, epoch=0)]  # views hold their batch
+    assert all(torch.equal(v, x[:10]) for v, x in zip(views, kept))
+
+
+def test_source_options_are_checked(mix_cache):
+    reader, _ = mix_cache
+    with pytest.raises(ValueError, match="block_tokens must be an integer >= 1"):
+        reader.token_source(HOOK, block_tokens=0)
+    with pytest.raises(ValueError, match="dtype must be None"):
+        reader.token_source(HOOK, dtype=torch.int8)
+    src = reader.token_source(HOOK, pin_memory=True)
+    assert src.pin_memory == torch.cuda.is_available()

@@ -16,6 +16,7 @@ Public API (everything else in this package is internal):
     Objective, LocalObjective, StepOutput               -- what a training step computes
     train_sae, TrainResult, train_from_yaml             -- training
     export_saelens                                      -- SAELens format
+    resolve_device, to_device                           -- auto|cpu|cuda|cuda:N; batches to it
     EndToEndObjective, SequenceSource, evaluate_sae_dir -- the SAE spliced into the live model:
     end_to_end_sources, load_cache_model                   KL / block-MSE training, CE/KL metrics
     TwoPhaseObjective, PhasedSource                     -- local, then an end-to-end fine-tune
@@ -24,6 +25,7 @@ Public API (everything else in this package is internal):
     TrainingDivergedError, CheckpointMismatchError      -- user errors (activation_cache.UserError)
 """
 
+from .device import resolve_device, to_device
 from .end_to_end import EndToEndObjective, SequenceSource, end_to_end_sources, load_cache_model
 from .finetune import PhasedSource, TwoPhaseObjective
 from .job_sources import JobSources, job_sources
@@ -68,6 +70,7 @@ __all__ = [
     "Objective", "LocalObjective", "StepOutput",
     "train_sae", "TrainResult", "train_from_yaml",
     "export_saelens",
+    "resolve_device", "to_device",
     "EndToEndObjective", "SequenceSource", "evaluate_sae_dir", "evaluate_split", "end_to_end_sources",
     "load_cache_model", "TwoPhaseObjective", "PhasedSource", "JobSources", "job_sources",
     "DimensionMismatchError", "NonFiniteActivationError", "EmptySourceError",
