@@ -164,7 +164,7 @@ def train_trial(params: Mapping[str, Any], *, job: Mapping[str, Any]) -> None:
 
     sae_cfg, train_cfg = build_trial_configs(cfg, params, job["d_in"])
     objective, train_source, val_source, test_source = _sources(open_cache(cfg.cache), cfg.hook,
-                                                                train_cfg)
+                                                                train_cfg, sae_cfg.torch_device())
 
     ctx = ray.get_runtime_context()
     reporter = RayReporter(monitored=cfg.objective.monitored_metrics(),
@@ -290,14 +290,15 @@ def _report_final(reporter: RayReporter, result: Any, resume_dir: Optional[str])
     reporter.report(metrics, str(checkpoint_dir) if checkpoint_dir else None, final=True)
 
 
-def _sources(cache: Any, hook: str, train_cfg: Any) -> tuple[Any, Any, Any, Any]:
+def _sources(cache: Any, hook: str, train_cfg: Any, device: Any = None
+             ) -> tuple[Any, Any, Any, Any]:
     """``(objective, train_source, val_source, test_source)`` on the shared cache, as
     ``trainer.job_sources`` builds them for this training config (local, end-to-end on the
     cache's identity-checked model, or the two-phase fine-tune). ``test_source`` is None when
     the cache has no test split (built before they existed)."""
     from trainer import job_sources
 
-    s = job_sources(cache, train_cfg, hook)
+    s = job_sources(cache, train_cfg, hook, device=device)
     return s.objective, s.train, s.val, s.test
 
 

@@ -323,3 +323,23 @@ def test_end_to_end_objective_step(arch, e2e_model, e2e_cache):
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert sae.W_enc.grad.abs().sum() > 0 and sae.W_dec.grad.abs().sum() > 0
     assert all(p.grad is None for p in e2e_model.parameters())  # the model stays frozen
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_under_bf16_autocast_keeps_fp32_state(arch):
+    """TrainingConfig.autocast: a bf16 forward (meant for GPUs; CPU autocast checks the dtypes
+    here): the loss stays finite and parameters, buffers and running statistics stay fp32."""
+    sae = build_sae(tiny_config(arch), seed=0)
+    result = train_sae(sae, TensorSource(sparse_data(1024)), quiet(autocast="bf16"),
+                       val_source=TensorSource(sparse_data(256, seed=1)), reporter=_Silent())
+    assert result.steps == 8 and math.isfinite(result.final.fvu) and result.final.fvu < 1.0
+    assert all(p.dtype == torch.float32 for p in sae.parameters())
+    assert all(b.dtype in (torch.float32, torch.int64, torch.bool) for b in sae.buffers())
+
+
+class _Silent:
+    def on_train_start(self, **kw): pass
+    def on_step(self, step): pass
+    def on_metrics(self, record, checkpoint_dir): pass
+    def on_message(self, text): pass
+    def on_train_end(self, result): pass

@@ -119,7 +119,8 @@ def train_from_yaml(path: str | Path, *, out_dir: str | Path | None = None, resu
         reporter.on_message(f"cache has no {job.val_split!r} split: training without "
                             "validation (metrics are training-batch averages)")
     sources = job_sources(reader, job.training, hook, train_split=job.train_split,
-                          val_split=job.val_split, test_split=None)
+                          val_split=job.val_split, test_split=None,
+                          device=job.sae.torch_device())
     objective, train_source, val_source = sources.objective, sources.train, sources.val
     if objective is not None:
         reporter.on_message(objective.describe(train_source))

@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import torch
+
 from .training_config import TrainingConfig
 
 
@@ -32,8 +34,12 @@ class JobSources:
 
 def job_sources(reader: Any, config: TrainingConfig, hook: str, *, train_split: str = "train",
                 val_split: Optional[str] = "val", test_split: Optional[str] = "test",
-                model: Any = None) -> JobSources:
-    """The objective and the sources of a job on the cache ``reader`` (module docstring)."""
+                model: Any = None, device: Any = None) -> JobSources:
+    """The objective and the sources of a job on the cache ``reader`` (module docstring).
+
+    ``device``: where the SAE trains. On a GPU the training token rows come as the cache
+    stores them (fp16/bf16, half the bytes) in pinned memory and are converted on the device."""
+    on_gpu = device is not None and torch.device(device).type == "cuda"
     splits = reader.manifest.get("splits", {})
 
     def have(split: Optional[str]) -> Optional[str]:
@@ -43,12 +49,15 @@ def job_sources(reader: Any, config: TrainingConfig, hook: str, *, train_split: 
     if not config.use_end_to_end:
         def tokens(split: Optional[str]) -> Any:
             return None if split is None else reader.token_source(hook, split)
-        return JobSources(None, reader.token_source(hook, train_split), tokens(val_split),
-                          tokens(test_split))
+        train = (reader.token_source(hook, train_split, dtype=None, pin_memory=True) if on_gpu
+                 else reader.token_source(hook, train_split))
+        return JobSources(None, train, tokens(val_split), tokens(test_split))
 
     from .end_to_end import EndToEndObjective, SequenceSource, load_cache_model
 
     model = model if model is not None else load_cache_model(reader)
+    if device is not None:
+        model = model.to(device)  # the live passes run where the SAE trains
 
     def windows(split: Optional[str], shuffle: bool = False) -> Any:
         return None if split is None else SequenceSource(reader, split, hook, shuffle=shuffle)

@@ -29,6 +29,7 @@ from typing import Any, Iterator, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .device import to_device
 from .errors import EmptySourceError, NonFiniteActivationError
 from .schedule import Schedule
 from .evaluation import evaluate_reconstruction
@@ -189,7 +190,8 @@ class LocalObjective(Objective):
 
     # -- the step --------------------------------------------------------------------------------
     def step(self, sae: SAE, batch: Tensor) -> StepOutput:
-        batch = batch.to(sae.W_enc.device, non_blocking=True)
+        # a storage-dtype (fp16/bf16) batch travels as is and is converted on the device
+        batch = to_device(batch, sae.W_enc.device, dtype=torch.float32)
         # one pass over the batch gives the finiteness check (a NaN/inf makes its row's norm
         # NaN/inf) and the norms the outlier policy and the explained-variance stat need
         norms = batch.float().norm(dim=1)

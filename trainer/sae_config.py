@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Optional
@@ -37,6 +38,8 @@ import torch
 from activation_cache import ConfigError, StrictConfig
 
 from . import registry
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 DTYPES = {
     "float32": torch.float32,
@@ -206,11 +209,8 @@ class SAEConfig(StrictConfig):
                       f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         self._require(isinstance(self.device, str) and bool(self.device), "device",
                       f"must be a device string such as 'cpu' or 'cuda', got {self.device!r}")
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except (RuntimeError, TypeError):
-                self._fail("device", f"not a torch device: {self.device!r}")
+        self._require(_DEVICE.match(self.device.strip().lower()) is not None, "device",
+                      f"{self.device!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
         self._require(self.hook_layer >= 0, "hook_layer", f"must be >= 0, got {self.hook_layer}")
         self._require(self.n_batches_to_dead >= 1, "n_batches_to_dead",
                       f"must be >= 1, got {self.n_batches_to_dead}")
@@ -227,14 +227,11 @@ class SAEConfig(StrictConfig):
         return DTYPES[self.dtype]
 
     def torch_device(self) -> torch.device:
-        """The parameter device (``"auto"`` resolved: cuda when available)."""
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        device = torch.device(self.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"SAEConfig.device: {self.device!r} but CUDA is not available on "
-                              "this machine (use 'cpu' or 'auto')")
-        return device
+        """The parameter device (``auto``: the GPU this process sees -- in a Ray trial the one
+        Ray assigned -- else the CPU); a one-line ConfigError when CUDA is asked for and absent."""
+        from .device import resolve_device
+
+        return resolve_device(self.device, field="SAEConfig.device")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -336,6 +336,13 @@ class SparsePattern:
         return out
 
 
+def _no_autocast(t: Tensor):
+    """The sparse parts run in the weights' dtype even under autocast (only the dense encoder
+    GEMM, outside these functions, takes autocast's bf16): their backward passes, which run
+    without autocast, then see one dtype."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 class _SelectedEncode(torch.autograd.Function):
     """values[m] = ((x - b_dec) @ W_enc + b_enc)[t_m, l_m], gradient only at the pairs."""
 
@@ -343,7 +350,8 @@ class _SelectedEncode(torch.autograd.Function):
     def forward(ctx, x, W_enc, b_enc, b_dec, xc, pre_values, pattern):  # type: ignore[override]
         ctx.pattern = pattern
         ctx.save_for_backward(xc, W_enc)
-        return pre_values.clone()
+        return pre_values.to(W_enc.dtype, copy=True)  # bf16 under autocast -> the weights'
+
 
     @staticmethod
     def backward(ctx, dv):  # type: ignore[override]
@@ -370,7 +378,8 @@ class _SparseDecode(torch.autograd.Function):
     def forward(ctx, values, W_dec, pattern):  # type: ignore[override]
         ctx.pattern = pattern
         ctx.save_for_backward(values, W_dec)
-        return pattern.gather_sum(values, W_dec)
+        with _no_autocast(values):
+            return pattern.gather_sum(values, W_dec)
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
@@ -391,8 +400,10 @@ class _DeadColumnsDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, W_dec, xc, acts, dead):  # type: ignore[override]
         w_dec_dead = W_dec.index_select(0, dead)
+        acts = acts.to(W_dec.dtype)
         ctx.save_for_backward(xc, W_enc, W_dec, acts, dead, w_dec_dead)
-        return acts @ w_dec_dead
+        with _no_autocast(acts):
+            return acts @ w_dec_dead
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
@@ -454,7 +465,7 @@ def topk_sae_forward(
     n, d_sae = x.shape[0], W_enc.shape[1]
     with torch.no_grad():
         xc = x - b_dec
-        pre = torch.addmm(b_enc, xc, W_enc)
+        pre = torch.addmm(b_enc, xc, W_enc).to(W_enc.dtype)  # bf16 under autocast
         idx, pre_values = _batch_topk(pre, k * n)
         token_idx = torch.div(idx, d_sae, rounding_mode="floor")
         latent_idx = idx - token_idx * d_sae
@@ -545,7 +556,7 @@ def topk_per_token_forward(
     k = min(int(k), d_sae)
     with torch.no_grad():
         xc = x - b_dec
-        pre = torch.addmm(b_enc, xc, W_enc)
+        pre = torch.addmm(b_enc, xc, W_enc).to(W_enc.dtype)  # bf16 under autocast
         top = pre.topk(k, dim=1, sorted=False)
         cols, order = top.indices.sort(dim=1)  # ascending latent within each token
         vals = top.values.gather(1, order)

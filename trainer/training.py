@@ -25,6 +25,7 @@ Ctrl-C finishes the current step, writes a checkpoint and re-raises KeyboardInte
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import signal
@@ -268,7 +269,8 @@ class _Loop:
         self.lr = lr
         self.optimizer.zero_grad(set_to_none=True)
         try:
-            out = self.objective.step(sae, batch)
+            with self.autocast():
+                out = self.objective.step(sae, batch)
         except NonFiniteActivationError as exc:
             raise NonFiniteActivationError(
                 f"step {step_no} (epoch {state.epoch}, batch {state.batch_in_epoch}): {exc}"
@@ -291,6 +293,12 @@ class _Loop:
         state.tokens_seen += tokens
         self.window.add(out.loss, out.stats, tokens)
         self.reporter.on_step(step_no)
+
+    def autocast(self) -> Any:
+        """``TrainingConfig.autocast``: bf16 autocast on the SAE's device, else nothing."""
+        if self.config.autocast != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.sae.W_enc.device.type, dtype=torch.bfloat16)
 
     def calibrate(self, sae: SAE) -> Optional[str]:
         """Calibrate ``sae``'s inference encoding on the calibration tokens (when it needs it

@@ -69,6 +69,10 @@ class TrainingConfig(StrictConfig):
     default fits a 100-step trial and a 100k-step run alike."""
     lr_decay_fraction: float = 0.2
     """Linear decay to 0 over this final fraction of the steps (0: constant after warm-up)."""
+    autocast: Optional[str] = None
+    """``bf16``: run each step's forward under bfloat16 autocast (the dense encoder GEMM in bf16;
+    parameters, Adam's state, thresholds and running statistics stay fp32). Meant for GPUs: on
+    a CPU bf16 matmuls are ~100x slower than fp32. None: full precision."""
     max_grad_norm: Optional[float] = 1.0
     """Clip the global gradient norm to this (None: no clipping)."""
     seed: int = 0
@@ -195,6 +199,8 @@ class TrainingConfig(StrictConfig):
             if value is not None:
                 self._require(isinstance(value, (int, float)) and math.isfinite(value)
                               and value > 0, name, f"must be > 0, got {value!r}")
+        self._require(self.autocast in (None, "bf16"), "autocast",
+                      f"must be null or 'bf16', got {self.autocast!r}")
         self._require(self.logit_kl_scale in ("fixed", "mse"), "logit_kl_scale",
                       f"must be 'fixed' or 'mse', got {self.logit_kl_scale!r}")
         self._require(isinstance(self.finetune_fraction, (int, float))
