@@ -123,7 +123,7 @@ def main() -> None:
     variants.append(("ft5", dict(ft, finetune_fraction=0.05)))
     if args.variants == "full":
         variants += [("ft10", dict(ft, finetune_fraction=0.10)),
-                     ("ft5 lr/3", dict(ft, finetune_fraction=0.05, finetune_lr=lr / 3)),
+                     ("ft5 lr/50", dict(ft, finetune_fraction=0.05, finetune_lr=lr / 50)),
                      ("ft5 kl x3", dict(ft, finetune_fraction=0.05, logit_kl_weight=3.0)),
                      ("ft5 kl fixed", dict(ft, finetune_fraction=0.05, logit_kl_scale="fixed",
                                            logit_kl_weight=1.0))]
