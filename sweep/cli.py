@@ -55,14 +55,20 @@ def _cmd_eval(args: argparse.Namespace) -> int | None:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int | None:
-    from sweep import resume_sweep, run_sweep
+    from sweep import SweepConfig, resume_sweep, run_sweep, summarize_sweep
 
     if args.resume:
-        resume_sweep(args.resume, address=args.address)
+        if args.config:
+            raise _usage("give CONFIG.yaml or --resume EXPERIMENT_DIR, not both")
+        resume_sweep(args.resume, address=args.address, verbose=args.verbose)
+        experiment = args.resume
     else:
         if not args.config:
             raise _usage("sweep needs CONFIG.yaml or --resume EXPERIMENT_DIR")
-        run_sweep(args.config, address=args.address)
+        cfg = SweepConfig.from_yaml(args.config)
+        run_sweep(cfg, address=args.address, verbose=args.verbose)
+        experiment = str(cfg.experiment_path)
+    _say(summarize_sweep(experiment))
     return 0
 
 
@@ -88,6 +94,11 @@ def _cmd_report(args: argparse.Namespace) -> int | None:
 
     write_report(args.experiment_dir, out_dir=args.out, top=args.top)
     return 0
+
+
+def _say(text: str) -> None:
+    """The one place a command prints its summary (stdout; errors go to stderr)."""
+    print(text, flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--address", default=None,
                     help="Ray address: 'auto' or HOST:PORT of an existing cluster "
                     "(default: start a local Ray)")
+    sp.add_argument("--verbose", action="store_true",
+                    help="show Ray's own output (trial tables, result boxes, INFO lines, the "
+                    "trials' output) on the console; by default it goes to "
+                    "EXPERIMENT_DIR/sweep.log and the console shows one line per trial event")
 
     sp = add("best", _cmd_best, "print the best trials (or the Pareto front) of a sweep")
     sp.add_argument("experiment_dir")
