@@ -254,7 +254,7 @@ def make_searcher(cfg: SweepConfig, d_in: int) -> Any:
         metric=list(objective.metrics) if objective.is_pareto else objective.metrics[0],
         mode=list(objective.modes) if objective.is_pareto else objective.modes[0],
         sampler=sampler, study_name=cfg.study_name, storage=storage,
-        constraints=constraints,
+        constraints=constraints, record_dir=str(cfg.experiment_path),
     )
 
 

@@ -60,19 +60,19 @@ class ConsoleCallback(Callback):
         restored = trial.trial_id in (self._restored or ())
         if trial.checkpoint is not None:
             why = "the driver restarted" if restored else "its worker was lost"
-            self._say(trial, "resumed", f"from its checkpoint at step {step} ({why})",
+            self._say(trial, f"resumed from its checkpoint at step {step} ({why})",
                       style="yellow")
         elif restored:
-            self._say(trial, "restarted", "it had not reported before the driver stopped; "
+            self._say(trial, "restarted from scratch (no checkpoint before the driver stopped): "
                       + _params(trial), style="yellow")
         else:
-            self._say(trial, "started", _params(trial), style="cyan")
+            self._say(trial, "started: " + _params(trial), style="cyan")
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial,
                          **info: Any) -> None:
-        self._say(trial, "lost its worker", f"({_short_error(trial)}); retrying from its last "
-                  f"checkpoint (failure {trial.run_metadata.num_failures} of at most "
-                  f"{trial.max_failures + 1})", style="yellow")
+        self._say(trial, f"lost its worker ({_short_error(trial)}); retrying from its last "
+                  f"checkpoint (failure {trial.run_metadata.num_failures}, at most "
+                  f"{trial.max_failures} retries)", style="yellow")
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict,
                         **info: Any) -> None:
@@ -83,7 +83,7 @@ class ConsoleCallback(Callback):
         first = trial.trial_id not in self._reported
         self._reported.add(trial.trial_id)
         if first or last is None or now - last >= self.settings.report_every_s:
-            self._say(trial, f"step {result.get('step', '?')}", self._metrics(result)
+            self._say(trial, f"step {result.get('step', '?')}: " + self._metrics(result)
                       + self._speed(result))
         if now - self._last_progress >= self.settings.heartbeat_s:
             self._progress(trials)
@@ -93,14 +93,14 @@ class ConsoleCallback(Callback):
         result = trial.last_result or {}
         if result.get("error"):
             self._ended[trial.trial_id] = "failed"
-            self._say(trial, "failed", str(result["error"]), style="red")
+            self._say(trial, f"failed: {result['error']}", style="red")
         elif result.get("final"):
             self._ended[trial.trial_id] = "completed"
-            self._say(trial, "completed", self._metrics(result) + self._budget(result),
+            self._say(trial, "completed: " + self._metrics(result) + self._budget(result),
                       style="green")
         else:
             self._ended[trial.trial_id] = "stopped"
-            self._say(trial, "stopped early", f"at step {result.get('step', '?')}: "
+            self._say(trial, f"stopped early at step {result.get('step', '?')}: "
                       + self._metrics(result) + self._budget(result), style="yellow")
         self._progress(trials)
 
@@ -110,17 +110,16 @@ class ConsoleCallback(Callback):
 
         retries = trial.run_metadata.num_failures
         self._ended[trial.trial_id] = "failed"
-        self._say(trial, "failed", trial_error(trial)
-                  + (f" (after {retries} attempt(s))" if retries > 1 else ""), style="red")
+        self._say(trial, "failed: " + trial_error(trial)
+                  + (f" (after {retries} attempts)" if retries > 1 else ""), style="red")
         self._progress(trials)
 
     # -- lines ------------------------------------------------------------------------------
-    def _say(self, trial: Trial, event: str, detail: str = "", *, style: Optional[str] = None
-             ) -> None:
+    def _say(self, trial: Trial, text: str, *, style: Optional[str] = None) -> None:
         self._last_line[trial.trial_id] = time.monotonic()
         stamp = elapsed(time.monotonic() - self._started)
-        text = f"[{stamp}] trial {trial.trial_id} {event}" + (f": {detail}" if detail else "")
-        logger.info(text, extra={"style": style} if style else None)
+        logger.info("[%s] trial %s %s", stamp, trial.trial_id, text,
+                    extra={"style": style} if style else None)
 
     def _metrics(self, result: dict) -> str:
         parts = [f"{m} {fmt_value(result[m])}" for m in self.settings.metrics if m in result
