@@ -45,7 +45,8 @@ from .cache_errors import CacheError, CacheExistsError, CacheInputError, Corrupt
 from .corpus import load_corpus, split_documents
 from .manifest import (FORMAT, MANIFEST, SPLITS, VERSION, canonical_json, read_manifest,
                        write_manifest)
-from .models import load_model, model_identity
+from .models import (HookNameError, check_hook_name, config_hook_names, load_model,
+                     model_identity)
 from .shard_writer import TORCH_DTYPES, Layout, ShardWriter, Unit, Windows, make_layout
 from .storage import Storage
 from .windowed import WindowedTextDataset
@@ -93,9 +94,12 @@ def build_cache(cfg: CacheConfig, *, overwrite: bool = False, num_workers: int =
     if not overwrite and _check_existing(cfg, storage, overwrite=False):
         log.info("cache %s is already complete", storage.uri)
         return storage.uri  # checked before loading the model: a finished cache is instant
+    # what can be checked without the model is checked before it loads (seconds, not minutes)
+    documents = load_corpus(cfg.corpus)
+    check_hooks_from_config(cfg)
     model = load_model(cfg.model)
     identity = model_identity(model, cfg.model)
-    windows = make_windows(cfg, model)
+    windows = make_windows(cfg, model, documents)
     return build_from_windows(cfg, model, identity, windows, storage=storage,
                               overwrite=overwrite, num_workers=num_workers, address=address)
 
@@ -360,16 +364,38 @@ def _manifest(cfg: CacheConfig, identity: dict, layout: Layout, windows: dict[st
 # --------------------------------------------------------------------------------------------
 
 
-def make_windows(cfg: CacheConfig, model) -> dict[str, Windows]:
-    """Tokenize the corpus into windows, split by document into train and val.
+def check_hooks_from_config(cfg: CacheConfig) -> None:
+    """Check ``cfg.hooks`` against the model's configuration alone (no weights): a typo gets
+    its close matches or the valid layer range before the model loads. A model whose
+    configuration cannot be read that way is checked after it loads (:func:`make_layout`)."""
+    found = config_hook_names(cfg.model)
+    if found is None:
+        return
+    names, n_layers = found
+    for hook in cfg.hooks:
+        try:
+            check_hook_name(hook, names, n_layers)
+        except HookNameError as exc:
+            raise CacheInputError(f"CacheConfig.hooks: {exc}") from None
+
+
+FEW_DOCUMENTS = 5
+"""A split with fewer documents than this gets a warning: its statistics rest on a handful of
+texts (e.g. a corpus of a few long novels)."""
+
+
+def make_windows(cfg: CacheConfig, model, documents: list | None = None) -> dict[str, Windows]:
+    """Tokenize the corpus (``documents``, default: loaded from ``cfg.corpus``) into windows,
+    split by document into train and val.
 
     ``doc_id`` of a window is the index of its document in the whole corpus (as loaded).
     """
-    documents = load_corpus(cfg.corpus)
+    documents = load_corpus(cfg.corpus) if documents is None else documents
     if not documents:
         raise CacheInputError("CacheConfig.corpus: the corpus has no documents")
     number = {d.doc_id: i for i, d in enumerate(documents)}
     parts = dict(zip(SPLITS, split_documents(documents, cfg.val_fraction, cfg.seed)))
+    _warn_few_documents(parts, cfg)
     out = {}
     for split, docs in parts.items():
         ds = WindowedTextDataset(docs, model.tokenizer, cfg.max_text_length, cfg.prepend_bos,
@@ -380,3 +406,19 @@ def make_windows(cfg: CacheConfig, model) -> dict[str, Windows]:
         doc = global_ids[ds.doc_ids.numpy()] if len(ds) else np.zeros(0, dtype=np.int64)
         out[split] = Windows(ds.tokens.numpy(), ds.attention_mask.numpy(), doc)
     return out
+
+
+def _warn_few_documents(parts: dict[str, list], cfg: CacheConfig) -> None:
+    for split, docs in parts.items():
+        if split == "val" and not docs and cfg.val_fraction > 0:
+            log.warning("CacheConfig.corpus: the corpus has a single document, so there is no "
+                        "validation split (val_fraction %s splits by document); sweeps need "
+                        "one: add documents or split the text into several files",
+                        cfg.val_fraction)
+        elif 0 < len(docs) < FEW_DOCUMENTS:
+            log.warning("CacheConfig.corpus: the %s split holds only %d document(s) (%s); its "
+                        "windows all come from %s, so its statistics may not generalise: "
+                        "add documents or split long texts into several files", split,
+                        len(docs), ", ".join(d.doc_id for d in docs[:3])
+                        + (" ..." if len(docs) > 3 else ""),
+                        "that text" if len(docs) == 1 else "those texts")
