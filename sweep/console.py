@@ -80,16 +80,18 @@ def use_colour(stream: Optional[IO[str]]) -> bool:
         return False
 
 
-def configure_logging() -> None:
-    """Send the sweep's lines (logger ``sweep``) to stderr, once, unless the application
-    configured logging itself (then they propagate to its handlers)."""
-    root = logging.getLogger("sweep")
-    if not root.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(ConsoleFormatter(handler.stream))
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        root.propagate = False  # Ray installs a root handler later: print each line once
+def configure_logging(*names: str) -> None:
+    """Send the lines of the ``sweep`` logger (and of the loggers ``names``, e.g.
+    ``activation_cache``) to stderr at INFO, once each, unless the application configured
+    logging itself (then they propagate to its handlers)."""
+    for name in ("sweep", *names):
+        root = logging.getLogger(name)
+        if not root.handlers and not logging.getLogger().handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(ConsoleFormatter(handler.stream))
+            root.addHandler(handler)
+            root.setLevel(logging.INFO)
+            root.propagate = False  # Ray installs a root handler later: print each line once
     if not use_colour(sys.stdout) or not use_colour(sys.stderr):
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 

@@ -259,4 +259,13 @@ def test_a_split_of_few_documents_is_warned_about(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="activation_cache"):
         build_cache(cfg)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "the val split holds only 1 document(s)" in warnings[0]
+    assert warnings == ["CacheConfig.corpus: the val split's windows come from only 1 document, "
+                        "so its statistics may not generalise (add documents or split long "
+                        "texts into several files)"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="activation_cache"):   # 12 documents, capped
+        build_cache(cfg.replace(output=str(tmp_path / "capped"), max_tokens=40, val_fraction=0.5,
+                                corpus=_text_corpus(tmp_path / "texts12", n=12)))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and all("max_tokens keeps its first" in w for w in warnings)
+    assert "from 1 of its 6 documents" in warnings[0]
