@@ -41,11 +41,12 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from .cache_errors import CacheMismatchError, CorruptCacheError
+from .cache_errors import CacheInputError, CacheMismatchError, CorruptCacheError
 from .manifest import MANIFEST, SPLITS, act_key, canonical_json, read_manifest
 from .read_ahead import read_ahead
 from .shard_file import map_tensor, read_header, read_tensor
 from .storage import Storage
+from .strict_config import is_int
 
 DEFAULT_BUFFER_BYTES = 256 * 2**20
 LOGIT_TENSORS = ("clean_topk_logprobs", "clean_topk_indices", "clean_logsumexp",
@@ -184,6 +185,10 @@ class CacheReader:
         if info["num_train_tokens"] == 0:
             raise CacheMismatchError(f"{self.storage.describe(MANIFEST)}: split {split!r} has "
                                      "no train-mask tokens")
+        if shuffle_buffer_tokens is not None and (not is_int(shuffle_buffer_tokens)
+                                                  or shuffle_buffer_tokens < 1):
+            raise CacheInputError(f"shuffle_buffer_tokens: must be an integer >= 1 (None: the "
+                                  f"default), got {shuffle_buffer_tokens!r}")
         buffer = shuffle_buffer_tokens or max(1, DEFAULT_BUFFER_BYTES // (4 * width))
         return CacheTokenSource(self, hook, split, buffer, read_ahead_batches)
 

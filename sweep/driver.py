@@ -119,6 +119,13 @@ def cache_width(cfg: SweepConfig) -> int:
         raise ConfigError(f"SweepConfig.cache: {cfg.cache} has no validation split (built with "
                           "val_fraction 0, or from a single document); trials are evaluated and "
                           "ranked on held-out windows: rebuild it with val_fraction > 0")
+    if cfg.training.get("use_end_to_end") and cache.manifest.get("logits") is None:
+        # refused here, once, rather than paying a second (clean) model pass per batch in
+        # every trial
+        raise ConfigError(f"SweepConfig.cache: {cfg.cache} stores no clean logits, which an "
+                          "end-to-end sweep (training.use_end_to_end) takes its clean "
+                          "distribution from; rebuild it with store_logits: true (see "
+                          "examples/cache_e2e.yaml)")
     try:
         return int(cache.d_in(cfg.hook))
     except (KeyError, ValueError) as exc:

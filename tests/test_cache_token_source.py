@@ -105,3 +105,12 @@ def test_val_split_left_out_when_empty(tmp_path):
     assert set(reader.manifest["splits"]) == {"train"}
     with pytest.raises(CacheMismatchError, match="has no 'val' split"):
         reader.token_source(HOOK, split="val")
+
+
+def test_a_shuffle_buffer_of_zero_tokens_is_refused(cache):
+    from activation_cache import CacheInputError
+
+    reader = cache[0]
+    for bad in (0, -5, 2.5):
+        with pytest.raises(CacheInputError, match=r"shuffle_buffer_tokens: must be an integer >= 1"):
+            reader.token_source(HOOK, shuffle_buffer_tokens=bad)
