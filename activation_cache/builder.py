@@ -194,9 +194,9 @@ def describe_cache(manifest: dict, uri: str, *, tokens_built: int | None = None)
     splits = manifest.get("splits", {})
     parts = []
     for name, info in splits.items():
-        shards = len(info.get("shards", []))
+        shards, docs = len(info.get("shards", [])), info.get("num_documents", "?")
         parts.append(f"{name} {info['num_tokens']:,} tokens ({info['num_sequences']:,} windows, "
-                     f"{info.get('num_documents', '?')} documents, {shards} shard"
+                     f"{docs} document{'' if docs == 1 else 's'}, {shards} shard"
                      f"{'' if shards == 1 else 's'})")
     hooks = ", ".join(f"{h} (d {manifest['d_in'][h]})" for h in manifest.get("hooks", []))
     extras = [x for x, on in (("clean logits", manifest.get("logits")),
