@@ -70,9 +70,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int | None:
     else:
         if not args.config:
             raise _usage("sweep needs CONFIG.yaml or --resume EXPERIMENT_DIR")
-        cfg = SweepConfig.from_yaml(args.config)
-        run_sweep(cfg, address=args.address, verbose=args.verbose)
-        experiment = str(cfg.experiment_path)
+        run_sweep(args.config, address=args.address, verbose=args.verbose)
+        experiment = str(SweepConfig.from_yaml(args.config).experiment_path)
     _say(summarize_sweep(experiment))
     return 0
 
