@@ -26,7 +26,6 @@ import math
 import os
 import shlex
 import sys
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -7,7 +7,6 @@ driver's state.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Optional
 
