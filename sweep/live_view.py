@@ -29,6 +29,7 @@ class ConsoleCallback(Callback):
         self._last_progress = time.monotonic()
         self._restored: Optional[set[str]] = None  # trials Tune restored (set at the first step)
         self._reported: set[str] = set()
+        self._recovering: set[str] = set()  # trials restarting after a lost worker
         self._ended: dict[str, str] = {}  # trial id -> completed/stopped/failed (Tune sets the
         # trial's status only after calling its callbacks)
 
@@ -56,19 +57,23 @@ class ConsoleCallback(Callback):
                 "before the driver restarted; dropped from its bookkeeping: %s",
                 trial.trial_id, len(forgotten), ", ".join(forgotten))
         step = (trial.last_result or {}).get("step")
-        restored = trial.trial_id in (self._restored or ())
+        recovering = trial.trial_id in self._recovering
+        self._recovering.discard(trial.trial_id)
+        restored = trial.trial_id in (self._restored or ()) and not recovering
         if trial.checkpoint is not None:
             why = "the driver restarted" if restored else "its worker was lost"
             self._say(trial, f"resumed from its checkpoint at step {step} ({why})",
                       style="yellow")
-        elif restored:
-            self._say(trial, "restarted from scratch (no checkpoint before the driver stopped): "
+        elif restored or recovering:
+            why = "the driver stopped" if restored else "its worker was lost"
+            self._say(trial, f"restarted from scratch ({why} before its first checkpoint): "
                       + _params(trial), style="yellow")
         else:
             self._say(trial, "started: " + _params(trial), style="cyan")
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial,
                          **info: Any) -> None:
+        self._recovering.add(trial.trial_id)
         self._say(trial, f"lost its worker ({_short_error(trial)}); retrying from its last "
                   f"checkpoint (failure {trial.run_metadata.num_failures}, at most "
                   f"{trial.max_failures} retries)", style="yellow")
