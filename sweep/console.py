@@ -344,7 +344,7 @@ def summarize_sweep(experiment_dir: str | Path, *, top: int = 5) -> str:
         f"  sae-sweep best {q} --top 10",
         f"  sae-sweep export {q} --trial best --out {shlex.quote(str(exp / 'best-sae'))}",
         f"  sae-sweep report {q}",
-        f"  optuna-dashboard {shlex.quote(storage)}",
+        f"  optuna-dashboard {shlex.quote(storage)}   # pip install optuna-dashboard",
     ]
     return "\n".join(lines)
 

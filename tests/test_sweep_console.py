@@ -205,7 +205,8 @@ def test_summary_names_the_best_trials_and_the_next_commands(tmp_path):
         f"  sae-sweep best {q} --top 10",
         f"  sae-sweep export {q} --trial best --out '{exp / 'best-sae'}'",
         f"  sae-sweep report {q}",
-        f"  optuna-dashboard 'sqlite:///{exp.resolve() / 'optuna.db'}'",
+        f"  optuna-dashboard 'sqlite:///{exp.resolve() / 'optuna.db'}'   # pip install "
+        "optuna-dashboard",
     ]
 
 
