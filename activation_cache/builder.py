@@ -45,7 +45,8 @@ from .cache_errors import CacheError, CacheExistsError, CacheInputError, Corrupt
 from .corpus import load_corpus, split_documents
 from .manifest import (FORMAT, MANIFEST, SPLITS, VERSION, canonical_json, read_manifest,
                        write_manifest)
-from .models import load_model, model_identity
+from .models import (HookNameError, check_hook_name, config_hook_names, load_model,
+                     model_identity)
 from .shard_writer import TORCH_DTYPES, Layout, ShardWriter, Unit, Windows, make_layout
 from .storage import Storage
 from .windowed import WindowedTextDataset
@@ -93,11 +94,15 @@ def build_cache(cfg: CacheConfig, *, overwrite: bool = False, num_workers: int =
         raise CacheError(f"num_workers must be an integer >= 1, got {num_workers!r}")
     storage = Storage(cfg.output)
     if not overwrite and _check_existing(cfg, storage, overwrite=False):
-        log.info("cache %s is already complete", storage.uri)
+        log.info("%s (already complete, nothing to do)",
+                 describe_cache(read_manifest(storage), storage.uri))
         return storage.uri  # checked before loading the model: a finished cache is instant
+    # what can be checked without the model is checked before it loads (seconds, not minutes)
+    documents = load_corpus(cfg.corpus)
+    check_hooks_from_config(cfg)
     model = load_model(cfg.model)
     identity = model_identity(model, cfg.model)
-    windows = make_windows(cfg, model)
+    windows = make_windows(cfg, model, documents)
     return build_from_windows(cfg, model, identity, windows, storage=storage,
                               overwrite=overwrite, num_workers=num_workers, address=address)
 
@@ -141,7 +146,8 @@ def build_from_windows(cfg: CacheConfig, model, identity: dict, windows: dict[st
     tok = getattr(model, "tokenizer", None)
     ids = (getattr(tok, "bos_token_id", None), getattr(tok, "pad_token_id", None))
     layout = make_layout(cfg, model, ids)
-    windows = _cap_tokens(windows, cfg)
+    full, windows = windows, _cap_tokens(windows, cfg)
+    _warn_few_documents(full, windows, cfg)
     if len(windows["train"]) == 0:
         raise CacheInputError(
             f"CacheConfig.corpus: the corpus gives no training windows (empty documents, or "
@@ -180,9 +186,40 @@ def build_from_windows(cfg: CacheConfig, model, identity: dict, windows: dict[st
     manifest = _manifest(cfg, identity, layout, windows, records, storage)
     manifest["build_seconds"] = round(time.time() - started, 3)
     write_manifest(storage, manifest)
-    log.info("cache committed at %s (%s tokens)", storage.uri,
-             ", ".join(f"{k}: {v['num_tokens']}" for k, v in manifest["splits"].items()))
+    log.info("%s", describe_cache(manifest, storage.uri, tokens_built=remaining))
     return storage.uri
+
+
+def describe_cache(manifest: dict, uri: str, *, tokens_built: int | None = None) -> str:
+    """Two lines on what a cache holds: tokens, windows, documents and shards per split, hooks,
+    bytes, and the build time (with ``tokens_built``, the tokens this run computed, its
+    throughput). What ``sae-sweep cache`` prints at the end."""
+    splits = manifest.get("splits", {})
+    parts = []
+    for name, info in splits.items():
+        shards, docs = len(info.get("shards", [])), info.get("num_documents", "?")
+        parts.append(f"{name} {info['num_tokens']:,} tokens ({info['num_sequences']:,} windows, "
+                     f"{docs} document{'' if docs == 1 else 's'}, {shards} shard"
+                     f"{'' if shards == 1 else 's'})")
+    hooks = ", ".join(f"{h} (d {manifest['d_in'][h]})" for h in manifest.get("hooks", []))
+    extras = [x for x, on in (("clean logits", manifest.get("logits")),
+                              ("splice residual", manifest.get("splice_hooks"))) if on]
+    seconds = manifest.get("build_seconds")
+    speed = (f" ({tokens_built:,} tokens, {tokens_built / seconds:,.0f} tokens/s)"
+             if seconds and tokens_built else "")
+    return (f"cache {uri}: {'; '.join(parts)}\n"
+            f"  {hooks} as {manifest.get('act_dtype')}"
+            + (f" + {', '.join(extras)}" if extras else "")
+            + f"; {_size(manifest.get('total_bytes', 0))}"
+            + (f"; built in {seconds:.1f} s{speed}" if seconds else ""))
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
 
 
 def _cap_tokens(windows: dict[str, Windows], cfg: CacheConfig) -> dict[str, Windows]:
@@ -364,12 +401,33 @@ def _manifest(cfg: CacheConfig, identity: dict, layout: Layout, windows: dict[st
 # --------------------------------------------------------------------------------------------
 
 
-def make_windows(cfg: CacheConfig, model) -> dict[str, Windows]:
-    """Tokenize the corpus into windows, split by document into train, val and test.
+def check_hooks_from_config(cfg: CacheConfig) -> None:
+    """Check ``cfg.hooks`` against the model's configuration alone (no weights): a typo gets
+    its close matches or the valid layer range before the model loads. A model whose
+    configuration cannot be read that way is checked after it loads (:func:`make_layout`)."""
+    found = config_hook_names(cfg.model)
+    if found is None:
+        return
+    names, n_layers = found
+    for hook in cfg.hooks:
+        try:
+            check_hook_name(hook, names, n_layers)
+        except HookNameError as exc:
+            raise CacheInputError(f"CacheConfig.hooks: {exc}") from None
+
+
+FEW_DOCUMENTS = 5
+"""A split with fewer documents than this gets a warning: its statistics rest on a handful of
+texts (e.g. a corpus of a few long novels)."""
+
+
+def make_windows(cfg: CacheConfig, model, documents: list | None = None) -> dict[str, Windows]:
+    """Tokenize the corpus (``documents``, default: loaded from ``cfg.corpus``) into windows,
+    split by document into train, val and test.
 
     ``doc_id`` of a window is the index of its document in the whole corpus (as loaded).
     """
-    documents = load_corpus(cfg.corpus)
+    documents = load_corpus(cfg.corpus) if documents is None else documents
     if not documents:
         raise CacheInputError("CacheConfig.corpus: the corpus has no documents")
     number = {d.doc_id: i for i, d in enumerate(documents)}
@@ -385,3 +443,26 @@ def make_windows(cfg: CacheConfig, model) -> dict[str, Windows]:
         doc = global_ids[ds.doc_ids.numpy()] if len(ds) else np.zeros(0, dtype=np.int64)
         out[split] = Windows(ds.tokens.numpy(), ds.attention_mask.numpy(), doc)
     return out
+
+
+def _warn_few_documents(full: dict[str, Windows], kept: dict[str, Windows],
+                        cfg: CacheConfig) -> None:
+    """Warn about a split whose windows come from fewer than FEW_DOCUMENTS documents (its
+    statistics rest on a handful of texts), or a missing validation split."""
+    for split in SPLITS:
+        if split not in full or split not in kept:
+            continue
+        n_full = len(np.unique(full[split].doc_id))
+        n_kept = len(np.unique(kept[split].doc_id))
+        if split == "val" and n_full == 0 and cfg.val_fraction > 0:
+            log.warning("CacheConfig.corpus: the corpus has a single document, so there is no "
+                        "validation split (the split is by document); sweeps need one: add "
+                        "documents or split the text into several files")
+        elif 0 < n_kept < FEW_DOCUMENTS:
+            why = (f"max_tokens keeps its first {kept[split].attention_mask.sum():,} tokens, from "
+                   f"{n_kept} of its {n_full} documents; raise max_tokens for more"
+                   if n_kept < n_full else
+                   "add documents or split long texts into several files")
+            log.warning("CacheConfig.corpus: the %s split's windows come from only %d "
+                        "document%s, so its statistics may not generalise (%s)", split, n_kept,
+                        "" if n_kept == 1 else "s", why)

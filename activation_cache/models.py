@@ -28,6 +28,7 @@ must reconstruct when it is spliced back or exported to SAELens.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -249,23 +250,64 @@ def resolve_hook(model: Any, hook: str) -> str:
     ``6.resid_post``, ``layer6/resid_post``, ``L6 mlp_out``, ``hook_resid_post_6``, aliases
     (``resid`` = resid_post, ``mlp`` = mlp_out, ``attn`` = attn_out), negative layers counted
     from the end (``resid_post.-1``) and block-less names (``embed`` = ``hook_embed``).
-    Raises :class:`HookNameError` listing close valid names otherwise.
+    Raises :class:`HookNameError` with close valid names (``blocks.3.hook_mlpout`` ->
+    ``blocks.3.hook_mlp_out``) or the valid layer range (``layers 0-29``) otherwise.
     """
-    names = model.hook_dict
+    return _resolve_in(model.hook_dict, int(model.cfg.n_layers), hook)
+
+
+def config_hook_names(spec: ModelSpec) -> tuple[list[str], int] | None:
+    """``(hook names, number of layers)`` of the model ``spec`` loads, from its configuration
+    alone -- no weights are loaded or converted -- so hook names can be checked in a second
+    instead of after a model load (see :func:`check_hook_name`).
+
+    Reads the tiny recipe, a HuggingFace folder's ``config.json``, a converted model's cached
+    config or a GGUF file's metadata. Returns None when the configuration cannot be read that
+    way (source ``name``, or a file transformers cannot parse: the model load reports it).
+    Raises :class:`ModelLoadError` when the source file or folder does not exist, or ``n_ctx``
+    exceeds the model's context.
+    """
+    cfg = _config_only(spec)
+    if cfg is None:
+        return None
+    n_layers = int(cfg.n_layers)
+    one_block = copy.deepcopy(cfg)
+    one_block.n_layers = 1
+    one_block.tokenizer_name = None
+    with torch.device("meta"):  # a skeleton without memory: only its hook points matter
+        skeleton = _new_hooked_transformer(one_block, None)
+    names = []
+    for name in skeleton.hook_dict:
+        if name.startswith("blocks.0."):
+            names += [f"blocks.{layer}.{name[len('blocks.0.'):]}" for layer in range(n_layers)]
+        else:
+            names.append(name)
+    return sorted(names), n_layers
+
+
+def check_hook_name(hook: str, names: Any, n_layers: int) -> None:
+    """Raise :class:`HookNameError` unless ``hook`` is exactly one of ``names`` (a model's
+    transformer_lens hook names). The message suggests the exact name a friendly form means
+    (``resid_post.6`` -> ``blocks.6.hook_resid_post``), close matches on the name
+    (``blocks.3.hook_mlpout`` -> ``blocks.3.hook_mlp_out``), or the valid layer range."""
+    if hook in names:
+        return
+    exact = _resolve_in(names, n_layers, hook)  # raises with close names / the layer range
+    raise HookNameError(f"{hook!r} is not a transformer_lens hook name; did you mean {exact}?")
+
+
+def _resolve_in(names: Any, n_layers: int, hook: str) -> str:
     if not isinstance(hook, str) or not hook.strip():
         raise HookNameError(f"hook: expected a hook name such as blocks.6.hook_resid_post, got {hook!r}")
     text = hook.strip()
     if text in names:
         return text
-    n_layers = int(model.cfg.n_layers)
     low = text.lower()
     layer_kind = _parse_friendly_hook(low)
     if layer_kind is not None:
         layer, kind = layer_kind
         if not -n_layers <= layer < n_layers:
-            raise HookNameError(
-                f"hook {hook!r}: layer {layer} is out of range; the model has {n_layers} layers "
-                f"(blocks.0 .. blocks.{n_layers - 1}, or -1 .. -{n_layers} from the end)")
+            raise HookNameError(_out_of_range_message(hook, layer, kind, names, n_layers))
         layer %= n_layers
         kind = kind.removeprefix("hook_")
         kind = _HOOK_ALIASES.get(kind, kind)
@@ -389,6 +431,18 @@ class _ConvertedEntry:
 _convert_lock = threading.Lock()
 
 
+def _entry_for(digest: str) -> _ConvertedEntry:
+    """Where the converted form of a source with sha256 ``digest`` is cached."""
+    key = f"{digest[:32]}-tl{_version('transformer-lens')}-v{_CONVERTER_VERSION}"
+    return _ConvertedEntry(cache_root() / "models" / key)
+
+
+def _cached_entry(spec: ModelSpec) -> _ConvertedEntry | None:
+    """The finished converted entry of a file-based source, if it is cached."""
+    entry = _entry_for(source_sha256(spec))
+    return entry if entry.meta_file.is_file() else None
+
+
 @contextlib.contextmanager
 def _converted(spec: ModelSpec) -> Iterator[_ConvertedEntry]:
     """The converted form of a file-based source, converting it first when it is not cached.
@@ -398,8 +452,8 @@ def _converted(spec: ModelSpec) -> Iterator[_ConvertedEntry]:
     cannot be written, the conversion goes to a temporary folder that is removed afterwards.
     """
     digest = source_sha256(spec)
-    key = f"{digest[:32]}-tl{_version('transformer-lens')}-v{_CONVERTER_VERSION}"
-    entry = _ConvertedEntry(cache_root() / "models" / key)
+    entry = _entry_for(digest)
+    key = entry.root.name
     if entry.meta_file.is_file():
         yield entry
         return
@@ -566,16 +620,11 @@ def _load_by_name(spec: ModelSpec) -> Any:
     return _hooked(cfg, tokenizer, state_dict, spec)
 
 
-def _build_tiny(spec: ModelSpec) -> Any:
+def _tiny_config(spec: ModelSpec, d_vocab: int) -> Any:
     from transformer_lens import HookedTransformerConfig
 
-    if spec.tiny_tokenizer == "bytes":
-        from .byte_tokenizer import byte_tokenizer
-        tokenizer = byte_tokenizer()
-    else:
-        tokenizer = _assemble_tokenizer_only(ModelSpec())
     d_head = spec.tiny_d_model // spec.tiny_n_heads
-    cfg = HookedTransformerConfig(
+    return HookedTransformerConfig(
         model_name=spec.label,
         n_layers=spec.tiny_n_layers,
         d_model=spec.tiny_d_model,
@@ -583,7 +632,7 @@ def _build_tiny(spec: ModelSpec) -> Any:
         d_head=d_head,
         d_mlp=spec.tiny_d_mlp,
         n_ctx=spec.n_ctx or 256,
-        d_vocab=len(tokenizer),
+        d_vocab=d_vocab,
         act_fn="silu",
         normalization_type="RMS",
         final_rms=True,
@@ -595,6 +644,47 @@ def _build_tiny(spec: ModelSpec) -> Any:
         dtype=spec.torch_dtype,
         device="cpu",
     )
+
+
+def _config_only(spec: ModelSpec) -> Any:
+    """The transformer_lens config of ``spec`` without its weights (see config_hook_names)."""
+    if spec.source == "tiny":
+        return _tiny_config(spec, d_vocab=2)  # the vocabulary does not change the hook names
+    if spec.source == "name":
+        return None  # its config may need the hub; the load checks the hooks
+    path = _source_path(spec)  # ModelLoadError when missing
+    entry = _cached_entry(spec)
+    try:
+        if entry is not None:
+            return _tl_config(entry.hf_config_dir, torch.float32, "cpu", spec.n_ctx)
+        if path.is_dir():
+            return _tl_config(path, torch.float32, "cpu", spec.n_ctx)
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name,
+                                            local_files_only=True)
+        if not getattr(config, "architectures", None):
+            config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
+        with tempfile.TemporaryDirectory(prefix="sae-sweep-gguf-config-") as tmp:
+            config.save_pretrained(tmp)
+            return _tl_config(Path(tmp), torch.float32, "cpu", spec.n_ctx)
+    except ModelLoadError as exc:
+        if "n_ctx" in str(exc):
+            raise
+        return None
+    except Exception as exc:  # unreadable here: the model load reports it properly
+        log.debug("no config-only hook check for %s: %s", spec.label, exc)
+        return None
+
+
+def _build_tiny(spec: ModelSpec) -> Any:
+    if spec.tiny_tokenizer == "bytes":
+        from .byte_tokenizer import byte_tokenizer
+        tokenizer = byte_tokenizer()
+    else:
+        tokenizer = _assemble_tokenizer_only(ModelSpec())
+    cfg = _tiny_config(spec, d_vocab=len(tokenizer))
     # Seed a forked RNG so building a tiny model neither depends on nor disturbs global state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.tiny_seed)
@@ -700,24 +790,47 @@ def _parse_friendly_hook(low: str) -> tuple[int, str] | None:
     return None
 
 
+def _block_suffixes(names: Any) -> list[str]:
+    """What follows ``blocks.0.`` in the per-block hook names, sorted."""
+    return sorted({n.split(".", 2)[2] for n in names if n.startswith("blocks.0.")})
+
+
+def _valid_names_text(names: Any, n_layers: int) -> str:
+    suffixes = _block_suffixes(names)
+    return (f"valid names are blocks.<0-{n_layers - 1}>.<{'|'.join(suffixes[:12])}"
+            f"{'|...' if len(suffixes) > 12 else ''}> and "
+            f"{', '.join(sorted(n for n in names if not n.startswith('blocks.')))}")
+
+
+def _out_of_range_message(hook: str, layer: int, kind: str, names: Any, n_layers: int) -> str:
+    msg = (f"hook {hook!r}: layer {layer} is out of range: the model has layers 0-{n_layers - 1} "
+           f"({n_layers} blocks; -1 .. -{n_layers} count from the end)")
+    suffix = kind if kind in _block_suffixes(names) else f"hook_{_HOOK_ALIASES.get(kind, kind)}"
+    if f"blocks.{n_layers - 1}.{suffix}" in names:
+        msg += f", e.g. blocks.{n_layers - 1}.{suffix}"
+    return msg
+
+
 def _unknown_hook_message(hook: str, names: Any, layer_kind: tuple[int, str] | None,
                           n_layers: int) -> str:
+    """``unknown hook X; did you mean A or B?; valid names are ...``: close matches on the
+    name within the same block (``blocks.3.hook_mlpout`` -> ``blocks.3.hook_mlp_out``), else
+    on the whole name."""
     names = list(names)
     guesses: list[str] = []
     if layer_kind is not None:
-        layer = layer_kind[0] % n_layers
-        guesses = difflib.get_close_matches(f"blocks.{layer}.hook_{layer_kind[1]}", names,
-                                            n=5, cutoff=0.5)
-    guesses += [g for g in difflib.get_close_matches(hook, names, n=5, cutoff=0.5)
-                if g not in guesses]
-    layer0 = sorted({n.split(".", 2)[2] for n in names if n.startswith("blocks.0.")})
+        layer, kind = layer_kind[0] % n_layers, layer_kind[1]
+        suffixes = _block_suffixes(names)
+        for candidate in (kind, f"hook_{kind.removeprefix('hook_')}"):
+            guesses += [f"blocks.{layer}.{g}" for g in
+                        difflib.get_close_matches(candidate, suffixes, n=3, cutoff=0.6)
+                        if f"blocks.{layer}.{g}" not in guesses]
+    if not guesses:
+        guesses = difflib.get_close_matches(hook.strip(), names, n=3, cutoff=0.6)
     msg = f"unknown hook {hook!r}"
     if guesses:
-        msg += f"; close valid names: {', '.join(guesses[:5])}"
-    msg += (f"; valid names are blocks.<0..{n_layers - 1}>.<{'|'.join(layer0[:12])}"
-            f"{'|...' if len(layer0) > 12 else ''}> and "
-            f"{', '.join(sorted(n for n in names if not n.startswith('blocks.')))}")
-    return msg
+        msg += f"; did you mean {' or '.join(guesses[:2])}?"
+    return f"{msg} ({_valid_names_text(names, n_layers)})"
 
 
 def _one_line(exc: BaseException) -> str:

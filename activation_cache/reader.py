@@ -60,11 +60,12 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from .cache_errors import CacheMismatchError, CorruptCacheError
+from .cache_errors import CacheInputError, CacheMismatchError, CorruptCacheError
 from .manifest import MANIFEST, SPLITS, act_key, canonical_json, read_manifest
 from .read_ahead import read_ahead
 from .shard_file import _ST_DTYPES, map_array, read_header, read_tensor
 from .storage import Storage
+from .strict_config import is_int
 
 DEFAULT_BUFFER_BYTES = 512 * 2**20  # default mixing buffer, in stored bytes of rows
 DEFAULT_BLOCK_TOKENS = 32  # default block: at most this many consecutive tokens of one window
@@ -211,6 +212,10 @@ class CacheReader:
         if info["num_train_tokens"] == 0:
             raise CacheMismatchError(f"{self.storage.describe(MANIFEST)}: split {split!r} has "
                                      "no train-mask tokens")
+        if shuffle_buffer_tokens is not None and (not is_int(shuffle_buffer_tokens)
+                                                  or shuffle_buffer_tokens < 1):
+            raise CacheInputError(f"shuffle_buffer_tokens: must be an integer >= 1 (None: the "
+                                  f"default), got {shuffle_buffer_tokens!r}")
         if not isinstance(block_tokens, int) or block_tokens < 1:
             raise ValueError(f"block_tokens must be an integer >= 1, got {block_tokens!r}")
         if dtype is not None and dtype not in _BATCH_DTYPES:

@@ -27,6 +27,7 @@ from .cache_config import CacheConfig
 from .cache_errors import CacheInputError
 from .compact_logits import compact_logprobs
 from .manifest import act_key, config_digest
+from .models import HookNameError, check_hook_name
 from .shard_file import encode_shard
 from .storage import Storage
 from .windowed import train_mask_for
@@ -99,10 +100,10 @@ def make_layout(cfg: CacheConfig, model, tokenizer_ids: tuple[int | None, int | 
             f"than the model's context n_ctx={n_ctx}; use max_text_length <= {n_ctx}"
         )
     for h in cfg.hooks:
-        if h not in names:
-            close = sorted(n for n in names if n.endswith(h.rsplit(".", 1)[-1]))[:4]
-            raise CacheInputError(f"CacheConfig.hooks: {h!r} is not a hook of this model"
-                                  + (f" (e.g. {', '.join(close)})" if close else ""))
+        try:
+            check_hook_name(h, names, int(model.cfg.n_layers))
+        except HookNameError as exc:
+            raise CacheInputError(f"CacheConfig.hooks: {exc}") from None
     stored = list(cfg.hooks)
     splice: dict[str, str] = {}
     if cfg.splice_residual:

@@ -9,9 +9,11 @@ Public API (everything else in this package is internal):
     write_report                        -- PNG plots: Pareto fronts, training curves
     run_demo                            -- the main job on the embedded default
     load_results, load_history          -- the results tables as pandas DataFrames
+    summarize_sweep                     -- the best trials and the next commands, as text
 """
 
 from .best import print_best
+from .console import summarize_sweep
 from .demo import run_demo
 from .driver import resume_sweep, run_sweep
 from .export import export_trial
@@ -21,5 +23,5 @@ from .sweep_config import SweepConfig
 
 __all__ = [
     "SweepConfig", "run_sweep", "resume_sweep", "print_best", "export_trial", "write_report",
-    "run_demo", "load_results", "load_history",
+    "run_demo", "load_results", "load_history", "summarize_sweep",
 ]

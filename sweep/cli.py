@@ -32,7 +32,11 @@ def _cmd_demo(args: argparse.Namespace) -> int | None:
 def _cmd_cache(args: argparse.Namespace) -> int | None:
     from activation_cache import CacheConfig, build_cache
 
+    from .console import configure_logging
+
+    configure_logging("activation_cache")  # progress notes and the closing summary
     cfg = CacheConfig.from_yaml(args.config)
+    _use_threads(args.threads)
     build_cache(cfg, overwrite=args.overwrite, num_workers=args.workers, address=args.address)
     return 0
 
@@ -40,6 +44,7 @@ def _cmd_cache(args: argparse.Namespace) -> int | None:
 def _cmd_train(args: argparse.Namespace) -> int | None:
     from trainer import train_from_yaml
 
+    _use_threads(args.threads)
     train_from_yaml(args.config, out_dir=args.out, resume=not args.no_resume)
     return 0
 
@@ -55,14 +60,19 @@ def _cmd_eval(args: argparse.Namespace) -> int | None:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int | None:
-    from sweep import resume_sweep, run_sweep
+    from sweep import SweepConfig, resume_sweep, run_sweep, summarize_sweep
 
     if args.resume:
-        resume_sweep(args.resume, address=args.address)
+        if args.config:
+            raise _usage("give CONFIG.yaml or --resume EXPERIMENT_DIR, not both")
+        resume_sweep(args.resume, address=args.address, verbose=args.verbose)
+        experiment = args.resume
     else:
         if not args.config:
             raise _usage("sweep needs CONFIG.yaml or --resume EXPERIMENT_DIR")
-        run_sweep(args.config, address=args.address)
+        run_sweep(args.config, address=args.address, verbose=args.verbose)
+        experiment = str(SweepConfig.from_yaml(args.config).experiment_path)
+    _say(summarize_sweep(experiment))
     return 0
 
 
@@ -79,6 +89,9 @@ def _cmd_best(args: argparse.Namespace) -> int | None:
 def _cmd_export(args: argparse.Namespace) -> int | None:
     from sweep import export_trial
 
+    from .console import configure_logging
+
+    configure_logging()
     export_trial(args.experiment_dir, trial=args.trial, out_dir=args.out, output_format=args.format)
     return 0
 
@@ -86,8 +99,35 @@ def _cmd_export(args: argparse.Namespace) -> int | None:
 def _cmd_report(args: argparse.Namespace) -> int | None:
     from sweep import write_report
 
+    from .console import configure_logging
+
+    configure_logging()
     write_report(args.experiment_dir, out_dir=args.out, top=args.top)
     return 0
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask; all cores where unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _use_threads(threads: int | None) -> int:
+    """Run torch's intra-op pool (and the tokenizers' pool) on ``threads`` threads (default:
+    the cores available to the process); return the number."""
+    n = threads or available_cores()
+    os.environ.setdefault("RAYON_NUM_THREADS", str(n))  # HF tokenizers' pool, read on first use
+    import torch
+
+    torch.set_num_threads(n)
+    return n
+
+
+def _say(text: str) -> None:
+    """The one place a command prints its summary (stdout; errors go to stderr)."""
+    print(text, flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,6 +151,10 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+_THREADS_HELP = ("CPU threads for torch (default: the cores available to this process); "
+                 "give each of two jobs sharing a machine half of its cores")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,12 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--workers", type=int, default=1,
                     help="split the corpus over this many Ray workers (default 1: in process)")
     sp.add_argument("--address", default=None, help="Ray cluster address for --workers > 1")
+    sp.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                    help=_THREADS_HELP)
 
     sp = add("train", _cmd_train, "train one SAE from a cache (CONFIG.yaml: cache, sae, training)")
     sp.add_argument("config", help="training job YAML")
     sp.add_argument("--out", default=None, help="output folder (overrides the config's)")
     sp.add_argument("--no-resume", action="store_true",
                     help="start over even if the output folder holds a checkpoint")
+    sp.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                    help=_THREADS_HELP)
 
     sp = add("eval", _cmd_eval, "evaluate a saved SAE on a cache's held-out test split")
     sp.add_argument("sae_dir", help="a folder written by train/export (native format)")
@@ -163,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--address", default=None,
                     help="Ray address: 'auto' or HOST:PORT of an existing cluster "
                     "(default: start a local Ray)")
+    sp.add_argument("--verbose", action="store_true",
+                    help="show Ray's own output (trial tables, result boxes, INFO lines, the "
+                    "trials' output) on the console; by default it goes to "
+                    "EXPERIMENT_DIR/sweep.log and the console shows one line per trial event")
 
     sp = add("best", _cmd_best, "print the best trials (or the Pareto front) of a sweep")
     sp.add_argument("experiment_dir")

@@ -82,7 +82,7 @@ def run_demo(out_dir: str | Path = "runs/demo", num_samples: Optional[int] = Non
     """Run the demo into ``out_dir``; return the best trials."""
     from activation_cache import CacheConfig, build_cache
 
-    configure_logging()
+    configure_logging("activation_cache")  # the cache build's notes and summary too
     out = Path(out_dir).expanduser().resolve()
     num_samples = DEMO_NUM_SAMPLES if num_samples is None else num_samples
     max_concurrent = DEMO_MAX_CONCURRENT if max_concurrent is None else max_concurrent

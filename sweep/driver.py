@@ -38,6 +38,7 @@ import pandas as pd
 
 from activation_cache import ConfigError, UserError
 
+from .console import configure_logging, elapsed
 from .results import SWEEP_FILE, load_results, load_sweep_info
 from .sweep_config import SweepConfig
 
@@ -58,21 +59,13 @@ class RayConnectionError(UserError, ConnectionError):
     """``--address`` names no reachable Ray cluster."""
 
 
-def configure_logging() -> None:
-    """Send the sweep's log lines (logger ``sweep``) to stderr, once, unless the application
-    configured logging itself."""
-    root = logging.getLogger("sweep")
-    if not root.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("sae-sweep: %(message)s"))
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
-        root.propagate = False  # Ray installs a root handler later: print each line once
-
-
-def run_sweep(config_path: str | Path | SweepConfig, *, address: Optional[str] = None) -> pd.DataFrame:
+def run_sweep(config_path: str | Path | SweepConfig, *, address: Optional[str] = None,
+              verbose: bool = False) -> pd.DataFrame:
     """Run the sweep described by ``config_path`` (YAML or a SweepConfig); return the results
-    table. Refuses an experiment folder that already holds a sweep (resume it instead)."""
+    table. Refuses an experiment folder that already holds a sweep (resume it instead).
+
+    The console shows a compact live view; Ray's own output goes to ``EXPERIMENT_DIR/sweep.log``
+    unless ``verbose`` (see :mod:`sweep.console`)."""
     configure_logging()
     cfg = config_path if isinstance(config_path, SweepConfig) else SweepConfig.from_yaml(config_path)
     cfg = _absolute_paths(cfg)  # trials (on any node) and --resume (from any cwd) agree
@@ -96,10 +89,11 @@ def run_sweep(config_path: str | Path | SweepConfig, *, address: Optional[str] =
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "source": str(config_path) if not isinstance(config_path, SweepConfig) else None}
     (exp / SWEEP_FILE).write_text(json.dumps(info, indent=2))
-    return _run(cfg, d_in, info["tune_path"], restore=False, address=address)
+    return _run(cfg, d_in, info["tune_path"], restore=False, address=address, verbose=verbose)
 
 
-def resume_sweep(experiment_dir: str | Path, *, address: Optional[str] = None) -> pd.DataFrame:
+def resume_sweep(experiment_dir: str | Path, *, address: Optional[str] = None,
+                 verbose: bool = False) -> pd.DataFrame:
     """Continue the sweep in ``experiment_dir`` after its driver stopped; return the results."""
     configure_logging()
     exp = Path(experiment_dir).expanduser().resolve()
@@ -108,7 +102,8 @@ def resume_sweep(experiment_dir: str | Path, *, address: Optional[str] = None) -
         raise NotAnExperimentError(f"{exp}: no {SWEEP_FILE}; not a sweep's experiment folder")
     cfg = SweepConfig.from_dict(info["config"]).replace(experiment_dir=str(exp))
     tune_path = info["tune_path"] if cfg.storage_path else str(exp / TUNE_NAME)
-    return _run(cfg, int(info["d_in"]), tune_path, restore=True, address=address)
+    return _run(cfg, int(info["d_in"]), tune_path, restore=True, address=address,
+                verbose=verbose)
 
 
 def cache_width(cfg: SweepConfig) -> int:
@@ -124,6 +119,13 @@ def cache_width(cfg: SweepConfig) -> int:
         raise ConfigError(f"SweepConfig.cache: {cfg.cache} has no validation split (built with "
                           "val_fraction 0, or from a single document); trials are evaluated and "
                           "ranked on held-out windows: rebuild it with val_fraction > 0")
+    if cfg.training.get("use_end_to_end") and cache.manifest.get("logits") is None:
+        # refused here, once, rather than paying a second (clean) model pass per batch in
+        # every trial
+        raise ConfigError(f"SweepConfig.cache: {cfg.cache} stores no clean logits, which an "
+                          "end-to-end sweep (training.use_end_to_end) takes its clean "
+                          "distribution from; rebuild it with store_logits: true (see "
+                          "examples/cache_e2e.yaml)")
     try:
         return int(cache.d_in(cfg.hook))
     except (KeyError, ValueError) as exc:
@@ -137,24 +139,32 @@ def cache_width(cfg: SweepConfig) -> int:
 
 
 def _run(cfg: SweepConfig, d_in: int, tune_path: str, *, restore: bool,
-         address: Optional[str]) -> pd.DataFrame:
+         address: Optional[str], verbose: bool = False) -> pd.DataFrame:
     from ray import tune
 
+    from .console import ConsoleSettings, sweep_output
+    from .live_view import ConsoleCallback
     from .results_callback import ResultsCallback
     from .trainable import train_trial
 
     job = {"config": cfg.to_dict(), "d_in": d_in}
     trainable = with_trial_resources(tune.with_parameters(train_trial, job=job), cfg)
-    with ray_session(address):
+    callbacks = [ResultsCallback(cfg.experiment_path),
+                 ConsoleCallback(ConsoleSettings.from_sweep(cfg, resumed=restore))]
+    started = time.monotonic()
+    with sweep_output(cfg.experiment_path, verbose=verbose) as out, \
+            ray_session(address, on_start=out.capture_worker_output):
         if restore:
             if not tune.Tuner.can_restore(tune_path):
                 raise NotAnExperimentError(
                     f"{cfg.experiment_path}: no Ray Tune state at {tune_path} to resume (the "
                     "driver stopped before the first trial started?); start it again with "
                     "`sae-sweep sweep CONFIG` and a new experiment_dir")
-            logger.info("resuming sweep from %s", tune_path)
             tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
+            # the restored RunConfig is the first run's: this run's console and callbacks
+            _update_run_config(tuner, callbacks=callbacks, verbose=out.tune_verbose,
+                               progress_reporter=out.progress_reporter())
         else:
             tuner = tune.Tuner(
                 trainable,
@@ -165,15 +175,22 @@ def _run(cfg: SweepConfig, d_in: int, tune_path: str, *, restore: bool,
                     else tune_path.rsplit("/", 1)[0],
                     failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep),
-                    callbacks=[ResultsCallback(cfg.experiment_path)],
-                    verbose=1,
+                    callbacks=callbacks,
+                    verbose=out.tune_verbose,
+                    progress_reporter=out.progress_reporter(),
                 ),
             )
-        tuner.fit()
+        logger.info("%s sweep %s: %d trials, %d at a time, %s; Ray's log: %s",
+                    "resuming" if restore else "starting", cfg.experiment_path.name,
+                    cfg.num_samples, cfg.max_concurrent_trials, _objective_text(cfg),
+                    out.log_path)
+        with out.tune_run():
+            tuner.fit()
     results = load_results(cfg.experiment_path)
     counts = results["status"].value_counts().to_dict()
-    logger.info("sweep %s: %s; query it with `sae-sweep best %s`", cfg.experiment_path,
-                ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), cfg.experiment_path)
+    logger.info("sweep %s finished in %s: %s", cfg.experiment_path.name,
+                elapsed(time.monotonic() - started),
+                ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     return results
 
 
@@ -184,6 +201,26 @@ def with_trial_resources(trainable: Any, cfg: SweepConfig) -> Any:
     from ray import tune
 
     return tune.with_resources(trainable, cfg.resources_per_trial.as_tune_resources())
+
+
+def _objective_text(cfg: SweepConfig) -> str:
+    objective = cfg.objective
+    text = ", ".join(f"{'minimise' if mode == 'min' else 'maximise'} {metric}"
+                     for metric, mode in zip(objective.metrics, objective.modes))
+    bounds = [c.as_query().replace("`", "") for c in objective.constraints]
+    return text + (f" subject to {' and '.join(bounds)}" if bounds else "")
+
+
+def _update_run_config(tuner: Any, **changes: Any) -> None:
+    """Set fields of a restored Tuner's RunConfig (Ray 2.60 keeps it on ``_local_tuner``;
+    with another layout the restored settings stay)."""
+    local = getattr(tuner, "_local_tuner", None)
+    run_config = local.get_run_config() if local is not None else None
+    if run_config is None:  # pragma: no cover - another Ray layout
+        logger.debug("cannot update the restored RunConfig; keeping the first run's")
+        return
+    for name, value in changes.items():
+        setattr(run_config, name, value)
 
 
 def _tune_config(cfg: SweepConfig, d_in: int) -> Any:
@@ -232,13 +269,16 @@ def make_searcher(cfg: SweepConfig, d_in: int) -> Any:
         metric=list(objective.metrics) if objective.is_pareto else objective.metrics[0],
         mode=list(objective.modes) if objective.is_pareto else objective.modes[0],
         sampler=sampler, study_name=cfg.study_name, storage=storage,
-        constraints=constraints,
+        constraints=constraints, record_dir=str(cfg.experiment_path),
     )
 
 
 @contextlib.contextmanager
-def ray_session(address: Optional[str] = None, **init_kwargs: Any) -> Iterator[None]:
-    """Use the running Ray, or connect to ``address``, or start a local one (shut down after)."""
+def ray_session(address: Optional[str] = None, *, on_start: Any = None,
+                **init_kwargs: Any) -> Iterator[None]:
+    """Use the running Ray, or connect to ``address``, or start a local one; disconnect after
+    (``ray.shutdown``, which stops every process of a local Ray it started). ``on_start`` is
+    called after this function started or connected Ray (not for a Ray already running)."""
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -256,6 +296,8 @@ def ray_session(address: Optional[str] = None, **init_kwargs: Any) -> Iterator[N
     else:
         ray.init(include_dashboard=False, log_to_driver=True, **init_kwargs)
     try:
+        if on_start is not None:
+            on_start()
         yield
     finally:
         ray.shutdown()

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +16,8 @@ import pandas as pd
 
 from .best import RANKED_STATUSES, pareto_front, select_best
 from .results import load_history, load_results, load_sweep_info
+
+logger = logging.getLogger("sweep.report")
 
 
 def write_report(experiment_dir: str | Path, *, out_dir: Optional[str | Path] = None,
@@ -41,6 +44,12 @@ def write_report(experiment_dir: str | Path, *, out_dir: Optional[str | Path] = 
         history = None
     if history is not None and len(best):
         written.append(_curves_plot(history, list(best["trial_id"]), out / "training_curves.png"))
+    if written:
+        logger.info("wrote %d plot(s) to %s: %s", len(written), out,
+                    ", ".join(p.name for p in written))
+    else:
+        logger.info("no plot written: no trial of %s has finished with metrics yet",
+                    experiment_dir)
     return written
 
 

@@ -13,8 +13,10 @@
 
 ``status`` is ``completed`` (trained its whole budget), ``failed`` (an error, e.g. divergence;
 ``error`` says why), ``stopped`` (stopped early by ASHA or the time budget), ``running``,
-``pending`` or ``paused``. Every headline metric (``fvu``, ``l0``...) is the shipped encoder's
-(see trainer.metrics). The metrics record's own ``lr`` (the scheduled learning rate of
+``pending``, ``paused`` or ``interrupted`` (the driver was killed before Ray Tune saved the
+trial, so it could not be resumed; ``error`` says what became of it -- usually "its
+hyperparameters re-ran as trial X"). Every headline metric (``fvu``, ``l0``...) is the shipped
+encoder's (see trainer.metrics). The metrics record's own ``lr`` (the scheduled learning rate of
 the last step) is stored as ``lr_current`` so it cannot clash with the ``lr`` hyperparameter.
 
 ``EXPERIMENT_DIR/history.parquet`` has one row per reported metrics record: ``trial_id``, ``step``
@@ -40,7 +42,7 @@ HISTORY_FILE = "history.parquet"
 SWEEP_FILE = "sweep.json"
 """The resolved sweep config (and the cache's d_in), written by the driver for best/export/report."""
 
-STATUSES = ("completed", "failed", "stopped", "running", "pending", "paused")
+STATUSES = ("completed", "failed", "stopped", "running", "pending", "paused", "interrupted")
 FIXED_COLUMNS = ("trial_id", "status", "error", "num_failures", "node_id", "node_ip")
 TAIL_COLUMNS = ("step", "tokens_seen", "train_seconds", "training_iteration", "checkpoint_path",
                 "final")

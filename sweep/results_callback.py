@@ -4,9 +4,15 @@ It runs in the driver. Every reported result is appended to the history; the res
 rebuilt from Tune's full trial list (restored trials included, so after ``--resume`` it is
 complete), on every trial completion, error and checkpoint, and at most every
 ``flush_every_s`` seconds in between. After a driver restart it reloads the history it had
-written, and steps that a restarted trial reports again replace their earlier rows. A trial
-the dead driver had started but never recorded in Tune's experiment state is not resumed by
-Tune (its Optuna trial is marked failed); its rows leave both tables.
+written, and steps that a restarted trial reports again replace their earlier rows.
+
+No trial disappears. A trial the dead driver had started but never saved in Tune's experiment
+state is not resumed by Tune: the searcher marks its Optuna trial failed, queues its
+hyperparameters again and records it (``interrupted_trials.json``); its row stays in
+``results.parquet`` with status ``interrupted`` and ``error`` saying what became of it (the id
+of the trial that re-ran it), and its history rows stay too. A row of the previous results
+table that Tune no longer knows keeps its metrics: as it was if it had ended (completed,
+failed, stopped), as ``interrupted`` otherwise.
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ import pandas as pd
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
-from .results import (HISTORY_FILE, TrialRow, history_row, merge_history, metrics_from_report,
-                      write_results, write_table)
+from .results import (HISTORY_FILE, RESULTS_FILE, TAIL_COLUMNS, TrialRow, history_row,
+                      merge_history, metrics_from_report, rows_to_frame, write_table)
+from .searcher import read_interrupted
 
 logger = logging.getLogger("sweep.results")
 
@@ -40,6 +47,7 @@ class ResultsCallback(Callback):
         self._pending: list[dict[str, Any]] = []
         self._last_flush = 0.0
         self._loaded = False
+        self._previous: list[dict[str, Any]] = []  # results rows written by an earlier driver
 
     # Tune pickles its callbacks with the experiment; keep only the configuration.
     def __getstate__(self) -> dict[str, Any]:
@@ -80,21 +88,49 @@ class ResultsCallback(Callback):
         self._load()
         self._history = merge_history(self._history, self._pending)
         self._pending = []
-        # Tune's trial list is the truth: a trial the previous driver started but never saved
-        # in its experiment state is not resumed (Optuna marks it failed); drop its rows.
-        known = {t.trial_id for t in trials}
+        lost = self._lost_rows({t.trial_id for t in trials})
+        known = {t.trial_id for t in trials} | {row["trial_id"] for row in lost}
         if len(self._history) and not self._history["trial_id"].isin(known).all():
             self._history = self._history[self._history["trial_id"].isin(known)]
         if len(self._history):
             write_table(self._history, Path(self.experiment_dir) / HISTORY_FILE)
-        write_results([trial_row(t) for t in trials], self.experiment_dir)
+        frame = rows_to_frame([trial_row(t) for t in trials])
+        if lost:
+            frame = _append_rows(frame, lost)
+        write_table(frame, Path(self.experiment_dir) / RESULTS_FILE)
         self._last_flush = time.monotonic()
+
+    def _lost_rows(self, known: set[str]) -> list[dict[str, Any]]:
+        """Rows of trials Tune does not know (see the module docstring)."""
+        records = {r["trial_id"]: r for r in read_interrupted(self.experiment_dir)}
+        rows = []
+        for old in self._previous:
+            tid = old["trial_id"]
+            if tid in known:
+                continue
+            row = dict(old)
+            if row.get("status") not in ("completed", "failed", "stopped"):
+                row.update(status="interrupted", error=_interrupted_text(records.get(tid), old))
+            rows.append(row)
+        seen = known | {row["trial_id"] for row in rows}
+        for tid, record in records.items():
+            if tid not in seen:
+                rows.append({"trial_id": tid, "status": "interrupted", "num_failures": 0,
+                             "error": _interrupted_text(record, None), "final": False,
+                             **{k: v for k, v in (record.get("params") or {}).items()
+                                if _is_scalar(v)}})
+        return rows
 
     def _load(self) -> None:
         if self._loaded:
             return
         path = Path(self.experiment_dir) / HISTORY_FILE
         self._history = pd.read_parquet(path) if path.exists() else None
+        results = Path(self.experiment_dir) / RESULTS_FILE
+        if results.exists():
+            frame = pd.read_parquet(results)
+            self._previous = [{k: v for k, v in row.items() if not _missing(v)}
+                              for row in frame.to_dict("records")]
         self._loaded = True
 
 
@@ -147,6 +183,37 @@ def trial_error(trial: Trial) -> str:
         name, message = _EXC_LINE.match(lines[-1]).groups()  # type: ignore[union-attr]
         return f"{name.rsplit('.', 1)[-1]}: {message.strip()}"
     return str(text).strip().splitlines()[-1][:500]
+
+
+def _interrupted_text(record: Optional[dict], old: Optional[dict]) -> str:
+    """What became of a trial the driver lost (``record``: its interrupted_trials.json entry;
+    ``old``: its row in the previous results table)."""
+    step = (old or {}).get("step")
+    text = ("interrupted: the driver stopped before Ray Tune saved this trial"
+            + (f" (at step {int(step)})" if step is not None else " (before its first report)"))
+    if record is None:
+        return text + "; it was not re-run"
+    if record.get("rerun_as"):
+        return text + f"; its hyperparameters re-ran as trial {record['rerun_as']}"
+    if record.get("requeued"):
+        return text + "; its hyperparameters are queued to run again"
+    return text + "; it was not re-run"
+
+
+def _append_rows(frame: pd.DataFrame, rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """``frame`` plus ``rows`` (dicts), new columns placed before the tail columns."""
+    extra = pd.DataFrame(rows)
+    combined = pd.concat([frame, extra], ignore_index=True) if len(frame) else extra
+    head = [c for c in frame.columns if c not in TAIL_COLUMNS]
+    head += [c for c in extra.columns if c not in head and c not in TAIL_COLUMNS]
+    return combined.reindex(columns=head + list(TAIL_COLUMNS))
+
+
+def _missing(value: Any) -> bool:
+    try:
+        return value is None or bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def _is_scalar(value: Any) -> bool:

@@ -311,8 +311,9 @@ class SweepConfig(StrictConfig):
     ``nsgaii`` (Pareto objectives) or ``random``."""
     n_startup_trials: Optional[int] = None
     """Random trials before TPE starts modelling (default: max(2, min(10, num_samples // 3)))."""
-    study_name: str = "sae-sweep"
-    """Name of the Optuna study inside ``optuna_storage``."""
+    study_name: Optional[str] = None
+    """Name of the Optuna study inside ``optuna_storage``; default ``sae-sweep-<name of
+    experiment_dir>``, so sweeps sharing one ``optuna_storage`` never mix their trials."""
     optuna_storage: Optional[str] = None
     """Optuna storage URL (any RDB URL Optuna accepts); default
     ``sqlite:///EXPERIMENT_DIR/optuna.db`` so the search state survives the driver."""
@@ -347,6 +348,8 @@ class SweepConfig(StrictConfig):
                           f"must be an integer >= 0, got {self.n_startup_trials!r}")
         self._require(isinstance(self.checkpoints_to_keep, int) and self.checkpoints_to_keep >= 1,
                       "checkpoints_to_keep", f"must be >= 1, got {self.checkpoints_to_keep!r}")
+        if self.study_name is None:
+            self.study_name = f"sae-sweep-{Path(self.experiment_dir).expanduser().resolve().name}"
         self._require(isinstance(self.study_name, str) and bool(self.study_name), "study_name",
                       "must be a non-empty string")
         self._require(isinstance(self.sae, dict), "sae", "must be a mapping of SAEConfig fields")

@@ -95,7 +95,8 @@ def test_window_longer_than_context_and_unknown_hook(tmp_path):
         build_tiny(tmp_path / "a", windows={"train": random_windows(4, seq=40),
                                             "val": random_windows(0, seq=40)},
                    max_text_length=40)
-    with pytest.raises(CacheInputError, match="'blocks.7.hook_resid_post' is not a hook"):
+    with pytest.raises(CacheInputError, match=r"hooks: hook 'blocks.7.hook_resid_post': layer 7 "
+                                              r"is out of range: the model has layers 0-1"):
         build_tiny(tmp_path / "b", hooks=("blocks.7.hook_resid_post",))
     with pytest.raises(CacheInputError, match="larger than the vocabulary"):
         build_tiny(tmp_path / "c", store_logits=True, logits_top_k=1000)
@@ -163,3 +164,108 @@ def test_example_config_parses():
     cfg = CacheConfig.from_yaml(Path(__file__).parents[1] / "examples" / "cache.yaml")
     assert cfg.model.source == "smollm2" and cfg.corpus.source == "shakespeare"
     assert cfg.hooks == ("blocks.6.hook_resid_post",) and cfg.max_tokens == 20000
+
+
+# -- what is checked before the model loads -------------------------------------------------------
+
+
+@pytest.fixture()
+def no_model_load(monkeypatch):
+    """build_cache fails the test if it loads a model."""
+    import activation_cache.builder as builder
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error was found")
+
+    monkeypatch.setattr(builder, "load_model", refuse)
+
+
+def _text_corpus(folder, n=3):
+    from activation_cache import CorpusSpec
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (folder / f"doc{i}.txt").write_text(f"document {i}: to be or not to be")
+    return CorpusSpec(source="files", paths=(str(folder),))
+
+
+@pytest.mark.parametrize("hook, message", [
+    ("blocks.1.hook_mlpout", r"unknown hook 'blocks\.1\.hook_mlpout'; did you mean "
+                             r"blocks\.1\.hook_mlp_out"),
+    ("blocks.99.hook_resid_post", r"hook 'blocks\.99\.hook_resid_post': layer 99 is out of range: "
+                                  r"the model has layers 0-1 .*"
+                                  r"e\.g\. blocks\.1\.hook_resid_post"),
+    ("resid_post.1", r"'resid_post\.1' is not a transformer_lens hook name; did you mean "
+                     r"blocks\.1\.hook_resid_post\?"),
+])
+def test_hook_typos_get_suggestions_before_the_model_loads(tmp_path, no_model_load, hook,
+                                                           message):
+    from activation_cache import ModelSpec, build_cache
+
+    cfg = CacheConfig(output=str(tmp_path / "cache"), model=ModelSpec(source="tiny"),
+                      corpus=_text_corpus(tmp_path / "texts"), hooks=(hook,))
+    with pytest.raises(CacheInputError, match=r"^CacheConfig\.hooks: " + message):
+        build_cache(cfg)
+
+
+def test_corpus_errors_come_before_the_model_loads(tmp_path, no_model_load):
+    from activation_cache import CorpusError, CorpusSpec, ModelSpec, build_cache
+
+    def cfg(corpus):
+        return CacheConfig(output=str(tmp_path / "cache"), model=ModelSpec(source="tiny"),
+                           corpus=corpus, hooks=(HOOK,))
+
+    with pytest.raises(CorpusError, match=r"paths: .*nowhere does not exist"):
+        build_cache(cfg(CorpusSpec(source="files", paths=(str(tmp_path / "nowhere"),))))
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    (blank / "a.txt").write_text("   \n\n ")
+    with pytest.raises(CorpusError, match="the corpus is empty"):
+        build_cache(cfg(CorpusSpec(source="files", paths=(str(blank),))))
+
+
+def test_config_hook_names_are_the_loaded_models(tmp_path):
+    from activation_cache import ModelSpec, load_model
+    from activation_cache.models import config_hook_names
+
+    spec = ModelSpec(source="tiny", tiny_n_layers=3)
+    names, n_layers = config_hook_names(spec)
+    assert n_layers == 3 and names == sorted(load_model(spec).hook_dict)
+
+
+@pytest.mark.model
+def test_smollm2_hook_typos_from_its_gguf_metadata_before_any_load(tmp_path, no_model_load,
+                                                                   monkeypatch):
+    from activation_cache import ModelSpec, build_cache
+
+    monkeypatch.setenv("SAE_SWEEP_CACHE_DIR", str(tmp_path / "fresh"))  # nothing converted yet
+    for hook, message in (("blocks.3.hook_mlpout", r"did you mean blocks\.3\.hook_mlp_out"),
+                          ("blocks.99.hook_resid_post", r"the model has layers 0-29")):
+        cfg = CacheConfig(output=str(tmp_path / "cache"), model=ModelSpec(),
+                          corpus=_text_corpus(tmp_path / "texts"), hooks=(hook,))
+        with pytest.raises(CacheInputError, match=message):
+            build_cache(cfg)
+    assert not (tmp_path / "fresh" / "models").exists()   # no conversion either
+
+
+def test_a_split_of_few_documents_is_warned_about(tmp_path, caplog):
+    import logging
+
+    from activation_cache import ModelSpec, build_cache
+
+    cfg = CacheConfig(output=str(tmp_path / "cache"), model=ModelSpec(source="tiny", n_ctx=64),
+                      corpus=_text_corpus(tmp_path / "texts", n=6), hooks=(HOOK,),
+                      max_text_length=16, val_fraction=0.2, dtype="float32")
+    with caplog.at_level(logging.WARNING, logger="activation_cache"):
+        build_cache(cfg)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["CacheConfig.corpus: the val split's windows come from only 1 document, "
+                        "so its statistics may not generalise (add documents or split long "
+                        "texts into several files)"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="activation_cache"):   # 12 documents, capped
+        build_cache(cfg.replace(output=str(tmp_path / "capped"), max_tokens=40, val_fraction=0.5,
+                                corpus=_text_corpus(tmp_path / "texts12", n=12)))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and all("max_tokens keeps its first" in w for w in warnings)
+    assert "from 1 of its 6 documents" in warnings[0]

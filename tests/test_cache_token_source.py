@@ -246,3 +246,12 @@ def test_source_options_are_checked(mix_cache):
         reader.token_source(HOOK, dtype=torch.int8)
     src = reader.token_source(HOOK, pin_memory=True)
     assert src.pin_memory == torch.cuda.is_available()
+
+
+def test_a_shuffle_buffer_of_zero_tokens_is_refused(cache):
+    from activation_cache import CacheInputError
+
+    reader = cache[0]
+    for bad in (0, -5, 2.5):
+        with pytest.raises(CacheInputError, match=r"shuffle_buffer_tokens: must be an integer >= 1"):
+            reader.token_source(HOOK, shuffle_buffer_tokens=bad)

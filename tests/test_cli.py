@@ -49,3 +49,57 @@ def test_top_must_be_positive(capsys):
             main(cmd)
         assert exc.value.code == 2
         assert "--top: must be >= 1" in capsys.readouterr().err
+
+
+def test_cache_and_train_say_what_they_wrote_and_take_threads(tmp_path, capsys, caplog):
+    import logging
+
+    import torch
+    import yaml
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i in range(6):
+        (texts / f"d{i}.txt").write_text(f"text number {i} " * 40)
+    cache = tmp_path / "cache"
+    (tmp_path / "cache.yaml").write_text(yaml.safe_dump({
+        "output": str(cache), "model": {"source": "tiny", "n_ctx": 64},
+        "corpus": {"source": "files", "paths": [str(texts)]},
+        "hooks": ["blocks.0.hook_resid_post"], "max_text_length": 64, "dtype": "float32",
+        "shard_tokens": 2048, "val_fraction": 0.34}))
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.INFO, logger="activation_cache"):  # (pytest owns logging)
+            assert main(["cache", str(tmp_path / "cache.yaml"), "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+        summary = caplog.records[-1].getMessage().splitlines()
+        assert summary[0].startswith(f"cache {cache}: train ") and len(summary) == 2
+        assert " tokens (36 windows, 4 documents, 2 shards); val " in summary[0]
+        assert summary[1].startswith("  blocks.0.hook_resid_post (d 64) as float32; ")
+        assert " kB; built in " in summary[1] and "tokens/s)" in summary[1]
+
+        (tmp_path / "train.yaml").write_text(yaml.safe_dump({
+            "cache": str(cache), "out_dir": str(tmp_path / "sae"),
+            "sae": {"d_in": 64, "d_sae": 128, "top_k": 8, "hook_layer": 0},
+            "training": {"num_epochs": 1, "train_batch_tokens": 256, "log_freq": 4,
+                         "init_tokens": 256, "calibration_tokens": 256, "eval_max_tokens": 256,
+                         "show_progress": False}}))
+        assert main(["train", str(tmp_path / "train.yaml"), "--threads", "1"]) == 0
+        last = capsys.readouterr().err.strip().splitlines()[-2:]
+        assert last[0].startswith("trained batchtopk d_sae=128 on blocks.0.hook_resid_post: ")
+        assert last[1] == (f"wrote {tmp_path / 'sae' / 'final'}, {tmp_path / 'sae' / 'best'}, "
+                           f"{tmp_path / 'sae' / 'saelens'} (checkpoints in "
+                           f"{tmp_path / 'sae' / 'checkpoints'})")
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_default_to_the_cores_available():
+    import os
+
+    from sweep.cli import available_cores, build_parser
+
+    assert available_cores() == len(os.sched_getaffinity(0))
+    for cmd in ("cache", "train"):
+        assert build_parser().parse_args([cmd, "x.yaml"]).threads is None   # -> available_cores
+        assert build_parser().parse_args([cmd, "x.yaml", "--threads", "3"]).threads == 3

@@ -90,12 +90,16 @@ def test_resolve_hook_friendly_forms(tiny, friendly, exact):
 
 
 def test_resolve_hook_errors_list_close_names(tiny):
-    with pytest.raises(HookNameError, match=r"unknown hook 'resid_pots\.1'; close valid names: "
-                                            r"blocks\.1\.hook_resid_post"):
+    with pytest.raises(HookNameError, match=r"unknown hook 'resid_pots\.1'; did you mean "
+                                            r"blocks\.1\.hook_resid_post or"):
         resolve_hook(tiny, "resid_pots.1")
-    with pytest.raises(HookNameError, match=r"layer 5 is out of range; the model has 2 layers"):
+    with pytest.raises(HookNameError, match=r"unknown hook 'blocks\.1\.hook_mlpout'; did you "
+                                            r"mean blocks\.1\.hook_mlp_out"):
+        resolve_hook(tiny, "blocks.1.hook_mlpout")
+    with pytest.raises(HookNameError, match=r"layer 5 is out of range: the model has layers 0-1 "
+                                            r".*e\.g\. blocks\.1\.hook_resid_post$"):
         resolve_hook(tiny, "blocks.5.hook_resid_post")
-    with pytest.raises(HookNameError, match=r"valid names are blocks\.<0\.\.1>"):
+    with pytest.raises(HookNameError, match=r"valid names are blocks\.<0-1>"):
         resolve_hook(tiny, "nonsense")
 
 

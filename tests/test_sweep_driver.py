@@ -34,7 +34,7 @@ def test_tune_config_single_objective_with_asha_and_constraints(tmp_path):
     assert tc.num_samples == 9 and tc.time_budget_s == 60
     # the study lives in EXPERIMENT_DIR/optuna.db and is found again by name
     assert (cfg.experiment_path / "optuna.db").exists()
-    assert optuna.load_study(study_name="sae-sweep", storage=cfg.optuna_storage_url())
+    assert optuna.load_study(study_name="sae-sweep-exp", storage=cfg.optuna_storage_url())
 
 
 def test_pareto_objective_puts_metric_lists_on_the_searcher(tmp_path):
@@ -46,6 +46,19 @@ def test_pareto_objective_puts_metric_lists_on_the_searcher(tmp_path):
     assert isinstance(searcher._ot_study.sampler, optuna.samplers.NSGAIISampler)
     assert [d.name for d in searcher._ot_study.directions] == ["MINIMIZE", "MINIMIZE"]
     assert _tune_config(cfg, 64).scheduler is None
+
+
+def test_sweeps_sharing_an_optuna_storage_get_their_own_studies(tmp_path):
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    a = SweepConfig.from_dict(tiny_sweep("c", tmp_path / "sweep-a", optuna_storage=url))
+    b = SweepConfig.from_dict(tiny_sweep("c", tmp_path / "sweep-b", optuna_storage=url))
+    assert (a.study_name, b.study_name) == ("sae-sweep-sweep-a", "sae-sweep-sweep-b")
+    make_searcher(a, d_in=64)
+    make_searcher(b, d_in=64)
+    names = {s.study_name for s in optuna.get_all_study_summaries(storage=url)}
+    assert names == {"sae-sweep-sweep-a", "sae-sweep-sweep-b"}
+    # the resolved name is stored with the config, so a resumed sweep finds its study
+    assert SweepConfig.from_dict(a.to_dict()).study_name == "sae-sweep-sweep-a"
 
 
 def test_any_optuna_storage_url_and_study_name(tmp_path):
@@ -65,6 +78,16 @@ def test_a_cache_without_a_val_split_is_refused_before_any_trial(tmp_path):
     cfg = SweepConfig.from_dict(tiny_sweep(cache, tmp_path / "exp"))
     with pytest.raises(ConfigError, match="SweepConfig.cache: .* has no validation split"):
         run_sweep(cfg)
+    assert not (tmp_path / "exp" / "sweep.json").exists()
+
+
+def test_an_end_to_end_sweep_on_a_cache_without_logits_is_refused_up_front(tmp_path):
+    cache = build_tiny_cache(tmp_path / "cache", max_tokens=2000)   # store_logits: false
+    data = tiny_sweep(cache, tmp_path / "exp")
+    data["training"].update(use_end_to_end=True)
+    with pytest.raises(ConfigError, match=r"SweepConfig.cache: .* stores no clean logits, which "
+                                          r"an end-to-end sweep .*store_logits: true"):
+        run_sweep(SweepConfig.from_dict(data))
     assert not (tmp_path / "exp" / "sweep.json").exists()
 
 

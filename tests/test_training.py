@@ -150,6 +150,34 @@ def test_resume_is_bit_for_bit(tmp_path):
     assert len(straight.history) == len(resumed.history)
 
 
+def test_the_first_loss_window_after_a_ctrl_c_resume_is_whole(tmp_path):
+    import signal
+
+    class CtrlC(ListReporter):
+        def on_step(self, step):
+            super().on_step(step)
+            if step == 15:  # between two reports (log_freq 6): the window holds steps 13-15
+                signal.raise_signal(signal.SIGINT)
+
+    cfg = SAEConfig(d_in=D_IN, d_sae=D_SAE, top_k=3)
+    tc = quiet(num_epochs=2, log_freq=6, checkpoint_every=12)
+    train, val = TensorSource(sparse_data(2048)), TensorSource(sparse_data(512, seed=1))
+    straight = train_sae(build_sae(cfg, seed=0), train, tc, val_source=val,
+                         out_dir=tmp_path / "a", reporter=ListReporter())
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(build_sae(cfg, seed=0), train, tc, val_source=val, out_dir=tmp_path / "b",
+                  reporter=CtrlC())
+    from trainer.checkpoint import latest_checkpoint
+    ckpt = latest_checkpoint(tmp_path / "b")
+    assert ckpt.name == "step_00000015"    # the Ctrl-C checkpoint, mid-window
+    resumed = train_sae(build_sae(cfg, seed=1), train, tc, val_source=val,
+                        out_dir=tmp_path / "b", resume_from=ckpt, reporter=ListReporter())
+    first = next(r for r in resumed.history if r.step > 15)
+    same = next(r for r in straight.history if r.step == first.step)
+    assert first.step == 18 and first.loss == same.loss    # steps 13-18, as without the Ctrl-C
+    assert first.loss_terms == same.loss_terms
+
+
 def test_resuming_a_finished_run_does_nothing(tmp_path):
     cfg = SAEConfig(d_in=D_IN, d_sae=D_SAE, top_k=3)
     tc = quiet(num_epochs=1)

@@ -48,6 +48,9 @@ class TrainerState:
     finished: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
     objective: dict[str, Any] = field(default_factory=dict)
+    window: dict[str, Any] = field(default_factory=dict)
+    """The loss window in progress (sums since the last report; empty at a report step), so the
+    first record after resuming from a mid-window (Ctrl-C) checkpoint averages the same steps."""
 
 
 @contextlib.contextmanager

@@ -134,7 +134,25 @@ def train_from_yaml(path: str | Path, *, out_dir: str | Path | None = None, resu
     sae = _initial_sae(job, path)
     result = train_sae(sae, train_source, job.training, val_source=val_source, out_dir=out,
                        resume_from=resume_from, reporter=reporter, objective=objective)
+    written = [d for d in (result.final_dir, result.best_dir) if d is not None]
     if job.export_saelens:
         export_saelens(result.sae, out / "saelens")
-        reporter.on_message(f"SAELens export: {out / 'saelens'}")
+        written.append(out / "saelens")
+    reporter.on_message(summarize_training(result, hook, written))
     return result
+
+
+def summarize_training(result: TrainResult, hook: str, written: list[Path]) -> str:
+    """What ``sae-sweep train`` prints at the end: the run and where its outputs are."""
+    final = result.final
+    bits = [f"{name} {value:.4g}" for name, value in (
+        ("fvu", getattr(final, "fvu", None)), ("l0", getattr(final, "l0_inference", None)
+                                                or getattr(final, "l0_train", None)),
+        ("dead", getattr(final, "dead_fraction", None))) if value is not None]
+    seconds = getattr(final, "elapsed_s", None)
+    return (f"trained {result.sae.architecture} d_sae={result.sae.cfg.d_sae} on {hook}: "
+            f"{result.steps} steps, {result.tokens_seen:,} tokens"
+            + (f" in {seconds:.1f} s" if seconds else "")
+            + (f"; final {', '.join(bits)}" if bits else "")
+            + f"\nwrote {', '.join(str(d) for d in written)}"
+            + (f" (checkpoints in {result.out_dir / CHECKPOINTS_DIR})" if result.out_dir else ""))

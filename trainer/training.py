@@ -118,6 +118,23 @@ class _Window:
         terms = {k: float(v) / self.counts[k] for k, v in self.sums.items()}
         return float(self.loss) / self.steps, terms
 
+    def state_dict(self) -> dict[str, Any]:
+        """The window as JSON (saved in checkpoints); {} when empty."""
+        if self.steps == 0:
+            return {}
+        return {"loss": float(self.loss), "steps": self.steps, "tokens": self.tokens,
+                "sums": {k: float(v) for k, v in self.sums.items()}, "counts": dict(self.counts),
+                "seconds": time.perf_counter() - self.started}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue a window saved mid-way (the sums are fp32 values: continuing from them
+        gives the same means as an uninterrupted window)."""
+        if not state:
+            return
+        self.loss, self.steps, self.tokens = state["loss"], state["steps"], state["tokens"]
+        self.sums, self.counts = dict(state["sums"]), dict(state["counts"])
+        self.started = time.perf_counter() - float(state.get("seconds", 0.0))
+
 
 def train_sae(sae: SAE, train_source: Any, config: TrainingConfig, *, val_source: Any = None,
               out_dir: str | Path | None = None, resume_from: str | Path | None = None,
@@ -257,6 +274,7 @@ class _Loop:
         self.config, self.objective, self.optimizer = config, objective, optimizer
         self.reporter, self.out, self.state, self.history = reporter, out, state, history
         self.window = _Window()
+        self.window.load_state_dict(state.window)  # a Ctrl-C checkpoint's window in progress
         self.lr = optimizer.param_groups[0]["lr"]
         self.params = [p for p in sae.parameters() if p.requires_grad]
         self.started = time.perf_counter()
@@ -379,6 +397,7 @@ class _Loop:
     def write_checkpoint(self) -> Path:
         assert self.out is not None
         self.state.objective = self.objective.state_dict()
+        self.state.window = self.window.state_dict()
         path = self.out / CHECKPOINTS_DIR / checkpoint_name(self.state.step)
         save_checkpoint(path, sae=self.sae, optimizer=self.optimizer, state=self.state,
                         config=self.config)
