@@ -255,7 +255,7 @@ def test_a_split_of_few_documents_is_warned_about(tmp_path, caplog):
 
     cfg = CacheConfig(output=str(tmp_path / "cache"), model=ModelSpec(source="tiny", n_ctx=64),
                       corpus=_text_corpus(tmp_path / "texts", n=6), hooks=(HOOK,),
-                      max_text_length=16, val_fraction=0.2, dtype="float32")
+                      max_text_length=16, val_fraction=0.2, test_fraction=0.0, dtype="float32")
     with caplog.at_level(logging.WARNING, logger="activation_cache"):
         build_cache(cfg)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

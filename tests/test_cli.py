@@ -66,7 +66,7 @@ def test_cache_and_train_say_what_they_wrote_and_take_threads(tmp_path, capsys, 
         "output": str(cache), "model": {"source": "tiny", "n_ctx": 64},
         "corpus": {"source": "files", "paths": [str(texts)]},
         "hooks": ["blocks.0.hook_resid_post"], "max_text_length": 64, "dtype": "float32",
-        "shard_tokens": 2048, "val_fraction": 0.34}))
+        "shard_tokens": 2048, "val_fraction": 0.34, "test_fraction": 0.0}))
     before = torch.get_num_threads()
     try:
         with caplog.at_level(logging.INFO, logger="activation_cache"):  # (pytest owns logging)
