@@ -274,9 +274,11 @@ def test_a_trial_lost_with_the_driver_before_its_first_report_is_rerun_and_shown
     finally:
         if driver.poll() is None:
             driver.kill()
+    reported = load_results(exp)
+    reported = reported[reported["step"].notna()]["trial_id"]
+    assert lost not in set(reported)            # the driver never had a report from it
     time.sleep(3)
-    _kill_session(driver.pid)
-    assert not list((exp / "tune").glob(f"train_trial_{lost}_*/checkpoint_*"))  # never reported
+    _kill_session(driver.pid)   # (its worker may have written a checkpoint Tune never saw)
     assert lost not in _saved_state(exp / "tune")   # the situation under test
 
     resumed = subprocess.run([SAE_SWEEP, "sweep", "--resume", str(exp)], cwd=ROOT, env=env,
