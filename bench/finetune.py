@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-sample", type=int, default=2048)
     ap.add_argument("--variants", default="full", choices=["full", "quick"])
+    ap.add_argument("--only", nargs="+", default=None,
+                    help="run only these variants (local always runs: it is the reference)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from activation_cache import open_cache
@@ -123,8 +125,13 @@ def main() -> None:
         variants += [("ft10", dict(ft, finetune_fraction=0.10)),
                      ("ft5 lr/50", dict(ft, finetune_fraction=0.05, finetune_lr=lr / 50)),
                      ("ft5 kl x3", dict(ft, finetune_fraction=0.05, logit_kl_weight=3.0)),
+                     ("ft5 exact kl", dict(ft, finetune_fraction=0.05, logit_kl_clean="live")),
+                     ("ft5 exact lr/50", dict(ft, finetune_fraction=0.05, logit_kl_clean="live",
+                                              finetune_lr=lr / 50)),
                      ("ft5 kl fixed", dict(ft, finetune_fraction=0.05, logit_kl_scale="fixed",
                                            logit_kl_weight=1.0))]
+    if args.only:
+        variants = [v for v in variants if v[0] == "local" or v[0] in args.only]
     cached_tokens = args.tokens  # every approach caches its training tokens once
     print(f"tokens {args.tokens}, batch {args.batch}, d_sae {args.d_sae}, k {args.k}, lr {lr}; "
           f"scored on the test split ({args.eval_tokens} tokens)")

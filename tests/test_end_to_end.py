@@ -421,3 +421,14 @@ def test_kl_temperature_comes_from_the_training_config(model):
     assert EndToEndObjective(model, _e2e_config(logit_kl_temperature=2.0)).kl_temperature == 2.0
     with pytest.raises(ConfigError, match="logit_kl_temperature"):
         _e2e_config(logit_kl_temperature=0.0)
+
+
+def test_live_clean_logits_give_the_exact_kl(model, cache_full, cache_exact):
+    """logit_kl_clean: live computes the clean distribution with a pass of its own: the exact
+    KL, equal to what a cache holding every log-prob gives, and above the compact lower bound."""
+    sae = _standard_sae()
+    live = EndToEndObjective(model, _e2e_config(logit_kl_clean="live")).step(sae, _batch(cache_full))
+    exact = EndToEndObjective(model, _e2e_config()).step(sae, _batch(cache_exact))
+    compact = EndToEndObjective(model, _e2e_config()).step(sae, _batch(cache_full))
+    assert float(live.stats["kl"]) == pytest.approx(float(exact.stats["kl"]), rel=1e-4)
+    assert float(compact.stats["kl"]) < float(live.stats["kl"])

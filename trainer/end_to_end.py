@@ -379,7 +379,7 @@ class EndToEndObjective(Objective):
         site = self.site(sae)
         layers = self.block_layers(site)
         use_kl = cfg.use_logit_kl
-        cached = batch.clean_topk_logprobs is not None
+        cached = batch.clean_topk_logprobs is not None and cfg.logit_kl_clean == "cached"
         need_clean_logits = use_kl and not cached
         scale = float(sae.input_scale)
         leaf = patch.requires_grad_(torch.is_grad_enabled())

@@ -101,6 +101,11 @@ class TrainingConfig(StrictConfig):
     logit_kl_temperature: float = 1.0
     """Temperature T of the KL training term: both distributions' logits are divided by T
     (evaluation's ``kl_div`` is always at T = 1)."""
+    logit_kl_clean: str = "cached"
+    """Where the KL training term's clean distribution comes from: ``cached`` (the cache's
+    compact logits: the top-k log-probs and one tail bucket, a lower bound of the KL) or
+    ``live`` (a clean pass from the splice point per batch: the exact KL over the whole
+    vocabulary, for one more forward without grad). Evaluation always uses what the cache has."""
     logit_kl_scale: str = "fixed"
     """How ``logit_kl_weight`` is read: ``fixed`` (the KL term is weight x KL) or ``mse`` (the
     weight is relative to the reconstruction MSE when the end-to-end phase starts: the term is
@@ -205,6 +210,8 @@ class TrainingConfig(StrictConfig):
                               and value > 0, name, f"must be > 0, got {value!r}")
         self._require(self.autocast in (None, "bf16"), "autocast",
                       f"must be null or 'bf16', got {self.autocast!r}")
+        self._require(self.logit_kl_clean in ("cached", "live"), "logit_kl_clean",
+                      f"must be 'cached' or 'live', got {self.logit_kl_clean!r}")
         self._require(self.logit_kl_scale in ("fixed", "mse"), "logit_kl_scale",
                       f"must be 'fixed' or 'mse', got {self.logit_kl_scale!r}")
         self._require(isinstance(self.finetune_fraction, (int, float))
