@@ -36,9 +36,10 @@ from .sweep_config import SweepConfig
 logger = logging.getLogger("sweep.demo")
 
 DEMO_HOOK = "blocks.6.hook_resid_post"
-DEMO_CACHE_TOKENS = 80_000
-"""Real tokens cached (train + val + test); a few minutes of SmolLM2 on 2 cores."""
-DEMO_TOKENS_PER_TRIAL = 100_000
+DEMO_CACHE_TOKENS = 48_000
+"""Real tokens cached (train + val + test), with the compact logits the fine-tune needs (a full
+forward of SmolLM2 per token: about 4 minutes on 2 cores)."""
+DEMO_TOKENS_PER_TRIAL = 80_000
 DEMO_FINETUNE_FRACTION = 0.05
 DEMO_NUM_SAMPLES = 6
 DEMO_MAX_CONCURRENT = 2
