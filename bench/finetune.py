@@ -68,7 +68,7 @@ def run(reader, hook: str, model, args, name: str, **training) -> dict:
     s = job_sources(reader, cfg, hook, model=model)
     start = time.perf_counter()
     result = train_sae(sae, s.train, cfg, val_source=None, objective=s.objective,
-                       reporter=_Quiet())
+                       reporter=_quiet())
     seconds = time.perf_counter() - start
     # one scorer for all: the end-to-end evaluation of the shipped SAE on the test windows
     scorer = job_sources(reader, cfg.replace(use_end_to_end=True, finetune_fraction=0.0), hook,
@@ -78,12 +78,15 @@ def run(reader, hook: str, model, args, name: str, **training) -> dict:
             "kl": rec.kl_div, "fvu": rec.fvu, "l0": rec.l0, "tokens": result.tokens_seen}
 
 
-class _Quiet:
-    def on_train_start(self, **kw): pass
-    def on_step(self, step): pass
-    def on_metrics(self, record, checkpoint_dir): pass
-    def on_message(self, text): pass
-    def on_train_end(self, result): pass
+
+
+def _quiet():
+    """The trainer's console reporter, writing nowhere (the bench prints its own table)."""
+    import io
+
+    from trainer import ConsoleReporter
+
+    return ConsoleReporter(show_progress=False, stream=io.StringIO())
 
 
 def main() -> None:

@@ -68,12 +68,6 @@ def batches(source, batch: int, steps: int, seed: int):
         epoch += 1
 
 
-class _Quiet:
-    def on_train_start(self, **kw): pass
-    def on_step(self, step): pass
-    def on_metrics(self, record, checkpoint_dir): pass
-    def on_message(self, text): pass
-    def on_train_end(self, result): pass
 
 
 def ours(train, test, *, d_sae, k, lr, steps, batch, matched, dead_window) -> dict:
@@ -88,7 +82,7 @@ def ours(train, test, *, d_sae, k, lr, steps, batch, matched, dead_window) -> di
                          save_best=False, show_progress=False, **extra)
     sae = build_sae(SAEConfig(d_in=train.d_in, d_sae=d_sae, top_k=k, **sae_extra), seed=0)
     t0 = time.perf_counter()
-    result = train_sae(sae, train, cfg, reporter=_Quiet())
+    result = train_sae(sae, train, cfg, reporter=_quiet())
     seconds = time.perf_counter() - t0
     shipped = result.sae.eval()
     fvu, l0 = fvu_l0(shipped.encode, shipped.decode, test)
@@ -136,6 +130,15 @@ def saelens(train, test, *, d_sae, k, lr, steps, batch, matched, dead_window) ->
     fvu, l0 = fvu_l0(lambda xb: shipped.encode(xb * scale), lambda f: shipped.decode(f) / scale,
                      test)
     return {"fvu": fvu, "l0": l0, "seconds": seconds, "steps": steps}
+
+
+def _quiet():
+    """The trainer's console reporter, writing nowhere (the bench prints its own table)."""
+    import io
+
+    from trainer import ConsoleReporter
+
+    return ConsoleReporter(show_progress=False, stream=io.StringIO())
 
 
 def main() -> None:
