@@ -6,7 +6,8 @@ d_sae 2304, k 32. Both libraries train on the **same shuffled token batches in t
 code** on the cache's **test** split with **each library's shipped encoder**: ours is
 ``sae.encode``/``decode`` (the threshold calibrated on training tokens); SAELens's is what its
 ``save_inference_model`` writes, loaded back with ``SAE.load_from_disk`` (a JumpReLU with its
-running threshold). Figures: FVU and the shipped encoder's L0 on the test tokens.
+running threshold). Figures: FVU and the shipped encoder's L0 on the test tokens; the best lr
+of a grid is chosen on the val tokens (FVU), never on test.
 
 Rows, each over an lr grid (``--lrs``):
 
@@ -70,7 +71,15 @@ def batches(source, batch: int, steps: int, seed: int):
 
 
 
-def ours(train, test, *, d_sae, k, lr, steps, batch, matched, dead_window) -> dict:
+def scores(encode: Callable, decode: Callable, held: dict) -> dict:
+    """``fvu_<split>`` and ``l0_<split>`` of one encoder on each held-out set."""
+    out = {}
+    for split, x in held.items():
+        out[f"fvu_{split}"], out[f"l0_{split}"] = fvu_l0(encode, decode, x)
+    return out
+
+
+def ours(train, held, *, d_sae, k, lr, steps, batch, matched, dead_window) -> dict:
     from trainer import SAEConfig, TrainingConfig, build_sae, train_sae
 
     extra: dict[str, Any] = {}
@@ -85,11 +94,11 @@ def ours(train, test, *, d_sae, k, lr, steps, batch, matched, dead_window) -> di
     result = train_sae(sae, train, cfg, reporter=_quiet())
     seconds = time.perf_counter() - t0
     shipped = result.sae.eval()
-    fvu, l0 = fvu_l0(shipped.encode, shipped.decode, test)
-    return {"fvu": fvu, "l0": l0, "seconds": seconds, "steps": result.steps}
+    return {**scores(shipped.encode, shipped.decode, held), "seconds": seconds,
+            "steps": result.steps}
 
 
-def saelens(train, test, *, d_sae, k, lr, steps, batch, matched, dead_window) -> dict:
+def saelens(train, held, *, d_sae, k, lr, steps, batch, matched, dead_window) -> dict:
     from sae_lens import SAE as LensSAE
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
@@ -127,9 +136,8 @@ def saelens(train, test, *, d_sae, k, lr, steps, batch, matched, dead_window) ->
     with tempfile.TemporaryDirectory() as tmp:
         sae.save_inference_model(tmp)
         shipped = LensSAE.load_from_disk(tmp, device="cpu")
-    fvu, l0 = fvu_l0(lambda xb: shipped.encode(xb * scale), lambda f: shipped.decode(f) / scale,
-                     test)
-    return {"fvu": fvu, "l0": l0, "seconds": seconds, "steps": steps}
+    return {**scores(lambda xb: shipped.encode(xb * scale), lambda f: shipped.decode(f) / scale,
+                     held), "seconds": seconds, "steps": steps}
 
 
 def _quiet():
@@ -165,13 +173,15 @@ def main() -> None:
 
     reader = open_cache(args.cache)
     train = reader.token_source(args.hook, "train")
-    test = torch.cat(list(reader.token_source(args.hook, "test").iter_batches(
-        4096, seed=0, epoch=0)))[: args.test_tokens].float()
+    held = {split: torch.cat(list(reader.token_source(args.hook, split).iter_batches(
+        4096, seed=0, epoch=0)))[: args.test_tokens].float() for split in ("val", "test")}
     default_lr = TrainingConfig().lr
-    print(f"{args.hook}: train {train.num_tokens} tokens, scored on {test.shape[0]} test tokens; "
-          f"d_sae {args.d_sae}, k {args.k}, batch {args.batch}, {args.threads} threads; "
+    print(f"{args.hook}: train {train.num_tokens} tokens; the best lr is chosen on "
+          f"{held['val'].shape[0]} val tokens, figures reported on {held['test'].shape[0]} test "
+          f"tokens; d_sae {args.d_sae}, k {args.k}, batch {args.batch}, {args.threads} threads; "
           f"default lr {default_lr}")
-    print(f"{'row':<18} {'steps':>6} {'lr':>8} {'test_fvu':>9} {'test_l0':>8} {'train_s':>8}")
+    print(f"{'row':<18} {'steps':>6} {'lr':>8} {'val_fvu':>8} {'test_fvu':>9} {'test_l0':>8} "
+          f"{'train_s':>8}")
     results: dict = {}
     for steps in args.budgets:
         for row in args.rows:
@@ -181,20 +191,22 @@ def main() -> None:
             lrs = sorted(set(args.lrs) | ({default_lr} if row == "ours/defaults" else set()))
             for lr in lrs:
                 fn = ours if lib == "ours" else saelens
-                r = fn(train, test, d_sae=args.d_sae, k=args.k, lr=lr, steps=steps,
+                r = fn(train, held, d_sae=args.d_sae, k=args.k, lr=lr, steps=steps,
                        batch=args.batch, matched=recipe == "matched",
                        dead_window=args.dead_window)
                 results[(row, steps, lr)] = r
-                print(f"{row:<18} {steps:>6} {lr:>8.2g} {r['fvu']:>9.4f} {r['l0']:>8.1f} "
-                      f"{r['seconds']:>8.1f}", flush=True)
+                print(f"{row:<18} {steps:>6} {lr:>8.2g} {r['fvu_val']:>8.4f} "
+                      f"{r['fvu_test']:>9.4f} {r['l0_test']:>8.1f} {r['seconds']:>8.1f}",
+                      flush=True)
     for steps in args.budgets:
         grid = {lr: r for (row, s, lr), r in results.items() if row == "ours/defaults" and s == steps}
         if not grid:
             continue
-        best_lr = min(grid, key=lambda lr: grid[lr]["fvu"])
-        best, default = grid[best_lr]["fvu"], grid.get(default_lr, {}).get("fvu", math.nan)
-        print(f"{steps} steps: best lr {best_lr:g} (fvu {best:.4f}); default lr {default_lr:g} "
-              f"fvu {default:.4f} = {default / best - 1:+.1%} from the best")
+        best_lr = min(grid, key=lambda lr: grid[lr]["fvu_val"])  # selection: val, never test
+        best = grid[best_lr]["fvu_test"]
+        default = grid.get(default_lr, {}).get("fvu_test", math.nan)
+        print(f"{steps} steps: best lr on val {best_lr:g} (test fvu {best:.4f}); default lr "
+              f"{default_lr:g} test fvu {default:.4f} = {default / best - 1:+.1%} from it")
 
 
 if __name__ == "__main__":
