@@ -99,14 +99,9 @@ def evaluate_sae_dir(sae_dir: str | Path, *, cache: str, split: Optional[str] = 
         raise ConfigError(f"{Path(sae_dir) / 'config.json'}: d_in={sae.cfg.d_in} but the cache "
                           f"stores {hook} with d_in={source.d_in}")
     model = model if model is not None else load_cache_model(reader)
-    objective = EndToEndObjective(model, TrainingConfig(show_progress=show_progress))
-    sae.eval()
-    metrics = objective.evaluate(sae, source, max_tokens)
-    record = MetricsRecord(step=0, tokens_seen=0)
-    for key, value in metrics.items():
-        setattr(record, key, value)
-    record.threshold = sae.inference_threshold()
-    record.eval_split = split
+    config = TrainingConfig(show_progress=show_progress, eval_max_tokens=max_tokens)
+    record = evaluate_split(sae, source, config, split=split,
+                            objective=EndToEndObjective(model, config))
     out = stream if stream is not None else sys.stdout
     out.write(format_metrics(record, output_format,
                              header=f"{sae_dir} on {cache} [{split}]{note}"))
