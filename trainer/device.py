@@ -27,17 +27,32 @@ from activation_cache import ConfigError
 _SPEC = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
 
 
+def _parse(spec: object) -> tuple[str, str | None] | None:
+    """``(kind, index)`` of a device spec, or None when it is not one."""
+    if not isinstance(spec, (str, torch.device)):
+        return None
+    match = _SPEC.match(str(spec).strip().lower())
+    if match is None or (match.group(2) is not None and match.group(1) != "cuda"):
+        return None
+    return match.group(1), match.group(2)
+
+
+def is_device_spec(spec: object) -> bool:
+    """Whether ``spec`` is a device spec ``resolve_device`` understands (checked without
+    looking for CUDA, so a config written on a GPU machine validates on a CPU one)."""
+    return _parse(spec) is not None
+
+
 def resolve_device(spec: str | torch.device = "auto", *, field: str = "device") -> torch.device:
     """The torch device of ``spec`` (``auto``, ``cpu``, ``cuda`` or ``cuda:N``).
 
     ``field`` names the setting in error messages (e.g. ``"SAEConfig.device"``).
     """
-    text = str(spec).strip().lower() if isinstance(spec, (str, torch.device)) else None
-    match = _SPEC.match(text) if text else None
-    if match is None or (match.group(2) is not None and match.group(1) != "cuda"):
+    parsed = _parse(spec)
+    if parsed is None:
         raise ConfigError(f"{field}: {spec!r} is not a device; use 'auto', 'cpu', 'cuda' or "
                           "'cuda:N'")
-    kind, index = match.group(1), match.group(2)
+    kind, index = parsed
     if kind == "cpu":
         return torch.device("cpu")
     available = torch.cuda.is_available()

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Optional
@@ -38,8 +37,7 @@ import torch
 from activation_cache import ConfigError, StrictConfig
 
 from . import registry
-
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+from .device import is_device_spec
 
 DTYPES = {
     "float32": torch.float32,
@@ -209,7 +207,7 @@ class SAEConfig(StrictConfig):
                       f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         self._require(isinstance(self.device, str) and bool(self.device), "device",
                       f"must be a device string such as 'cpu' or 'cuda', got {self.device!r}")
-        self._require(_DEVICE.match(self.device.strip().lower()) is not None, "device",
+        self._require(is_device_spec(self.device), "device",
                       f"{self.device!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
         self._require(self.hook_layer >= 0, "hook_layer", f"must be >= 0, got {self.hook_layer}")
         self._require(self.n_batches_to_dead >= 1, "n_batches_to_dead",
