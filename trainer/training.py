@@ -229,7 +229,8 @@ def train_sae(sae: SAE, train_source: Any, config: TrainingConfig, *, val_source
     if message:
         reporter.on_message(message)
     state.finished = True
-    last_ckpt = loop.report(checkpoint=out is not None) or last_ckpt
+    # the SAE itself is now what export ships (calibrated just above): no calibrated copy
+    last_ckpt = loop.report(checkpoint=out is not None, model=sae) or last_ckpt
     final = history[-1]
     final_dir = None
     if out is not None:
@@ -371,8 +372,9 @@ class _Loop:
         self.window.reset()
         return record
 
-    def report(self, *, checkpoint: bool) -> Optional[Path]:
-        model = self.shipped()
+    def report(self, *, checkpoint: bool, model: Optional[SAE] = None) -> Optional[Path]:
+        """Evaluate ``model`` (default: what export would ship now), keep the best, checkpoint."""
+        model = model if model is not None else self.shipped()
         record = self.evaluate(model)
         self.history.append(record)
         self.state.history.append(record.to_dict())
