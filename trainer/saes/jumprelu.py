@@ -112,9 +112,9 @@ class JumpReLUSAE(SAE):
     Options: ClassVar[type[ArchitectureOptions]] = JumpReLUOptions
 
     def init_architecture(self) -> None:
-        self.threshold = nn.Parameter(torch.full((self.cfg.d_sae,),
-                                                 float(self.cfg.jumprelu_init_threshold),
-                                                 dtype=torch.float32, device=self.device))
+        # filled with jumprelu_init_threshold by initialize_weights
+        self.threshold = nn.Parameter(torch.empty(self.cfg.d_sae, dtype=torch.float32,
+                                                  device=self.device))
 
     @torch.no_grad()
     def initialize_weights(self, seed: Optional[int] = None) -> None:
