@@ -98,7 +98,7 @@ class TwoPhaseObjective(Objective):
         if self._plan is None:
             raise RuntimeError("schedule() before planned_steps()")
         s1, s2 = self._plan
-        ft_lr = self.config.finetune_lr if self.config.finetune_lr is not None else base_lr / 10
+        ft_lr = self.config.resolved_finetune_lr(base_lr)
         return PhasedSchedule([Schedule(self.config, base_lr, s1),
                                Schedule(self.config, ft_lr, s2)])
 

@@ -279,11 +279,9 @@ class TrainingConfig(StrictConfig):
             return min(self.lr_warmup_steps, total_steps // 10)
         return int(round(self.lr_warmup_fraction * total_steps))
 
-    def resolved_finetune_lr(self, d_sae: int) -> float:
-        """``finetune_lr``, or a tenth of the local phase's lr."""
-        if self.finetune_lr is not None:
-            return self.finetune_lr
-        return self.resolved_lr(d_sae) / 10.0
+    def resolved_finetune_lr(self, base_lr: float) -> float:
+        """``finetune_lr``, or a tenth of the local phase's peak lr ``base_lr``."""
+        return self.finetune_lr if self.finetune_lr is not None else base_lr / 10.0
 
     def resolved_lr(self, d_sae: int) -> float:
         """``lr``, or the auto rule 2e-4 / sqrt(d_sae / 2**14) when it is None."""
