@@ -11,6 +11,7 @@ imports nothing of theirs (no import loop: ``saes/*`` -> ``saes.base`` -> ``sae_
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -93,25 +94,20 @@ def load_sae(path: str | Path, device: Optional[str] = None) -> "SAE":
     return SAE.load(path, device=device)
 
 
-# the registry is what trainer exports as SAE_REGISTRY (a live view, filled on first use)
-class _RegistryView(dict):
+class _RegistryView(Mapping):
+    """Read-only ``name -> SAE class`` view of the registry (filled on first use)."""
+
     def __getitem__(self, key: str) -> Any:
-        return sae_class(key)
+        if key not in _classes():
+            raise KeyError(key)
+        return _classes()[key]
 
-    def __iter__(self):  # type: ignore[override]
+    def __iter__(self) -> Iterator[str]:
         return iter(architecture_names())
-
-    def __contains__(self, key: object) -> bool:
-        return key in _classes()
 
     def __len__(self) -> int:
         return len(_classes())
 
-    def keys(self):  # type: ignore[override]
-        return architecture_names()
 
-    def items(self):  # type: ignore[override]
-        return [(n, _classes()[n]) for n in architecture_names()]
-
-
-SAE_REGISTRY = _RegistryView()
+SAE_REGISTRY: Mapping[str, Any] = _RegistryView()
+"""What trainer exports: every registered architecture's class by name."""
