@@ -246,9 +246,9 @@ def build_from_windows(cfg: CacheConfig, model, identity: dict, windows: dict[st
 
 
 def describe_cache(manifest: dict, uri: str, *, tokens_built: int | None = None) -> str:
-    """What a cache holds, one short line each: where, total size and build time (with
-    ``tokens_built``, the tokens this run computed, its throughput); tokens, windows, documents
-    and shards per split; the hooks. What ``sae-sweep cache`` prints at the end."""
+    """What a cache holds, one short line each: where and its size; tokens, windows, documents
+    and shards per split; the hooks; the build time (with ``tokens_built``, the tokens this run
+    computed, its throughput). What ``sae-sweep cache`` prints at the end."""
     splits = manifest.get("splits", {})
     lines = []
     for name, info in splits.items():
@@ -264,9 +264,9 @@ def describe_cache(manifest: dict, uri: str, *, tokens_built: int | None = None)
     seconds = manifest.get("build_seconds")
     speed = (f" ({tokens_built:,} tokens, {tokens_built / seconds:,.0f} tokens/s)"
              if seconds and tokens_built else "")
-    head = (f"cache {uri}: {_size(manifest.get('total_bytes', 0))}"
-            + (f"; built in {seconds:.1f} s{speed}" if seconds else ""))
-    return "\n".join([head, *lines])
+    head = f"cache {uri}: {_size(manifest.get('total_bytes', 0))}"
+    built = [f"  built in {seconds:.1f} s{speed}"] if seconds else []
+    return "\n".join([head, *lines, *built])
 
 
 def _size(n: float) -> str:
