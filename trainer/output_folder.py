@@ -134,20 +134,26 @@ def _choose_another(flag: Optional[str]) -> str:
     return "move those files away, or choose another output folder"
 
 
+def _known(where: Any) -> Optional[Path]:
+    """``where()`` resolved (``Path.home``, ``Path.cwd``), or None when it cannot be known."""
+    try:
+        return where().resolve()
+    except (OSError, RuntimeError, KeyError):
+        return None
+
+
 def _dangerous(path: Path) -> Optional[str]:
     """Why ``path`` may never be an output folder (None when it may)."""
     resolved = path.resolve()
-    home = Path.home().resolve()
     project = Path(__file__).resolve().parents[1]
-    cwd = Path.cwd().resolve()
     if resolved == Path(resolved.anchor):
         return "is the filesystem root"
-    if resolved == home or home.is_relative_to(resolved):
+    home = _known(Path.home)
+    if home is not None and home.is_relative_to(resolved):
         return "is your home folder" if resolved == home else "holds your home folder"
-    if resolved == cwd:
-        return "is the current folder"
-    if cwd.is_relative_to(resolved):
-        return "holds the current folder"
+    cwd = _known(Path.cwd)
+    if cwd is not None and cwd.is_relative_to(resolved):
+        return "is the current folder" if resolved == cwd else "holds the current folder"
     if project.is_relative_to(resolved):
         return f"holds the sae-sweep project ({project})"
     return None
