@@ -57,9 +57,10 @@ def export_trial(experiment_dir: str | Path, *, trial: str = "best", out_dir: st
     export_sae(sae, out, output_format=output_format, facts=facts,
                card=model_card(row, sae.cfg, info, output_format, facts), flag="--out")
     figures = figures_text(split_figures(row)) or "no figures recorded"
-    logger.info("exported trial %s (%s) in %s format to %s: %s", row["trial_id"], figures,
-                "SAELens" if output_format == "saelens" else "sae-sweep's native", out,
-                ", ".join(sorted(p.name for p in out.iterdir() if not p.name.startswith("."))))
+    logger.info("exported trial %s in %s format to %s: %s\n  shipped encoder: %s",
+                row["trial_id"], "SAELens" if output_format == "saelens" else "sae-sweep's native",
+                out, ", ".join(sorted(p.name for p in out.iterdir() if not p.name.startswith("."))),
+                figures)
     return out
 
 

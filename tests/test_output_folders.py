@@ -223,7 +223,9 @@ def test_cli_export_refuses_a_user_folder_a_file_and_the_current_folder(
     # a new folder works, and the closing line labels the figures with their split
     with caplog.at_level(logging.INFO, logger="sweep"):  # (pytest owns logging)
         assert cli_main(["export", str(experiment), "--out", str(tmp_path / "new")]) == 0
-    assert "(val fvu 0.3, l0 2.0; test fvu 0.31, l0 2.1)" in caplog.records[-1].getMessage()
+    closing = caplog.records[-1].getMessage().splitlines()
+    assert closing[0].startswith(f"exported trial t1 in SAELens format to {tmp_path / 'new'}: ")
+    assert closing[1] == "  shipped encoder: val fvu 0.3, l0 2.0; test fvu 0.31, l0 2.1"
     card = (tmp_path / "new" / "README.md").read_text()
     assert "| metric | val (selection) | test (reported) |" in card
     assert "| fvu | 0.3 | 0.31 |" in card
