@@ -13,10 +13,13 @@ Public API (everything else in this package is internal):
     open_cache, CacheReader, SequenceBatch, CacheTokenSource
                                            -- read it: shuffled token batches, whole windows
     compact_logprobs, compact_kl           -- compact clean next-token distributions and their KL
+    progress_bar, LineProgress, is_terminal
+                                           -- progress: a bar on a terminal, plain lines in a log
     CacheError, CacheExistsError, CorruptCacheError, CacheMismatchError, CacheInputError
 """
 
 from .errors import UserError
+from .progress import LineProgress, is_terminal, progress_bar
 from .strict_config import ConfigError, StrictConfig
 from .corpus import CorpusError, CorpusSpec, Document, load_corpus, split_documents
 from .models import HookNameError, ModelLoadError, ModelSpec, load_model, model_identity, resolve_hook
@@ -28,7 +31,8 @@ from .builder import build_cache
 from .reader import CacheReader, CacheTokenSource, SequenceBatch, open_cache
 from .compact_logits import compact_kl, compact_logprobs
 
-__all__ = ["UserError", "ConfigError", "StrictConfig"]
+__all__ = ["UserError", "ConfigError", "StrictConfig", "progress_bar", "LineProgress",
+           "is_terminal"]
 __all__ += ["ModelSpec", "load_model", "model_identity", "resolve_hook", "ModelLoadError",
             "HookNameError"]
 __all__ += ["CorpusSpec", "Document", "load_corpus", "split_documents", "CorpusError"]

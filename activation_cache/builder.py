@@ -4,8 +4,10 @@ What one build does:
 
 1. **Check the output.** ``build.json`` (the config and the model identity) is written before any
    shard. Over an existing cache built from a different config, or with a different model, the
-   build stops with :class:`CacheExistsError` unless ``overwrite=True`` (which empties the output
-   first). A finished cache with the same config is returned as is.
+   build stops with :class:`CacheExistsError` unless ``overwrite=True`` (which deletes the old
+   cache's files first). A folder that is not a cache, or a cache holding other files too, is
+   refused even with ``overwrite``: nothing a build did not write is ever deleted. A finished
+   cache with the same config is returned as is.
 2. **Plan.** The corpus is tokenized into windows (train/val split by document), and each split's
    windows are cut into shards of consecutive windows. The plan depends only on the config, so a
    rerun produces the same shard boundaries.
@@ -38,17 +40,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .cache_config import CacheConfig
 from .cache_errors import CacheError, CacheExistsError, CacheInputError, CorruptCacheError
 from .corpus import load_corpus, split_documents
 from .manifest import (FORMAT, MANIFEST, SPLITS, VERSION, canonical_json, read_manifest,
                        write_manifest)
+from .progress import progress_bar
 from .models import (HookNameError, check_hook_name, config_hook_names, load_model,
                      model_identity)
 from .shard_writer import TORCH_DTYPES, Layout, ShardWriter, Unit, Windows, make_layout
-from .storage import Storage
+from .storage import TEMP_MARKER, Storage
 from .windowed import WindowedTextDataset
 
 log = logging.getLogger("activation_cache")
@@ -107,19 +109,63 @@ def build_cache(cfg: CacheConfig, *, overwrite: bool = False, num_workers: int =
                               overwrite=overwrite, num_workers=num_workers, address=address)
 
 
+CACHE_FOLDERS = ("shards/", "index/", "parts/")
+"""Where a cache's own files live (besides MANIFEST and BUILD_FILE at the top)."""
+
+
+def is_cache_file(rel: str) -> bool:
+    """Whether ``rel`` (relative to a cache root) is a name a build writes."""
+    if rel in (MANIFEST, BUILD_FILE):
+        return True
+    return any(rel.startswith(p) and "/" not in rel[len(p):] for p in CACHE_FOLDERS)
+
+
+def _written_by_us(storage: Storage) -> bool:
+    """Whether the build marker (``build.json``, or ``manifest.json`` of a cache from before
+    it) says sae-sweep wrote this cache."""
+    for name in (BUILD_FILE, MANIFEST):
+        if storage.exists(name):
+            try:
+                data = json.loads(storage.read_bytes(name))
+            except (CacheError, json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(data, dict) and data.get("format") == FORMAT:
+                return True
+    return False
+
+
 def _check_existing(cfg: CacheConfig, storage: Storage, overwrite: bool) -> bool:
-    """Refuse a different config (unless overwrite); True when the same cache is complete."""
+    """Refuse a different config (unless overwrite) and anything that is not our cache (always);
+    True when the same cache is complete.
+
+    ``overwrite`` replaces only a cache (its ``build.json`` / ``manifest.json`` say sae-sweep
+    wrote it) holding nothing but a cache's own files; a folder holding anything else is
+    refused and nothing in it is touched (local folders and object-store prefixes alike)."""
+    where = storage.describe("")
+    if not storage.is_file_or_missing():
+        raise CacheExistsError(f"{where}: is a file, not a folder; choose another output")
+    files = storage.list("")
     if not storage.exists(BUILD_FILE) and not storage.exists(MANIFEST):
-        leftovers = storage.list("")
-        if leftovers and not overwrite:
+        if files:
             raise CacheExistsError(
-                f"{storage.describe('')}: not empty and not a cache ({leftovers[0]} ...); "
-                "choose another output or pass overwrite (--overwrite) to replace it"
-            )
+                f"{where}: not empty and not a cache ({files[0]} ...); nothing was changed; "
+                "choose another output (--overwrite replaces only a cache)")
         return False
+    if not _written_by_us(storage):
+        raise CacheExistsError(
+            f"{where}: its {BUILD_FILE if storage.exists(BUILD_FILE) else MANIFEST} was not "
+            "written by sae-sweep (not a cache); nothing was changed; choose another output")
+    foreign = [rel for rel in files
+               if not is_cache_file(rel.split(TEMP_MARKER, 1)[0] if TEMP_MARKER in rel else rel)]
     if overwrite:
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise CacheExistsError(
+                f"{where}: holds files that are not part of a cache ({shown}); --overwrite "
+                "replaces only a cache's own files, so nothing was changed; move them away or "
+                "choose another output")
         log.info("overwrite: removing the existing cache at %s", storage.uri)
-        storage.delete_all()
+        _delete_cache(storage, files)
         return False
     try:
         previous = json.loads(storage.read_bytes(BUILD_FILE))["config"]
@@ -133,6 +179,15 @@ def _check_existing(cfg: CacheConfig, storage: Storage, overwrite: bool) -> bool
             f"(differs in: {', '.join(diff)}); use another output or overwrite (--overwrite)"
         )
     return storage.exists(MANIFEST)
+
+
+def _delete_cache(storage: Storage, files: list[str]) -> None:
+    """Delete a cache's own files (checked by the caller): the manifest first, so that a kill
+    midway leaves an unfinished cache, never a corrupt finished one; build.json last."""
+    order = sorted(files, key=lambda rel: (rel != MANIFEST, rel == BUILD_FILE, rel))
+    for rel in order:
+        storage.delete(rel)
+    storage.remove_empty_folders()
 
 
 def build_from_windows(cfg: CacheConfig, model, identity: dict, windows: dict[str, Windows], *,
@@ -164,7 +219,7 @@ def build_from_windows(cfg: CacheConfig, model, identity: dict, windows: dict[st
             )
     else:
         storage.write_atomic(BUILD_FILE, json.dumps(build_info, indent=1).encode())
-    removed = storage.remove_temporaries()
+    removed = storage.remove_temporaries(owned=is_cache_file)
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted build", removed)
 
@@ -175,8 +230,8 @@ def build_from_windows(cfg: CacheConfig, model, identity: dict, windows: dict[st
     remaining = sum(int(windows[u.split].attention_mask[u.start:u.stop].sum()) for u in todo)
     if done:
         log.info("resuming: %d of %d shards already committed", len(done), len(units))
-    with tqdm(total=total, initial=total - remaining, unit="tok", unit_scale=True,
-              desc="caching activations", dynamic_ncols=True) as bar:
+    with progress_bar(total, initial=total - remaining, unit="tok", unit_scale=True,
+                      desc="caching activations", emit=log.info) as bar:
         if num_workers > 1 and len(todo) > 1:
             _run_ray(cfg, identity, layout, windows, todo, storage, num_workers, address, bar)
         else:
@@ -191,27 +246,27 @@ def build_from_windows(cfg: CacheConfig, model, identity: dict, windows: dict[st
 
 
 def describe_cache(manifest: dict, uri: str, *, tokens_built: int | None = None) -> str:
-    """Two lines on what a cache holds: tokens, windows, documents and shards per split, hooks,
-    bytes, and the build time (with ``tokens_built``, the tokens this run computed, its
-    throughput). What ``sae-sweep cache`` prints at the end."""
+    """What a cache holds, one short line each: where and its size; tokens, windows, documents
+    and shards per split; the hooks; the build time (with ``tokens_built``, the tokens this run
+    computed, its throughput). What ``sae-sweep cache`` prints at the end."""
     splits = manifest.get("splits", {})
-    parts = []
+    lines = []
     for name, info in splits.items():
         shards, docs = len(info.get("shards", [])), info.get("num_documents", "?")
-        parts.append(f"{name} {info['num_tokens']:,} tokens ({info['num_sequences']:,} windows, "
+        lines.append(f"  {name} {info['num_tokens']:,} tokens ({info['num_sequences']:,} windows, "
                      f"{docs} document{'' if docs == 1 else 's'}, {shards} shard"
                      f"{'' if shards == 1 else 's'})")
-    hooks = ", ".join(f"{h} (d {manifest['d_in'][h]})" for h in manifest.get("hooks", []))
     extras = [x for x, on in (("clean logits", manifest.get("logits")),
                               ("splice residual", manifest.get("splice_hooks"))) if on]
+    for hook in manifest.get("hooks", []):
+        lines.append(f"  {hook} (d {manifest['d_in'][hook]}) as {manifest.get('act_dtype')}"
+                     + (f" + {', '.join(extras)}" if extras else ""))
     seconds = manifest.get("build_seconds")
     speed = (f" ({tokens_built:,} tokens, {tokens_built / seconds:,.0f} tokens/s)"
              if seconds and tokens_built else "")
-    return (f"cache {uri}: {'; '.join(parts)}\n"
-            f"  {hooks} as {manifest.get('act_dtype')}"
-            + (f" + {', '.join(extras)}" if extras else "")
-            + f"; {_size(manifest.get('total_bytes', 0))}"
-            + (f"; built in {seconds:.1f} s{speed}" if seconds else ""))
+    head = f"cache {uri}: {_size(manifest.get('total_bytes', 0))}"
+    built = [f"  built in {seconds:.1f} s{speed}"] if seconds else []
+    return "\n".join([head, *lines, *built])
 
 
 def _size(n: float) -> str:
@@ -455,14 +510,14 @@ def _warn_few_documents(full: dict[str, Windows], kept: dict[str, Windows],
         n_full = len(np.unique(full[split].doc_id))
         n_kept = len(np.unique(kept[split].doc_id))
         if split == "val" and n_full == 0 and cfg.val_fraction > 0:
-            log.warning("CacheConfig.corpus: the corpus has a single document, so there is no "
-                        "validation split (the split is by document); sweeps need one: add "
-                        "documents or split the text into several files")
+            log.warning("CacheConfig.corpus: one document, so no validation split (the split is "
+                        "by document)\n  sweeps need one: add documents or split the text into "
+                        "several files")
         elif 0 < n_kept < FEW_DOCUMENTS:
             why = (f"max_tokens keeps its first {kept[split].attention_mask.sum():,} tokens, from "
                    f"{n_kept} of its {n_full} documents; raise max_tokens for more"
                    if n_kept < n_full else
                    "add documents or split long texts into several files")
-            log.warning("CacheConfig.corpus: the %s split's windows come from only %d "
-                        "document%s, so its statistics may not generalise (%s)", split, n_kept,
+            log.warning("CacheConfig.corpus: the %s split comes from only %d document%s: its "
+                        "statistics may not generalise\n  (%s)", split, n_kept,
                         "" if n_kept == 1 else "s", why)

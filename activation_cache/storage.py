@@ -7,7 +7,8 @@ Atomic writes (the basis of crash-safe, resumable builds):
 
 * **local paths** -- the bytes go to ``NAME.tmp-<random>`` in the same folder, are flushed and
   fsynced, then renamed onto ``NAME`` with :func:`os.replace` (atomic on POSIX). A kill leaves at
-  most a ``*.tmp-*`` file, which :meth:`Storage.remove_temporaries` deletes on the next build.
+  most a ``*.tmp-*`` file, which :meth:`Storage.remove_temporaries` deletes on the next build
+  (only the temporaries of the cache's own files).
 * **object stores** (S3, GCS... through pyarrow) -- an object becomes visible only when its
   upload completes (write-then-commit: a single PUT, or the final "complete multipart upload"),
   so the bytes are written straight to the final key; a killed upload leaves no object.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -146,15 +148,26 @@ class Storage:
         except FileNotFoundError:
             pass
 
-    def delete_all(self) -> None:
-        """Remove everything under the root (used by ``overwrite``)."""
-        self.fs.delete_dir_contents(self.root, missing_dir_ok=True)
+    def is_file_or_missing(self) -> bool:
+        """False when the root itself is an existing file (not a folder or prefix)."""
+        return self.fs.get_file_info(self.root).type != pafs.FileType.File
 
-    def remove_temporaries(self) -> int:
-        """Delete the temp files a killed build left behind; returns how many."""
+    def remove_empty_folders(self) -> None:
+        """Remove the empty folders under a local root (object stores have none)."""
+        if not self.is_local:
+            return
+        for folder, _, _ in sorted(os.walk(self.root), key=lambda t: -len(t[0])):
+            if folder != self.root and not os.listdir(folder):
+                os.rmdir(folder)
+
+    def remove_temporaries(self, owned: Callable[[str], bool]) -> int:
+        """Delete the temp files a killed build left behind (``NAME.tmp-...`` of a file
+        ``owned(NAME)`` says is ours; nothing else); returns how many."""
         n = 0
         for rel in self.list(""):
-            if TEMP_MARKER in rel.rsplit("/", 1)[-1]:
+            base = rel.rsplit("/", 1)[-1]
+            if TEMP_MARKER in base and owned(rel[:len(rel) - len(base)]
+                                             + base.split(TEMP_MARKER, 1)[0]):
                 self.delete(rel)
                 n += 1
         return n

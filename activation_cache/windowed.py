@@ -20,6 +20,8 @@ sinks when no BOS is prepended) remove more.
 
 from __future__ import annotations
 
+import logging
+
 import numbers
 from typing import Any, Sequence
 
@@ -170,11 +172,12 @@ class WindowedTextDataset(Dataset):
 def _tokenize(tokenizer: Any, documents: list[Document], show_progress: bool) -> list[np.ndarray]:
     """Token ids (int64 arrays) of every document, without special tokens added or parsed from
     the text; documents go through the tokenizer in small batches to bound memory."""
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     out: list[np.ndarray] = []
     batch = 16
-    with tqdm(total=len(documents), desc="tokenizing", unit="doc", disable=not show_progress) as bar:
+    with progress_bar(len(documents), desc="tokenizing", unit="doc", disable=not show_progress,
+                      emit=logging.getLogger("activation_cache").info) as bar:
         for start in range(0, len(documents), batch):
             texts = [d.text for d in documents[start:start + batch]]
             # split_special_tokens: a literal "<|im_start|>" in a document is text, not a control

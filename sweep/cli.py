@@ -125,6 +125,23 @@ def _use_threads(threads: int | None) -> int:
     return n
 
 
+def _quiet_libraries() -> None:
+    """Keep the libraries' own noise off the console (read by them at import, so set first):
+    HF transformers' warnings (errors still show), and, when stderr is not a terminal, their
+    progress bars (HF's, and any tqdm a library draws without asking), which would write
+    carriage returns into a log file. Our own progress goes through
+    ``activation_cache.progress_bar``, which writes plain lines off a terminal."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        terminal = sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        terminal = False
+    if not terminal:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")
+
+
 def _say(text: str) -> None:
     """The one place a command prints its summary (stdout; errors go to stderr)."""
     print(text, flush=True)
@@ -243,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from activation_cache import UserError
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):

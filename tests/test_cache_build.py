@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from _cache_helpers import build_tiny
+from _cache_helpers import build_tiny, tiny_config, tiny_model, tiny_windows
+from activation_cache.builder import build_from_windows
 from activation_cache import (CacheConfig, CacheExistsError, WindowedTextDataset,
                               build_cache, load_corpus, open_cache, split_documents)
 from sweep.cli import main as cli_main
@@ -219,3 +220,23 @@ def test_empty_corpus_and_too_long_windows_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="longer than the model's context n_ctx=64"):
         build_cache(corpus_config(tmp_path, max_text_length=65))
     assert not (tmp_path / "cache" / "build.json").exists()
+
+
+def test_s3_overwrite_replaces_only_a_cache(s3_uri):
+    """On an object store too: --overwrite replaces a cache's own objects, and refuses a prefix
+    holding any other object (which stays, byte for byte)."""
+    from activation_cache.storage import Storage
+
+    s3_uri = s3_uri.replace("caches/tiny?", "caches/tiny-overwrite?")  # moto's state is global
+    build_tiny(s3_uri)
+    storage = Storage(s3_uri)
+    storage.write_atomic("NOTES.md", b"a user's object")
+    before = {rel: storage.read_bytes(rel) for rel in storage.list("")}
+    model, ident = tiny_model()
+    other = tiny_config(s3_uri, dtype="float16")
+    with pytest.raises(CacheExistsError, match=r"not part of a cache \(NOTES.md\)"):
+        build_from_windows(other, model, ident, tiny_windows(), overwrite=True)
+    assert {rel: storage.read_bytes(rel) for rel in storage.list("")} == before
+    storage.delete("NOTES.md")
+    build_from_windows(other, model, ident, tiny_windows(), overwrite=True)
+    assert open_cache(s3_uri).manifest["act_dtype"] == "float16"

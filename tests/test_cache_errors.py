@@ -259,8 +259,8 @@ def test_a_split_of_few_documents_is_warned_about(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="activation_cache"):
         build_cache(cfg)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == ["CacheConfig.corpus: the val split's windows come from only 1 document, "
-                        "so its statistics may not generalise (add documents or split long "
+    assert warnings == ["CacheConfig.corpus: the val split comes from only 1 document: its "
+                        "statistics may not generalise\n  (add documents or split long "
                         "texts into several files)"]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="activation_cache"):   # 12 documents, capped

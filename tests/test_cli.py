@@ -73,10 +73,12 @@ def test_cache_and_train_say_what_they_wrote_and_take_threads(tmp_path, capsys, 
             assert main(["cache", str(tmp_path / "cache.yaml"), "--threads", "1"]) == 0
         assert torch.get_num_threads() == 1
         summary = caplog.records[-1].getMessage().splitlines()
-        assert summary[0].startswith(f"cache {cache}: train ") and len(summary) == 2
-        assert " tokens (36 windows, 4 documents, 2 shards); val " in summary[0]
-        assert summary[1].startswith("  blocks.0.hook_resid_post (d 64) as float32; ")
-        assert " kB; built in " in summary[1] and "tokens/s)" in summary[1]
+        assert summary[0].startswith(f"cache {cache}: ") and summary[0].endswith(" kB")
+        assert summary[1] == "  train 2,276 tokens (36 windows, 4 documents, 2 shards)"
+        assert summary[2].startswith("  val ")
+        assert summary[3] == "  blocks.0.hook_resid_post (d 64) as float32"
+        assert summary[4].startswith("  built in ") and summary[4].endswith("tokens/s)")
+        assert len(summary) == 5
 
         (tmp_path / "train.yaml").write_text(yaml.safe_dump({
             "cache": str(cache), "out_dir": str(tmp_path / "sae"),
@@ -85,11 +87,11 @@ def test_cache_and_train_say_what_they_wrote_and_take_threads(tmp_path, capsys, 
                          "init_tokens": 256, "calibration_tokens": 256, "eval_max_tokens": 256,
                          "show_progress": False}}))
         assert main(["train", str(tmp_path / "train.yaml"), "--threads", "1"]) == 0
-        last = capsys.readouterr().err.strip().splitlines()[-2:]
+        last = capsys.readouterr().err.strip().splitlines()[-3:]
         assert last[0].startswith("trained batchtopk d_sae=128 on blocks.0.hook_resid_post: ")
-        assert last[1] == (f"wrote {tmp_path / 'sae' / 'final'}, {tmp_path / 'sae' / 'best'}, "
-                           f"{tmp_path / 'sae' / 'saelens'} (checkpoints in "
-                           f"{tmp_path / 'sae' / 'checkpoints'})")
+        # the shipped encoder's figures, labelled with their split (no test split here)
+        assert last[1].startswith("  shipped encoder: val fvu ") and "test" not in last[1]
+        assert last[2] == f"  wrote {tmp_path / 'sae'}: final/, best/, saelens/, checkpoints/"
     finally:
         torch.set_num_threads(before)
 

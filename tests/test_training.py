@@ -231,7 +231,8 @@ def test_reporter_gets_every_record_and_checkpoint_and_old_ones_are_pruned(tmp_p
     assert [r.step for r in result.history] == [3, 4, 6, 8, 9, 10]
     assert rep.result is result
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "step_00000010").iterdir()) == [
-        "config.json", "trainer_state.json", "trainer_state.safetensors", "weights.safetensors"]
+        ".sae-sweep-output.json", "config.json", "trainer_state.json",
+        "trainer_state.safetensors", "weights.safetensors"]
 
 
 def test_max_tokens_stops_training():

@@ -15,7 +15,12 @@ Public API (everything else in this package is internal):
     Reporter, ConsoleReporter                           -- the logging seam
     Objective, LocalObjective, StepOutput               -- what a training step computes
     train_sae, TrainResult, train_from_yaml             -- training
-    export_saelens                                      -- SAELens format
+    export_sae, export_saelens, load_saelens,
+    load_sae_folder, SAELensFormatError                 -- the one export path (SAELens or native +
+                                                           card); reading either format back
+    cache_facts, render_model_card, figures_text        -- the README.md card and closing lines
+    check_output_folder, claim_output_folder,
+    atomic_directory, OutputFolderError                 -- writers replace only their own outputs
     resolve_device, to_device                           -- auto|cpu|cuda|cuda:N; batches to it
     EndToEndObjective, SequenceSource, evaluate_sae_dir -- the SAE spliced into the live model:
     end_to_end_sources, load_cache_model                   KL / block-MSE training, CE/KL metrics
@@ -45,7 +50,11 @@ from .saes.jumprelu import JumpReLUSAE
 from .saes.matryoshka import MatryoshkaBatchTopKSAE
 from .saes.standard import StandardSAE
 from .saes.topk import TopKSAE
-from .saelens_export import export_saelens
+from .model_card import cache_facts, figures_text, render_model_card
+from .output_folder import (OutputFolderError, atomic_directory, check_output_folder,
+                            claim_output_folder)
+from .saelens_export import (SAELensFormatError, export_sae, export_saelens, load_sae_folder,
+                             load_saelens)
 from .sources import ActivationSource, TensorSource
 from .training import TrainResult, train_sae
 from .training_config import TrainingConfig
@@ -69,7 +78,9 @@ __all__ = [
     "Reporter", "ConsoleReporter",
     "Objective", "LocalObjective", "StepOutput",
     "train_sae", "TrainResult", "train_from_yaml",
-    "export_saelens",
+    "export_sae", "export_saelens", "load_saelens", "load_sae_folder", "SAELensFormatError",
+    "cache_facts", "render_model_card", "figures_text",
+    "check_output_folder", "claim_output_folder", "atomic_directory", "OutputFolderError",
     "resolve_device", "to_device",
     "EndToEndObjective", "SequenceSource", "evaluate_sae_dir", "evaluate_split", "end_to_end_sources",
     "load_cache_model", "TwoPhaseObjective", "PhasedSource", "JobSources", "job_sources",

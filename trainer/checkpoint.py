@@ -8,24 +8,23 @@ A checkpoint folder holds (see ARCHITECTURE.md):
 * ``trainer_state.json`` -- step, epoch, batch position, tokens seen, best metric, the metrics
   history, the objective's state and the TrainingConfig it was written with.
 
-Folders are written atomically: into a temporary sibling that is renamed into place.
+Folders are written atomically (``output_folder.atomic_directory``): into a temporary sibling that
+is renamed into place, and only over a folder that is itself one of our checkpoints.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointMismatchError
+from .output_folder import atomic_directory
 from .saes.base import CONFIG_FILE, WEIGHTS_FILE, SAE, read_sae_config
 from .training_config import RESUME_SAFE_FIELDS, TrainingConfig
 
@@ -51,29 +50,6 @@ class TrainerState:
     window: dict[str, Any] = field(default_factory=dict)
     """The loss window in progress (sums since the last report; empty at a report step), so the
     first record after resuming from a mid-window (Ctrl-C) checkpoint averages the same steps."""
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces ``path`` in one rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def checkpoint_name(step: int) -> str:
@@ -121,7 +97,7 @@ def save_checkpoint(path: str | Path, *, sae: SAE, optimizer: torch.optim.Optimi
         "optimizer_scalars": scalars,
         **dataclasses.asdict(state),
     }
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path, kind="checkpoint") as tmp:
         weights = {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}
         save_file(weights, str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(sae.cfg.to_dict(), indent=2))

@@ -49,9 +49,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from activation_cache import UserError
+from activation_cache import UserError, progress_bar
 
 from .errors import NonFiniteActivationError
 from .evaluation import evaluate_reconstruction
@@ -446,8 +445,8 @@ class EndToEndObjective(Objective):
         n_seq, n_tok = 0, 0
         total = val_source.num_tokens if max_tokens is None else min(max_tokens,
                                                                       val_source.num_tokens)
-        bar = tqdm(total=total, desc="e2e eval", unit="tok", leave=False,
-                   disable=not self.config.show_progress)
+        bar = progress_bar(total, desc="e2e eval", unit="tok", leave=False,
+                           disable=not self.config.show_progress, lines_off_terminal=False)
         for batch in val_source.batches(self.config.batch_size):
             batch = batch.to(self.device)
             x = self._hook_acts(batch, sae)

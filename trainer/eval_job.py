@@ -1,10 +1,11 @@
 """``sae-sweep eval``: every metric of a saved SAE on a cache split, spliced into its model.
 
-``evaluate_sae_dir`` loads the SAE (native folder: ``config.json`` + ``weights.safetensors``), the
-cache, and the model the cache was built from (its manifest's ModelSpec, identity-checked), then
-computes the reconstruction metrics and the end-to-end ones (CE clean / spliced / zero-ablated,
-CE delta and score, KL(clean ‖ spliced), top-1 agreement; see ``EndToEndObjective.evaluate``) on
-the same windows, prints them as a table or JSON and returns the MetricsRecord.
+``evaluate_sae_dir`` loads the SAE (a native folder -- ``config.json`` + ``weights.safetensors`` --
+or a SAELens export -- ``cfg.json`` + ``sae_weights.safetensors``: ``load_sae_folder``), the cache,
+and the model the cache was built from (its manifest's ModelSpec, identity-checked), then computes
+the reconstruction metrics and the end-to-end ones (CE clean / spliced / zero-ablated, CE delta
+and score, KL(clean ‖ spliced), top-1 agreement; see ``EndToEndObjective.evaluate``) on the same
+windows, prints them as a table or JSON and returns the MetricsRecord.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from activation_cache import ConfigError
 
 from .end_to_end import EndToEndObjective, SequenceSource, load_cache_model
 from .metrics import MetricsRecord
-from .registry import load_sae
+from .saelens_export import load_sae_folder
 from .saes.base import SAE
 from .training_config import TrainingConfig
 
@@ -86,7 +87,7 @@ def evaluate_sae_dir(sae_dir: str | Path, *, cache: str, split: Optional[str] = 
         raise ConfigError(f"max_tokens: must be >= 1, got {max_tokens}")
     from activation_cache import open_cache
 
-    sae: SAE = load_sae(sae_dir)
+    sae: SAE = load_sae_folder(sae_dir)
     reader = open_cache(cache)
     note = ""
     if split is None:  # the held-out test split; a cache built before test splits: val
@@ -96,7 +97,7 @@ def evaluate_sae_dir(sae_dir: str | Path, *, cache: str, split: Optional[str] = 
     hook = str(sae.cfg.hook_spec)
     source = SequenceSource(reader, split, hook, shuffle=False)
     if source.d_in != sae.cfg.d_in:
-        raise ConfigError(f"{Path(sae_dir) / 'config.json'}: d_in={sae.cfg.d_in} but the cache "
+        raise ConfigError(f"{sae_dir}: the SAE has d_in={sae.cfg.d_in} but the cache "
                           f"stores {hook} with d_in={source.d_in}")
     model = model if model is not None else load_cache_model(reader)
     config = TrainingConfig(show_progress=show_progress, eval_max_tokens=max_tokens)

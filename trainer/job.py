@@ -5,11 +5,15 @@ Example (``examples/train.yaml``)::
     cache: runs/cache-smollm2
     out_dir: runs/train-l6-batchtopk-k32
     sae: {d_in: 576, d_sae: 4608, architecture: batchtopk, top_k: 32, hook_layer: 6}
-    training: {num_epochs: 20, train_batch_tokens: 1024, lr: 0.001, log_freq: 25}
+    training: {num_epochs: 20, train_batch_tokens: 1024, log_freq: 25}
 
 The output folder gets ``job.yaml`` (the config used), ``checkpoints/``, ``best/``, ``final/``
-(native format, see trainer.training) and ``saelens/`` (``export_saelens``). Re-running the
-same command resumes from the latest checkpoint unless ``resume=False``.
+(native format, see trainer.training) and ``saelens/`` (``export_sae``: the same SAELens
+metadata and README.md card as ``sae-sweep export``). Re-running the same command resumes from
+the latest checkpoint unless ``resume=False``. The output folder must be new, empty, or a
+training folder of ours (``output_folder``): one holding anything else is refused before any
+work, and nothing in it is touched. When the cache has a test split, the shipped SAE is also
+evaluated on it at the end: the card and the closing line report its val and test figures.
 """
 
 from __future__ import annotations
@@ -24,11 +28,15 @@ from activation_cache import ConfigError, StrictConfig
 
 from .checkpoint import CHECKPOINTS_DIR, latest_checkpoint
 from .errors import DimensionMismatchError
+from .eval_job import evaluate_split
 from .job_sources import job_sources
+from .metrics import MetricsRecord
+from .model_card import CARD_METRICS, cache_facts, figures_text, render_model_card
+from .output_folder import check_output_folder, claim_output_folder, remove_output
 from .registry import build_sae, load_sae
 from .reporting import ConsoleReporter, Reporter
 from .sae_config import SAEConfig
-from .saelens_export import export_saelens
+from .saelens_export import export_sae
 from .training import TrainResult, train_sae
 from .training_config import TrainingConfig
 
@@ -50,8 +58,12 @@ class TrainJobConfig(StrictConfig):
     train_split: str = "train"
     """Cache split to train on."""
     val_split: Optional[str] = "val"
-    """Cache split for validation metrics and threshold calibration (null: none; skipped with a
-    message when the cache has no such split)."""
+    """Cache split for selection: the validation records, ``best/`` and ``best_metric`` (null:
+    none; skipped with a message when the cache has no such split). An inference threshold is
+    calibrated on training tokens, never on this split."""
+    test_split: Optional[str] = "test"
+    """Cache split the shipped SAE is evaluated on at the end, for the reported figures (the
+    card, the closing line); nothing is tuned on it (null, or absent from the cache: none)."""
     export_saelens: bool = True
     """Also write ``OUT/saelens`` (SAELens format) at the end."""
 
@@ -69,8 +81,12 @@ class TrainJobConfig(StrictConfig):
                        "set sae.hook_spec (or sae.hook_layer/hook_name) to the cached hook")
         self._require(bool(self.out_dir), "out_dir", "must be a folder path")
         self._require(self.val_split != self.train_split, "val_split",
-                      f"must differ from train_split ({self.train_split!r}): validation, "
-                      "best-model selection and threshold calibration need held-out tokens")
+                      f"must differ from train_split ({self.train_split!r}): validation and "
+                      "best-model selection need held-out tokens")
+        self._require(self.test_split is None or self.test_split not in (
+            self.train_split, self.val_split), "test_split",
+            f"must differ from train_split and val_split ({self.train_split!r}, "
+            f"{self.val_split!r}): the reported figures need tokens nothing was tuned on")
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
@@ -80,10 +96,7 @@ class TrainJobConfig(StrictConfig):
 
 
 def _open_cache(uri: str) -> Any:
-    opener = getattr(activation_cache, "open_cache", None)
-    if opener is None:  # pragma: no cover - only before the cache reader is installed
-        raise ConfigError("activation_cache.open_cache is not available in this installation")
-    return opener(uri)
+    return activation_cache.open_cache(uri)
 
 
 def _initial_sae(job: "TrainJobConfig", path: str | Path) -> Any:
@@ -105,6 +118,8 @@ def train_from_yaml(path: str | Path, *, out_dir: str | Path | None = None, resu
     """Run the training job described by the YAML file ``path`` (see the module docstring)."""
     job = TrainJobConfig.from_yaml(Path(path))
     out = Path(out_dir) if out_dir is not None else Path(job.out_dir)
+    flag = "--out" if out_dir is not None else "out_dir"
+    check_output_folder(out, "train", flag=flag)  # before any work: refused, nothing touched
     reporter = reporter or ConsoleReporter(show_progress=job.training.show_progress)
     reader = _open_cache(job.cache)
     hook = job.hook
@@ -114,45 +129,88 @@ def train_from_yaml(path: str | Path, *, out_dir: str | Path | None = None, resu
         raise DimensionMismatchError(
             f"{path}: sae.d_in is {job.sae.d_in} but the cache {job.cache} stores "
             f"{hook} with d_in={d_in}; set sae.d_in: {d_in}")
-    splits = reader.manifest.get("splits", {}) if hasattr(reader, "manifest") else {}
+    splits = reader.manifest.get("splits", {})
     if job.val_split is not None and job.val_split not in splits:
         reporter.on_message(f"cache has no {job.val_split!r} split: training without "
                             "validation (metrics are training-batch averages)")
     sources = job_sources(reader, job.training, hook, train_split=job.train_split,
-                          val_split=job.val_split, test_split=None,
+                          val_split=job.val_split, test_split=job.test_split,
                           device=job.sae.torch_device())
     objective, train_source, val_source = sources.objective, sources.train, sources.val
     if objective is not None:
         reporter.on_message(objective.describe(train_source))
 
+    claim_output_folder(out, "train", flag=flag, description=f"sae-sweep train {path}")
     resume_from = latest_checkpoint(out) if resume else None
     if not resume and (out / CHECKPOINTS_DIR).exists():
         reporter.on_message(f"--no-resume: removing the old checkpoints in {out / CHECKPOINTS_DIR}")
-        shutil.rmtree(out / CHECKPOINTS_DIR)
-    out.mkdir(parents=True, exist_ok=True)
+        for old in sorted((out / CHECKPOINTS_DIR).iterdir()):  # each checked to be ours above
+            if not remove_output(old, "checkpoint") and old.is_dir():
+                shutil.rmtree(old)  # our own .step_X.tmp-PID leftover
     job.to_yaml(out / "job.yaml")
     sae = _initial_sae(job, path)
     result = train_sae(sae, train_source, job.training, val_source=val_source, out_dir=out,
                        resume_from=resume_from, reporter=reporter, objective=objective)
+    figures = {}
+    if result.final is not None:
+        figures[result.final.eval_split or "val"] = result.final
+    if sources.test is not None:
+        test = evaluate_split(result.sae, sources.test, job.training, split="test",
+                              objective=objective)
+        result.extra["test"] = test
+        figures["test"] = test
     written = [d for d in (result.final_dir, result.best_dir) if d is not None]
     if job.export_saelens:
-        export_saelens(result.sae, out / "saelens")
-        written.append(out / "saelens")
-    reporter.on_message(summarize_training(result, hook, written))
+        facts = cache_facts(job.cache, manifest=reader.manifest)
+        card = training_card(job, path, result, figures, facts)
+        written.append(export_sae(result.sae, out / "saelens", facts=facts, card=card))
+    reporter.on_message(summarize_training(result, hook, written, figures))
     return result
 
 
-def summarize_training(result: TrainResult, hook: str, written: list[Path]) -> str:
-    """What ``sae-sweep train`` prints at the end: the run and where its outputs are."""
-    final = result.final
-    bits = [f"{name} {value:.4g}" for name, value in (
-        ("fvu", getattr(final, "fvu", None)), ("l0", getattr(final, "l0_inference", None)
-                                                or getattr(final, "l0_train", None)),
-        ("dead", getattr(final, "dead_fraction", None))) if value is not None]
-    seconds = getattr(final, "elapsed_s", None)
-    return (f"trained {result.sae.architecture} d_sae={result.sae.cfg.d_sae} on {hook}: "
-            f"{result.steps} steps, {result.tokens_seen:,} tokens"
-            + (f" in {seconds:.1f} s" if seconds else "")
-            + (f"; final {', '.join(bits)}" if bits else "")
-            + f"\nwrote {', '.join(str(d) for d in written)}"
-            + (f" (checkpoints in {result.out_dir / CHECKPOINTS_DIR})" if result.out_dir else ""))
+def _figure_values(record: MetricsRecord) -> dict[str, Any]:
+    return {k: getattr(record, k, None) for k in CARD_METRICS}
+
+
+def training_card(job: TrainJobConfig, path: str | Path, result: TrainResult,
+                  figures: dict[str, MetricsRecord], facts: dict[str, Any]) -> str:
+    """The README.md of ``OUT/saelens``: the card ``sae-sweep export`` writes, with this job's
+    settings and the shipped SAE's figures per split."""
+    defaults = TrainingConfig().to_dict()
+    settings = {k: v for k, v in job.training.to_dict().items()
+                if v != defaults.get(k) and k not in ("show_progress",)}
+    settings["lr (used)"] = job.training.resolved_lr(job.sae.d_sae)
+    seconds = result.final.elapsed_s if result.final is not None else None
+    return render_model_card(
+        result.sae.cfg, facts=facts, output_format="saelens",
+        origin=f"Trained by `sae-sweep train {path}` (output folder `{result.out_dir}`).",
+        budget=(f"training: {result.steps:,} steps, {result.tokens_seen:,} tokens"
+                + (f" in {seconds:.1f} s" if seconds else "")),
+        parameters_title="Training settings (those not at their defaults)",
+        parameters=settings,
+        figures={split: _figure_values(r) for split, r in figures.items()})
+
+
+def summarize_training(result: TrainResult, hook: str, written: list[Path],
+                       figures: Optional[dict[str, MetricsRecord]] = None) -> str:
+    """What ``sae-sweep train`` prints at the end: the run, the shipped SAE's figures labelled
+    with their split, and where its outputs are."""
+    if figures is None:
+        figures = {} if result.final is None else {result.final.eval_split or "val": result.final}
+    seconds = result.final.elapsed_s if result.final is not None else None
+    shown = figures_text({s: _figure_values(r) for s, r in figures.items()},
+                         names=("fvu", "l0", "dead_fraction"))
+    lines = [f"trained {result.sae.architecture} d_sae={result.sae.cfg.d_sae} on {hook}: "
+             f"{result.steps:,} steps, {result.tokens_seen:,} tokens"
+             + (f" in {seconds:.1f} s" if seconds else "")]
+    if shown:
+        lines.append(f"  shipped encoder: {shown}")
+    out = result.out_dir
+    if out is not None:
+        parts = [f"{d.name}/" if d.parent == out else str(d) for d in written]
+        if (out / CHECKPOINTS_DIR).exists():
+            parts.append(f"{CHECKPOINTS_DIR}/")
+        lines.append(f"  wrote {out}: {', '.join(parts)}")
+    elif written:
+        lines.append(f"  wrote {', '.join(str(d) for d in written)}")
+    return "\n".join(lines)

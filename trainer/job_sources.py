@@ -57,7 +57,7 @@ def job_sources(reader: Any, config: TrainingConfig, hook: str, *, train_split: 
 
     model = model if model is not None else load_cache_model(reader)
     if device is not None:
-        model = model.to(device)  # the live passes run where the SAE trains
+        model = model.to(device, print_details=False)  # the live passes run where the SAE trains
 
     def windows(split: Optional[str], shuffle: bool = False) -> Any:
         return None if split is None else SequenceSource(reader, split, hook, shuffle=shuffle)

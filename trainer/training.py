@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import signal
 import threading
 import time
@@ -37,11 +36,12 @@ from typing import Any, Optional
 
 import torch
 
-from .checkpoint import (CHECKPOINTS_DIR, TrainerState, atomic_directory, checkpoint_name,
-                         list_checkpoints, load_checkpoint, save_checkpoint)
+from .checkpoint import (CHECKPOINTS_DIR, TrainerState, checkpoint_name, list_checkpoints,
+                         load_checkpoint, save_checkpoint)
 from .errors import DimensionMismatchError, NonFiniteActivationError, TrainingDivergedError
 from .metrics import MetricsRecord
 from .objective import LocalObjective, Objective
+from .output_folder import atomic_directory, remove_output
 from .reporting import ConsoleReporter, Reporter
 from .schedule import Schedule
 from .saes.base import SAE
@@ -235,7 +235,7 @@ def train_sae(sae: SAE, train_source: Any, config: TrainingConfig, *, val_source
     final_dir = None
     if out is not None:
         final_dir = out / "final"
-        with atomic_directory(final_dir) as tmp:
+        with atomic_directory(final_dir, kind="sae") as tmp:
             sae.save(tmp, history=[r.to_dict() for r in history])
     result = _result(sae, state, history, final, out, final_dir, last_ckpt)
     reporter.on_train_end(result)
@@ -393,7 +393,7 @@ class _Loop:
             return
         self.state.best_value, self.state.best_step = float(value), record.step
         if self.out is not None and self.config.save_best:
-            with atomic_directory(self.out / "best") as tmp:
+            with atomic_directory(self.out / "best", kind="sae") as tmp:
                 model.save(tmp, history=self.state.history)
 
     def write_checkpoint(self) -> Path:
@@ -404,5 +404,5 @@ class _Loop:
         save_checkpoint(path, sae=self.sae, optimizer=self.optimizer, state=self.state,
                         config=self.config)
         for old in list_checkpoints(self.out)[: -self.config.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_output(old, "checkpoint")  # only a folder that is one of our checkpoints
         return path
