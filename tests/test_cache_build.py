@@ -106,7 +106,7 @@ KILL_SCRIPT = textwrap.dedent("""
 
 
 def test_resume_after_sigkill_gives_exactly_the_uninterrupted_cache(tmp_path):
-    cfg = corpus_config(tmp_path, out="killed", shard_tokens=32,
+    cfg = corpus_config(tmp_path, out="killed", shard_tokens=32, max_tokens=700,
                         corpus={"source": "files",
                                 "paths": [str(write_corpus(tmp_path / "small", n_docs=4))]})
     ref = build_cache(cfg.replace(output=str(tmp_path / "reference")))

@@ -91,7 +91,8 @@ def _jsonl_corpus(folder, n_docs, words=60, extra=()):
     folder.mkdir(parents=True, exist_ok=True)
     rows = [{"id": f"doc{i:02d}", "text": " ".join(rng.choice(vocab, size=words))}
             for i in range(n_docs)]
-    rows += [{"id": i, "text": " ".join(rng.choice(vocab, size=words))} for i in extra]
+    # extra documents come first: every other document's position in the corpus shifts
+    rows = [{"id": i, "text": " ".join(rng.choice(vocab, size=words))} for i in extra] + rows
     (folder / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return CorpusSpec(source="jsonl", paths=(str(folder),), id_column="id")
 
