@@ -49,10 +49,11 @@ from tqdm.auto import tqdm
 from .cache_config import CacheConfig
 from .cache_errors import CacheError, CacheExistsError, CacheInputError, CorruptCacheError
 from .corpus import load_corpus, split_documents
+from .hook_names import HookNameError, check_hook_name
 from .manifest import (FORMAT, MANIFEST, SPLITS, VERSION, WINDOW_ORDER, canonical_json,
                        describe_window_order, read_manifest, write_manifest)
-from .models import (HookNameError, check_hook_name, config_hook_names, load_model,
-                     model_identity)
+from .model_loading import config_hook_names, load_model
+from .model_spec import model_identity
 from .shard_writer import TORCH_DTYPES, Layout, ShardWriter, Unit, Windows, make_layout
 from .storage import Storage
 from .window_sampling import prefix_for_budget, rank_order, split_budgets

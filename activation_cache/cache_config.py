@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .corpus import CorpusSpec
-from .models import ModelSpec
+from .model_spec import ModelSpec
 from .strict_config import StrictConfig, is_int
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")

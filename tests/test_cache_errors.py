@@ -227,11 +227,14 @@ def test_corpus_errors_come_before_the_model_loads(tmp_path, no_model_load):
 
 def test_config_hook_names_are_the_loaded_models(tmp_path):
     from activation_cache import ModelSpec, load_model
-    from activation_cache.models import config_hook_names
+    from activation_cache.model_loading import config_hook_names
+
+    from activation_cache.hook_names import active_hook_names
 
     spec = ModelSpec(source="tiny", tiny_n_layers=3)
     names, n_layers = config_hook_names(spec)
-    assert n_layers == 3 and names == sorted(load_model(spec).hook_dict)
+    model = load_model(spec)
+    assert n_layers == 3 and names == sorted(active_hook_names(model.hook_dict, model.cfg))
 
 
 @pytest.mark.model

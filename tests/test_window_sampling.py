@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from activation_cache import CacheConfig, CacheExistsError, CorpusSpec, ModelSpec, build_cache, open_cache
+from activation_cache import (CacheConfig, CacheExistsError, CorpusSpec, ModelSpec, build_cache,
+                              open_cache)
 from activation_cache.window_sampling import (prefix_for_budget, rank_order, split_budgets,
                                               window_numbers, window_ranks)
 
