@@ -82,6 +82,9 @@ def test_friendly_forms_with_digits_in_the_point(tiny):
     names, n_layers = config_hook_names(ModelSpec(source="tiny"))
     with pytest.raises(HookNameError, match=r"did you mean blocks\.1\.ln2\.hook_normalized\?"):
         check_hook_name("ln2.hook_normalized.-1", names, n_layers)
+    names, n_layers = config_hook_names(ModelSpec(source="tiny", tiny_n_layers=13))
+    with pytest.raises(HookNameError, match=r"did you mean blocks\.12\.hook_mlp_out\?"):
+        check_hook_name("mlp_out12", names, n_layers)   # not layer 2 of "mlp_out1"
 
 
 def test_transcoder_hooks_pass_the_checks_before_loading_and_are_stored(tmp_path, one_thread,
