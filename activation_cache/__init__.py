@@ -3,8 +3,11 @@
 Public API (everything else in this package is internal):
 
     UserError, ConfigError, StrictConfig   -- the project's error family and config base
-    ModelSpec, load_model, model_identity, resolve_hook, ModelLoadError, HookNameError
+    ModelSpec, load_model, model_identity, ModelLoadError
                                            -- which model; load it as a frozen HookedTransformer
+    resolve_hook, check_hook_name, parse_block_hook, block_hook_name, BlockHook, HookNameError
+                                           -- the hook-name grammar (blocks.{L}.{point}, friendly
+                                              names, checks with "did you mean" suggestions)
     CorpusSpec, Document, load_corpus, split_documents, CorpusError
                                            -- which text; deterministic train/val split by document
     WindowedTextDataset, train_mask_for, WindowError
@@ -22,7 +25,10 @@ from .errors import UserError
 from .progress import LineProgress, is_terminal, progress_bar
 from .strict_config import ConfigError, StrictConfig
 from .corpus import CorpusError, CorpusSpec, Document, load_corpus, split_documents
-from .models import HookNameError, ModelLoadError, ModelSpec, load_model, model_identity, resolve_hook
+from .model_spec import ModelLoadError, ModelSpec, model_identity
+from .model_loading import load_model
+from .hook_names import (BlockHook, HookNameError, block_hook_name, check_hook_name,
+                         parse_block_hook, resolve_hook)
 from .windowed import WindowedTextDataset, WindowError, train_mask_for
 from .cache_config import CacheConfig
 from .cache_errors import (CacheError, CacheExistsError, CacheInputError, CacheMismatchError,
@@ -33,7 +39,8 @@ from .compact_logits import compact_kl, compact_logprobs
 
 __all__ = ["UserError", "ConfigError", "StrictConfig", "progress_bar", "LineProgress",
            "is_terminal"]
-__all__ += ["ModelSpec", "load_model", "model_identity", "resolve_hook", "ModelLoadError",
+__all__ += ["ModelSpec", "load_model", "model_identity", "ModelLoadError"]
+__all__ += ["resolve_hook", "check_hook_name", "parse_block_hook", "block_hook_name", "BlockHook",
             "HookNameError"]
 __all__ += ["CorpusSpec", "Document", "load_corpus", "split_documents", "CorpusError"]
 __all__ += ["WindowedTextDataset", "train_mask_for", "WindowError"]

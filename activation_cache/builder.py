@@ -8,9 +8,12 @@ What one build does:
    cache's files first). A folder that is not a cache, or a cache holding other files too, is
    refused even with ``overwrite``: nothing a build did not write is ever deleted. A finished
    cache with the same config is returned as is.
-2. **Plan.** The corpus is tokenized into windows (train/val split by document), and each split's
-   windows are cut into shards of consecutive windows. The plan depends only on the config, so a
-   rerun produces the same shard boundaries.
+2. **Plan.** The corpus is tokenized into windows (train/val/test split by document), each
+   split's windows put in rank order (a hash of the seed, the document id and the window's
+   number: :mod:`.window_sampling`) and, under ``max_tokens``, cut to the leading windows of each
+   split's budget -- a sample across all of its documents. Each split's windows are then cut
+   into shards of consecutive windows. The plan depends only on the config, so a rerun produces
+   the same shard boundaries.
 3. **Run.** Shards that are not yet committed are computed -- one model pass per batch of
    windows through ``run_with_cache`` (only the stored hooks; ``stop_at_layer`` after the last
    hooked block when no logits are needed) -- and written by a background thread while the next
@@ -22,7 +25,10 @@ What one build does:
 
 **Resume.** After a kill at any moment (even SIGKILL mid-shard), rerunning the same build redoes
 only the shards without a record: the finished cache holds exactly the windows of an
-uninterrupted build, none twice, none missing (the computation is deterministic per shard).
+uninterrupted build, none twice, none missing (the computation is deterministic per shard). An
+unfinished build started in an older cache format (``build.json``'s version) is refused, since
+its shards hold other windows; a finished cache of an older format is reused as it is, and its
+summary says which format it is.
 
 **Scale-out.** With ``num_workers > 1`` the shards are split into contiguous, disjoint slices over
 Ray actors (each loads the model once and writes its own shards to the shared storage -- a local
@@ -44,13 +50,15 @@ import torch
 from .cache_config import CacheConfig
 from .cache_errors import CacheError, CacheExistsError, CacheInputError, CorruptCacheError
 from .corpus import load_corpus, split_documents
-from .manifest import (FORMAT, MANIFEST, SPLITS, VERSION, canonical_json, read_manifest,
-                       write_manifest)
+from .hook_names import HookNameError, check_hook_name
+from .manifest import (FORMAT, MANIFEST, SPLITS, VERSION, WINDOW_ORDER, canonical_json,
+                       describe_window_order, read_manifest, write_manifest)
+from .model_loading import config_hook_names, load_model
+from .model_spec import model_identity
 from .progress import progress_bar
-from .models import (HookNameError, check_hook_name, config_hook_names, load_model,
-                     model_identity)
 from .shard_writer import TORCH_DTYPES, Layout, ShardWriter, Unit, Windows, make_layout
 from .storage import TEMP_MARKER, Storage
+from .window_sampling import prefix_for_budget, rank_order, split_budgets
 from .windowed import WindowedTextDataset
 
 log = logging.getLogger("activation_cache")
@@ -96,8 +104,9 @@ def build_cache(cfg: CacheConfig, *, overwrite: bool = False, num_workers: int =
         raise CacheError(f"num_workers must be an integer >= 1, got {num_workers!r}")
     storage = Storage(cfg.output)
     if not overwrite and _check_existing(cfg, storage, overwrite=False):
-        log.info("%s (already complete, nothing to do)",
-                 describe_cache(read_manifest(storage), storage.uri))
+        manifest = read_manifest(storage)
+        log.log(logging.INFO if manifest["version"] == VERSION else logging.WARNING,
+                "%s (already complete, nothing to do)", describe_cache(manifest, storage.uri))
         return storage.uri  # checked before loading the model: a finished cache is instant
     # what can be checked without the model is checked before it loads (seconds, not minutes)
     documents = load_corpus(cfg.corpus)
@@ -178,7 +187,24 @@ def _check_existing(cfg: CacheConfig, storage: Storage, overwrite: bool) -> bool
             f"{storage.describe(BUILD_FILE)}: the cache there was built from a different config "
             f"(differs in: {', '.join(diff)}); use another output or overwrite (--overwrite)"
         )
-    return storage.exists(MANIFEST)
+    if storage.exists(MANIFEST):
+        return True  # a finished cache of an older format stays readable (its summary says so)
+    started_in = _build_version(storage)
+    if started_in != VERSION:
+        raise CacheExistsError(
+            f"{storage.describe(BUILD_FILE)}: this unfinished cache was started in cache format "
+            f"{started_in} ({WINDOW_ORDER.get(started_in, 'another window order')}), which this "
+            f"version cannot finish (it writes format {VERSION}, "
+            f"{WINDOW_ORDER[VERSION]}); use another output or overwrite (--overwrite)")
+    return False
+
+
+def _build_version(storage: Storage) -> Any:
+    """The cache format an unfinished build was started in (``build.json``'s version)."""
+    try:
+        return json.loads(storage.read_bytes(BUILD_FILE)).get("version")
+    except (CacheError, json.JSONDecodeError, AttributeError):
+        return None
 
 
 def _delete_cache(storage: Storage, files: list[str]) -> None:
@@ -266,7 +292,10 @@ def describe_cache(manifest: dict, uri: str, *, tokens_built: int | None = None)
              if seconds and tokens_built else "")
     head = f"cache {uri}: {_size(manifest.get('total_bytes', 0))}"
     built = [f"  built in {seconds:.1f} s{speed}"] if seconds else []
-    return "\n".join([head, *lines, *built])
+    older = ([] if manifest.get("version") == VERSION else
+             [f"  {describe_window_order(manifest)}: max_tokens kept each split's first "
+              "documents (rebuild with --overwrite for windows sampled across documents)"])
+    return "\n".join([head, *lines, *built, *older])
 
 
 def _size(n: float) -> str:
@@ -278,17 +307,13 @@ def _size(n: float) -> str:
 
 
 def _cap_tokens(windows: dict[str, Windows], cfg: CacheConfig) -> dict[str, Windows]:
+    """Under ``max_tokens``, each split's leading windows up to its budget (the windows are in
+    rank order, so these are sampled across its documents: see :mod:`.window_sampling`)."""
     if cfg.max_tokens is None:
         return windows
-    caps = {"val": int(round(cfg.max_tokens * cfg.val_fraction)),
-            "test": int(round(cfg.max_tokens * cfg.test_fraction))}
-    caps["train"] = cfg.max_tokens - caps["val"] - caps["test"]
-    out = {}
-    for split, w in windows.items():
-        counts = np.cumsum(w.attention_mask.sum(axis=1))
-        keep = int(np.searchsorted(counts, caps[split], side="left")) + 1 if caps[split] > 0 else 0
-        out[split] = w.take(0, min(len(w), keep))
-    return out
+    budgets = split_budgets(cfg.max_tokens, cfg.val_fraction, cfg.test_fraction)
+    return {split: w.take(0, prefix_for_budget(w.attention_mask.sum(axis=1), budgets[split]))
+            for split, w in windows.items()}
 
 
 def _committed(storage: Storage, unit: Unit, layout: Layout) -> bool:
@@ -434,7 +459,7 @@ def _manifest(cfg: CacheConfig, identity: dict, layout: Layout, windows: dict[st
     total_bytes = sum(r["bytes"] + r["index_bytes"] for r in records)
     bytes_per_token["total"] = round(total_bytes / max(1, n_tokens), 3)
     return {
-        "format": FORMAT, "version": VERSION,
+        "format": FORMAT, "version": VERSION, "window_order": WINDOW_ORDER[VERSION],
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": cfg.to_dict(), "config_sha256": layout.config_sha256, "model": identity,
         "hooks": layout.hooks, "stored_hooks": layout.stored_hooks,
@@ -478,7 +503,9 @@ texts (e.g. a corpus of a few long novels)."""
 
 def make_windows(cfg: CacheConfig, model, documents: list | None = None) -> dict[str, Windows]:
     """Tokenize the corpus (``documents``, default: loaded from ``cfg.corpus``) into windows,
-    split by document into train, val and test.
+    split by document into train, val and test, each split's windows in rank order (a hash of
+    ``cfg.seed``, the document id and the window's number in it; see :mod:`.window_sampling`),
+    so that ``max_tokens``, which keeps each split's leading windows, samples across documents.
 
     ``doc_id`` of a window is the index of its document in the whole corpus (as loaded).
     """
@@ -495,8 +522,10 @@ def make_windows(cfg: CacheConfig, model, documents: list | None = None) -> dict
                                  exclude_token_ids=cfg.exclude_token_ids,
                                  n_ctx=int(model.cfg.n_ctx), show_progress=len(docs) > 50)
         global_ids = np.asarray([number[d.doc_id] for d in docs], dtype=np.int64)
-        doc = global_ids[ds.doc_ids.numpy()] if len(ds) else np.zeros(0, dtype=np.int64)
-        out[split] = Windows(ds.tokens.numpy(), ds.attention_mask.numpy(), doc)
+        local = ds.doc_ids.numpy()
+        order = rank_order([d.doc_id for d in docs], local, cfg.seed)
+        doc = global_ids[local[order]] if len(ds) else np.zeros(0, dtype=np.int64)
+        out[split] = Windows(ds.tokens.numpy()[order], ds.attention_mask.numpy()[order], doc)
     return out
 
 
@@ -514,8 +543,8 @@ def _warn_few_documents(full: dict[str, Windows], kept: dict[str, Windows],
                         "by document)\n  sweeps need one: add documents or split the text into "
                         "several files")
         elif 0 < n_kept < FEW_DOCUMENTS:
-            why = (f"max_tokens keeps its first {kept[split].attention_mask.sum():,} tokens, from "
-                   f"{n_kept} of its {n_full} documents; raise max_tokens for more"
+            why = (f"max_tokens keeps {kept[split].attention_mask.sum():,} of its tokens, "
+                   f"sampled from {n_kept} of its {n_full} documents; raise max_tokens for more"
                    if n_kept < n_full else
                    "add documents or split long texts into several files")
             log.warning("CacheConfig.corpus: the %s split comes from only %d document%s: its "

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .corpus import CorpusSpec
-from .models import ModelSpec
+from .model_spec import ModelSpec
 from .strict_config import StrictConfig, is_int
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
@@ -55,7 +55,8 @@ class CacheConfig(StrictConfig):
     ``sae-sweep eval``); nothing tunes on it. 0: no test split."""
 
     seed: int = 0
-    """Seed of the train/val document split."""
+    """Seed of the train/val/test document split and of the windows' rank order (which windows
+    ``max_tokens`` keeps)."""
 
     batch_size: int = 8
     """Windows per model forward pass while building."""
@@ -84,7 +85,10 @@ class CacheConfig(StrictConfig):
     restarts the model); deduplicated when it is itself a hook. null: same as store_logits."""
 
     max_tokens: int | None = None
-    """Cap on real tokens cached (split between train and val in proportion); null: all."""
+    """Cap on real tokens cached, split between train, val and test in proportion to their
+    fractions; each split keeps windows sampled across all of its documents (the lowest-ranked
+    by a hash of seed, document id and window number: deterministic, and stable when documents
+    are added). null: all."""
 
     def validate(self) -> None:
         self._require(isinstance(self.output, str) and self.output.strip() != "", "output",

@@ -1,8 +1,13 @@
 """manifest.json: the table of contents of a cache, written last, read and validated first.
 
-Schema (version 1)::
+Schema (version 2)::
 
-    format, version          "sae-sweep/activation-cache", 1
+    format, version          "sae-sweep/activation-cache", 2
+    window_order             "sampled across documents": each split's windows are in rank order
+                             (see window_sampling.py), so max_tokens and any prefix sample all
+                             of its documents. Absent from format 1, whose windows are in
+                             document order (max_tokens kept a split's first documents):
+                             read_manifest fills in "document order" for it.
     created_utc              ISO time the build finished
     config, config_sha256    the CacheConfig as a dict, and sha256 of its canonical JSON
     model                    model_identity(): name, source sha256, dtype, d_model, n_layers, ...
@@ -16,7 +21,8 @@ Schema (version 1)::
                               "token_ids": [...]} -- what train_mask leaves out
     tensors                  {tensor name: {"dtype", "shape"}} per window (shape without N)
     splits                   {"train"|"val"|"test": {"num_sequences", "num_tokens" (real tokens),
-                              "num_train_tokens" (train_mask), "shards": [shard record, ...]}}
+                              "num_train_tokens" (train_mask), "num_documents",
+                              "shards": [shard record, ...]}}
     bytes_per_token          {item: bytes on disk per real token}; "total"
 
 A shard record: ``name`` (e.g. "train-00003"), ``split``, ``file`` (shards/NAME.safetensors),
@@ -35,7 +41,12 @@ from .cache_errors import CacheError, CorruptCacheError
 from .storage import Storage
 
 FORMAT = "sae-sweep/activation-cache"
-VERSION = 1
+VERSION = 2
+"""The cache format this code writes. 2: each split's windows in rank order, sampled across its
+documents. 1: in document order (still readable)."""
+READABLE_VERSIONS = (1, 2)
+WINDOW_ORDER = {1: "document order", 2: "sampled across documents"}
+"""``window_order`` of each format, in words."""
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
 
@@ -78,7 +89,16 @@ def read_manifest(storage: Storage) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CorruptCacheError(f"{where}: not valid JSON: {exc}") from None
     validate_manifest(manifest, where)
+    manifest.setdefault("window_order", WINDOW_ORDER[manifest["version"]])
     return manifest
+
+
+def describe_window_order(manifest: Mapping[str, Any]) -> str:
+    """``windows sampled across documents (format 2)`` or ``windows in document order (format
+    1)``: how a cache's windows were chosen and ordered."""
+    version = manifest.get("version")
+    order = manifest.get("window_order") or WINDOW_ORDER.get(version, "unknown order")
+    return f"windows {'in ' if order == 'document order' else ''}{order} (format {version})"
 
 
 def validate_manifest(m: Any, where: str) -> None:
@@ -90,11 +110,15 @@ def validate_manifest(m: Any, where: str) -> None:
         raise bad("expected a JSON object")
     if m.get("format") != FORMAT:
         raise bad(f"format is {m.get('format')!r}, expected {FORMAT!r}")
-    if m.get("version") != VERSION:
-        raise bad(f"version {m.get('version')!r} is not supported (this reader knows {VERSION})")
+    if m.get("version") not in READABLE_VERSIONS:
+        raise bad(f"version {m.get('version')!r} is not supported (this reader knows "
+                  f"{', '.join(map(str, READABLE_VERSIONS))}); a newer sae-sweep wrote it")
     for key, typ in _TOP_KEYS.items():
         if not isinstance(m.get(key), typ):
             raise bad(f"field {key!r} is missing or not a {typ.__name__}")
+    if m["version"] >= 2 and m.get("window_order") != WINDOW_ORDER[m["version"]]:
+        raise bad(f"field 'window_order' is {m.get('window_order')!r}, expected "
+                  f"{WINDOW_ORDER[m['version']]!r} in format {m['version']}")
     for h in m["stored_hooks"]:
         if not isinstance(m["d_in"].get(h), int):
             raise bad(f"d_in has no width for stored hook {h!r}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,14 +26,13 @@ from .cache_config import CacheConfig
 from .cache_errors import CacheInputError
 from .compact_logits import compact_logprobs
 from .manifest import act_key, config_digest
-from .models import HookNameError, check_hook_name
+from .hook_names import HookNameError, active_hook_names, check_hook_name, parse_block_hook
 from .shard_file import encode_shard
 from .storage import Storage
 from .windowed import train_mask_for
 
 FULL_LOGPROBS_MAX_VOCAB = 8192
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
 @dataclass
@@ -92,7 +90,7 @@ class Layout:
 
 def make_layout(cfg: CacheConfig, model, tokenizer_ids: tuple[int | None, int | None]) -> Layout:
     """Check the hooks and window length against the model and decide what is stored."""
-    names = set(model.hook_dict)
+    names = set(active_hook_names(model.hook_dict, model.cfg))
     n_ctx = int(model.cfg.n_ctx)
     if cfg.max_text_length > n_ctx:
         raise CacheInputError(
@@ -108,20 +106,20 @@ def make_layout(cfg: CacheConfig, model, tokenizer_ids: tuple[int | None, int | 
     splice: dict[str, str] = {}
     if cfg.splice_residual:
         for h in cfg.hooks:
-            m = _BLOCK.match(h)
-            if not m:
+            block = parse_block_hook(h)
+            if block is None:
                 raise CacheInputError(
                     f"CacheConfig.store_splice_residual: hook {h!r} is not inside a block "
                     "(blocks.L....), so there is no splice residual to store"
                 )
-            splice[h] = f"blocks.{m.group(1)}.hook_resid_pre"
+            splice[h] = block.resid_pre
             if splice[h] not in stored:
                 stored.append(splice[h])
-    layers = [_BLOCK.match(h) for h in stored]
-    if cfg.store_logits or any(m is None for m in layers):
+    blocks = [parse_block_hook(h) for h in stored]
+    if cfg.store_logits or any(b is None for b in blocks):
         stop = None
     else:
-        stop = max(int(m.group(1)) for m in layers) + 1
+        stop = max(b.layer for b in blocks) + 1
         if stop >= model.cfg.n_layers:
             stop = None
     d_vocab = int(model.cfg.d_vocab_out if getattr(model.cfg, "d_vocab_out", -1) > 0
@@ -153,8 +151,8 @@ def make_layout(cfg: CacheConfig, model, tokenizer_ids: tuple[int | None, int | 
 def _hook_width(model, hook: str) -> int:
     """The last dimension of a hook's activation, measured with a one-token forward pass."""
     tokens = torch.zeros(1, 1, dtype=torch.long, device=model.cfg.device)
-    m = _BLOCK.match(hook)
-    stop = int(m.group(1)) + 1 if m and int(m.group(1)) + 1 < model.cfg.n_layers else None
+    block = parse_block_hook(hook)
+    stop = block.layer + 1 if block and block.layer + 1 < model.cfg.n_layers else None
     with torch.inference_mode():
         _, cache = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=stop)
     act = cache[hook]

@@ -83,7 +83,7 @@ class WindowedTextDataset(Dataset):
         Args:
             texts: the documents (plain strings get ids "0", "1", ...).
             tokenizer: a HuggingFace tokenizer (e.g. ``model.tokenizer``).
-            max_length: tokens per window T (BOS included), the design notes' max_text_length.
+            max_length: tokens per window T (BOS included): CacheConfig.max_text_length.
             prepend_bos: start every window with the tokenizer's BOS token.
             exclude_bos: leave BOS tokens out of ``train_mask``.
             exclude_token_ids: further token ids to leave out of ``train_mask``.

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from activation_cache import CorpusSpec, ModelSpec, WindowedTextDataset, load_corpus, load_model  # noqa: E402
-from activation_cache.models import smollm2_gguf_path  # noqa: E402
+from activation_cache.model_spec import smollm2_gguf_path  # noqa: E402
 
 
 def timed(fn):

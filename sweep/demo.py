@@ -24,7 +24,7 @@ from typing import Optional
 
 import pandas as pd
 
-from activation_cache import UserError
+from activation_cache import CacheConfig, UserError
 
 from .best import print_best
 from .driver import configure_logging, resume_sweep, run_sweep
@@ -39,6 +39,9 @@ DEMO_HOOK = "blocks.6.hook_resid_post"
 DEMO_CACHE_TOKENS = 48_000
 """Real tokens cached (train + val + test), with the compact logits the fine-tune needs (a full
 forward of SmolLM2 per token: about 4 minutes on 2 cores)."""
+DEMO_HELD_OUT_FRACTION = 0.15
+"""val_fraction and test_fraction of the demo's cache: 6 of Shakespeare's 42 texts each (the
+default 0.1 gives 4, under the 5 documents below which a split's statistics get a warning)."""
 DEMO_TOKENS_PER_TRIAL = 80_000
 DEMO_FINETUNE_FRACTION = 0.05
 DEMO_NUM_SAMPLES = 6
@@ -78,10 +81,21 @@ def demo_sweep_config(out_dir: Path, *, num_samples: int, max_concurrent: int) -
     })
 
 
+def demo_cache_config(out_dir: Path, **overrides) -> CacheConfig:
+    """The demo's cache: SmolLM2 layer 6 on Shakespeare with the compact logits, capped at
+    DEMO_CACHE_TOKENS (windows sampled across the plays of every split); ``overrides`` replace
+    fields (the tests swap in the tiny model)."""
+    fields = {"output": str(out_dir / "cache"), "hooks": (DEMO_HOOK,),
+              "max_tokens": DEMO_CACHE_TOKENS, "store_logits": True,
+              "val_fraction": DEMO_HELD_OUT_FRACTION, "test_fraction": DEMO_HELD_OUT_FRACTION}
+    fields.update(overrides)
+    return CacheConfig(**fields)
+
+
 def run_demo(out_dir: str | Path = "runs/demo", num_samples: Optional[int] = None,
              max_concurrent: Optional[int] = None) -> pd.DataFrame:
     """Run the demo into ``out_dir``; return the best trials."""
-    from activation_cache import CacheConfig, build_cache
+    from activation_cache import build_cache
 
     configure_logging("activation_cache")  # the cache build's notes and summary too
     out = Path(out_dir).expanduser().resolve()
@@ -92,8 +106,7 @@ def run_demo(out_dir: str | Path = "runs/demo", num_samples: Optional[int] = Non
 
     logger.info("[1/4] activation cache: SmolLM2-135M on Shakespeare, %s -> %s",
                 DEMO_HOOK, out / "cache")
-    build_cache(CacheConfig(output=str(out / "cache"), hooks=(DEMO_HOOK,),
-                            max_tokens=DEMO_CACHE_TOKENS, store_logits=True))
+    build_cache(demo_cache_config(out))
 
     cfg = demo_sweep_config(out, num_samples=num_samples, max_concurrent=max_concurrent)
     stored = load_sweep_info(cfg.experiment_path)

@@ -10,15 +10,12 @@ trainer's own message instead of failing every trial.
 from __future__ import annotations
 
 import itertools
-import re
 from typing import Any, Mapping
 
-from activation_cache import ConfigError
+from activation_cache import ConfigError, parse_block_hook
 
 from .search_space import SearchSpace
 from .sweep_config import SweepConfig, param_target
-
-_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
 def build_trial_configs(cfg: SweepConfig, params: Mapping[str, Any], d_in: int):
@@ -28,9 +25,9 @@ def build_trial_configs(cfg: SweepConfig, params: Mapping[str, Any], d_in: int):
     sae: dict[str, Any] = {"device": "auto"}
     sae.update(cfg.sae)
     sae.update({"d_in": int(d_in), "hook_spec": cfg.hook})
-    match = _BLOCK_HOOK.match(cfg.hook)
-    if match:
-        sae.update({"hook_layer": int(match.group(1)), "hook_name": match.group(2)})
+    block = parse_block_hook(cfg.hook)
+    if block is not None:
+        sae.update({"hook_layer": block.layer, "hook_name": block.point})
     training: dict[str, Any] = {"seed": cfg.seed, "show_progress": False}
     training.update(cfg.training)
     training["max_tokens"] = cfg.tokens_per_trial

@@ -17,6 +17,7 @@ from _cache_helpers import build_tiny, tiny_config, tiny_model, tiny_windows
 from activation_cache.builder import build_from_windows
 from activation_cache import (CacheConfig, CacheExistsError, WindowedTextDataset,
                               build_cache, load_corpus, open_cache, split_documents)
+from activation_cache.window_sampling import rank_order
 from sweep.cli import main as cli_main
 
 HOOK = "blocks.0.hook_resid_post"
@@ -63,12 +64,19 @@ def test_build_cache_from_text_files_matches_the_windows(tmp_path):
         ds = WindowedTextDataset(split_docs, model.tokenizer, 32, True)
         got = list(reader.sequence_batches(split, 5))
         tokens = torch.cat([b.tokens for b in got])
-        assert torch.equal(tokens, ds.tokens)
-        assert torch.equal(torch.cat([b.train_mask for b in got]), ds.train_mask)
+        # every window of the split once, in rank order (sampled across documents)
+        assert sorted(map(tuple, tokens.tolist())) == sorted(map(tuple, ds.tokens.tolist()))
+        order = torch.from_numpy(rank_order([d.doc_id for d in split_docs], ds.doc_ids.numpy(), 0))
+        assert torch.equal(tokens, ds.tokens[order])
+        assert torch.equal(torch.cat([b.train_mask for b in got]), ds.train_mask[order])
+        ids = {d.doc_id: i for i, d in enumerate(docs)}
+        want_doc = torch.tensor([ids[split_docs[j].doc_id] for j in ds.doc_ids[order]])
+        assert torch.equal(torch.cat([b.doc_id for b in got]), want_doc)
         assert m["splits"][split]["num_documents"] == len(split_docs)
         assert m["splits"][split]["num_train_tokens"] == ds.num_train_tokens
+        first = ds.tokens[order[:3]], ds.attention_mask[order[:3]].long()
         with torch.inference_mode():
-            _, cache = model.run_with_cache(ds.tokens[:3], attention_mask=ds.attention_mask[:3].long())
+            _, cache = model.run_with_cache(first[0], attention_mask=first[1])
         assert torch.equal(got[0].acts[HOOK][:3], cache[HOOK])
     # a second run with the same config reuses the finished cache
     before = os.stat(os.path.join(uri, "manifest.json")).st_mtime_ns
@@ -99,7 +107,7 @@ KILL_SCRIPT = textwrap.dedent("""
 
 
 def test_resume_after_sigkill_gives_exactly_the_uninterrupted_cache(tmp_path):
-    cfg = corpus_config(tmp_path, out="killed", shard_tokens=32,
+    cfg = corpus_config(tmp_path, out="killed", shard_tokens=32, max_tokens=700,
                         corpus={"source": "files",
                                 "paths": [str(write_corpus(tmp_path / "small", n_docs=4))]})
     ref = build_cache(cfg.replace(output=str(tmp_path / "reference")))

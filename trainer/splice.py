@@ -23,16 +23,13 @@ modified: hooks are registered for one call and removed afterwards, also on erro
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 import torch
 from torch import Tensor
 
-from activation_cache import UserError
-
-_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+from activation_cache import UserError, parse_block_hook
 
 
 class SpliceError(UserError):
@@ -80,13 +77,13 @@ class SpliceSite:
 
 def splice_site(hook_name: str, n_layers: int) -> SpliceSite:
     """Parse ``blocks.{L}.<point>``; raise :class:`SpliceError` for hooks outside the blocks."""
-    m = _BLOCK_HOOK.match(hook_name)
-    if not m:
+    block = parse_block_hook(hook_name)
+    if block is None:
         raise SpliceError(
             f"hook {hook_name!r} is not inside a transformer block (expected "
             "'blocks.{layer}.<hook point>'); end-to-end losses can only splice block hooks"
         )
-    layer = int(m.group(1))
+    layer = block.layer
     if not 0 <= layer < n_layers:
         raise SpliceError(f"hook {hook_name!r}: layer {layer} is outside the model's "
                           f"{n_layers} blocks")
