@@ -254,13 +254,13 @@ def make_searcher(cfg: SweepConfig, d_in: int) -> Any:
     import optuna
 
     from .search_space import SearchSpace
-    from .searcher import SweepSearcher
+    from .searcher import PicklableNSGAIISampler, SweepSearcher
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     constraints = list(cfg.objective.constraints)
     if cfg.sampler == "nsgaii":
-        sampler = optuna.samplers.NSGAIISampler(seed=cfg.seed,
-                                                population_size=max(4, cfg.max_concurrent_trials * 2))
+        sampler = PicklableNSGAIISampler(seed=cfg.seed,
+                                          population_size=max(4, cfg.max_concurrent_trials * 2))
     elif cfg.sampler == "random":
         sampler = optuna.samplers.RandomSampler(seed=cfg.seed)
     else:

@@ -188,3 +188,22 @@ def _float(value: Any) -> Optional[float]:
 def _finite(value: Any) -> bool:
     v = _float(value)
     return v is not None and math.isfinite(v)
+
+
+class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
+    """Optuna's NSGA-II sampler, picklable: Optuna 5 gives it a ``threading.Lock``, and Tune
+    pickles the searcher (and so its sampler) whenever it saves the experiment state, which
+    failed with ``cannot pickle '_thread.lock' object``. The lock only guards the sampler within
+    one process, so a fresh one is made when it is unpickled."""
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_thread_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        import threading
+
+        self.__dict__.update(state)
+        if "_thread_lock" not in state:
+            self._thread_lock = threading.Lock()
