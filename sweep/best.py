@@ -388,8 +388,10 @@ def format_selection(selection: Selection, *, all_columns: bool = False,
         legend.append(f"ok: meets {constraints_text(selection.constraints)}")
     if any(c.startswith("test_") for c in selection.shown.columns):
         legend.append("test_*: the held-out test split, the figures to report")
-    else:
+    elif len(selection.ranked):
         legend.append("no test_* figures (the cache has no test split)")
+    else:
+        legend.append("no test_* figures yet (a trial adds them when it completes)")
     if hidden:
         legend.append(f"{len(hidden)} more column(s): --all-columns")
     lines.append("; ".join(legend))

@@ -192,7 +192,7 @@ def _run(cfg: SweepConfig, d_in: int, tune_path: str, *, restore: bool,
     from .live_view import ConsoleCallback
     from .results_callback import ResultsCallback
     from .trainable import train_trial
-    from .tune_output import TUNE_VERBOSITY, CheckpointRepair, InterruptWatch, sweep_output
+    from .tune_output import CheckpointRepair, InterruptWatch, sweep_output
 
     # An intermediate report may lack an objective metric (a two-phase trial reports
     # ce_loss_delta only from its fine-tune on); the searcher reads the final report, which the
@@ -205,42 +205,14 @@ def _run(cfg: SweepConfig, d_in: int, tune_path: str, *, restore: bool,
     callbacks = [CheckpointRepair(), watch,
                  ResultsCallback(cfg.experiment_path, interrupt=watch),
                  ConsoleCallback(ConsoleSettings.from_sweep(cfg, resumed=restore))]
-    # the study opens before Ray starts: a storage error costs nothing
-    tune_config = None if restore else _tune_config(cfg, d_in)
     started = time.monotonic()
     exp = cfg.experiment_path
     try:
-        with sweep_output(exp, verbose=verbose) as out, \
-                ray_session(address, on_start=out.capture_worker_output):
-            if restore:
-                tuner = _storage_call(lambda: tune.Tuner.restore(
-                    tune_path, trainable=trainable, resume_unfinished=True,
-                    resume_errored=False, restart_errored=False), cfg)
-                # the restored RunConfig is the first run's: this run's console and callbacks
-                _update_run_config(tuner, callbacks=callbacks, verbose=TUNE_VERBOSITY,
-                                   progress_reporter=out.progress_reporter())
-            else:
-                tuner = tune.Tuner(
-                    trainable,
-                    tune_config=tune_config,
-                    run_config=tune.RunConfig(
-                        name=Path(tune_path).name,
-                        storage_path=str(Path(tune_path).parent) if "://" not in tune_path
-                        else tune_path.rsplit("/", 1)[0],
-                        failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                        checkpoint_config=tune.CheckpointConfig(
-                            num_to_keep=cfg.checkpoints_to_keep),
-                        callbacks=callbacks,
-                        verbose=TUNE_VERBOSITY,
-                        progress_reporter=out.progress_reporter(),
-                    ),
-                )
-            logger.info("%s sweep %s: %d trials, %d at a time, %s",
-                        "resuming" if restore else "starting", exp.name, cfg.num_samples,
-                        cfg.max_concurrent_trials, _objective_text(cfg))
-            logger.info("Ray's log: %s", display_path(out.log_path))
-            with out.tune_run(), watch.around_fit():
-                tuner.fit()
+        with sweep_output(exp, verbose=verbose) as out:
+            # the study opens before Ray starts: a storage error costs nothing
+            tune_config = None if restore else _tune_config(cfg, d_in)
+            with ray_session(address, on_start=out.capture_worker_output):
+                _fit(cfg, tune_path, restore, trainable, tune_config, callbacks, out, watch)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before Tune's run began
         watch.note_interrupt()
     results = _results_or_empty(exp)
@@ -259,6 +231,44 @@ def _run(cfg: SweepConfig, d_in: int, tune_path: str, *, restore: bool,
                                    default_architecture=cfg.sae.get("architecture")):
         logger.warning("warning: %s", line)
     return results
+
+
+def _fit(cfg: SweepConfig, tune_path: str, restore: bool, trainable: Any, tune_config: Any,
+         callbacks: list, out: Any, watch: Any) -> None:
+    """Build the Tuner (new, or restored from ``tune_path``) and run it."""
+    from ray import tune
+
+    from .tune_output import TUNE_VERBOSITY
+
+    exp = cfg.experiment_path
+    if restore:
+        tuner = _storage_call(lambda: tune.Tuner.restore(
+            tune_path, trainable=trainable, resume_unfinished=True,
+            resume_errored=False, restart_errored=False), cfg)
+        # the restored RunConfig is the first run's: this run's console and callbacks
+        _update_run_config(tuner, callbacks=callbacks, verbose=TUNE_VERBOSITY,
+                           progress_reporter=out.progress_reporter())
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune_config,
+            run_config=tune.RunConfig(
+                name=Path(tune_path).name,
+                storage_path=str(Path(tune_path).parent) if "://" not in tune_path
+                else tune_path.rsplit("/", 1)[0],
+                failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep),
+                callbacks=callbacks,
+                verbose=TUNE_VERBOSITY,
+                progress_reporter=out.progress_reporter(),
+            ),
+        )
+    logger.info("%s sweep %s: %d trials, %d at a time, %s",
+                "resuming" if restore else "starting", exp.name, cfg.num_samples,
+                cfg.max_concurrent_trials, _objective_text(cfg))
+    logger.info("Ray's log: %s", display_path(out.log_path))
+    with out.tune_run(), watch.around_fit():
+        tuner.fit()
 
 
 def _results_or_empty(exp: Path) -> pd.DataFrame:

@@ -230,9 +230,9 @@ def _readme_queries():
     found = []
     for text in texts:
         for match in re.finditer(r"sae-sweep best [^\n`]*", text):
-            line = match.group(0).split("#")[0].rstrip().rstrip('"')
-            if line.count('"') % 2:  # the end of an `ray exec ... "sae-sweep best X"` line
-                continue
+            line = match.group(0).split(" #")[0].rstrip()
+            if line.count('"') % 2:  # the end of a `ray exec ... "sae-sweep best X"` line
+                line = line[:-1] if line.endswith('"') else line
             found.append(shlex.split(line)[1:])
     return found
 
@@ -241,8 +241,10 @@ def test_the_readme_queries_all_run_on_a_demo_like_experiment(demo_like, capsys)
     from sweep.cli import main
 
     queries = _readme_queries()
-    assert len(queries) >= 5
-    assert any("--where" in q and "architecture == 'jumprelu'" in q for q in queries)
+    assert len(queries) >= 8
+    assert ["best", "runs/sweeps/architectures", "--where", "architecture == 'jumprelu'",
+            "--top", "3"] in queries     # examples/sweep_architectures.yaml's
+    assert ["best", "runs/sweeps/smollm2-l6", "--where", "l0 <= 48", "--top", "5"] in queries
     for query in queries:
         args = [query[0], str(demo_like), *query[2:]]
         assert main(args) == 0, query

@@ -265,3 +265,27 @@ def test_a_four_trial_sweep_console_is_short_and_plain_and_verbose_restores_ray(
     verbose = _sweep_cli(["sweep", str(tmp_path / "verbose.yaml"), "--verbose"], ROOT)
     assert "╭" in verbose and "Trial status" in verbose and "pid=" in verbose
     assert "started: d_sae=" in verbose and not ANSI.search(verbose)   # not a terminal
+
+
+def test_the_sweep_package_has_no_import_circle():
+    """Module-level and deferred (in-function) relative imports alike: the console and the live
+    view used to import each other (the live view's Ray plumbing now lives in tune_output)."""
+    import ast
+
+    package = ROOT / "sweep"
+    modules = {p.stem for p in package.glob("*.py")}
+    graph = {}
+    for path in package.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+        graph[path.stem] = deps & modules
+
+    def reaches(start, goal, seen):
+        return any(m == goal or (m not in seen and reaches(m, goal, seen | {m}))
+                   for m in graph[start])
+
+    circles = sorted(m for m in graph if reaches(m, m, {m}))
+    assert circles == []
+    assert not graph["console"] & {"live_view", "tune_output"}

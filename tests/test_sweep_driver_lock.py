@@ -5,7 +5,6 @@ import json
 import multiprocessing as mp
 import os
 import socket
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
