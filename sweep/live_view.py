@@ -113,13 +113,20 @@ class ConsoleCallback(Callback):
     def _say(self, trial: Trial, text: str, *, style: Optional[str] = None) -> None:
         self._last_line[trial.trial_id] = time.monotonic()
         stamp = elapsed(time.monotonic() - self._started)
-        logger.info("[%s] trial %s %s", stamp, trial.trial_id, text,
-                    extra={"style": style} if style else None)
+        line = fold(f"[{stamp}] trial {trial.trial_id} {text}")
+        logger.info("%s", line, extra={"style": style} if style else None)
 
     def _metrics(self, result: dict) -> str:
-        parts = [f"{m} {fmt_value(result[m])}" for m in self.settings.metrics if m in result
-                 and result[m] is not None]
-        return ", ".join(parts)
+        """``val fvu 0.41, l0 32``: the reported figures, labelled with their split."""
+        shown = [m for m in self.settings.metrics if m in result and result[m] is not None]
+        groups = []
+        for split, names in (("val", [m for m in shown if not m.startswith("test_")]),
+                             ("test", [m[5:] for m in shown if m.startswith("test_")])):
+            if names:
+                prefix = "test_" if split == "test" else ""
+                groups.append(f"{split} " + ", ".join(
+                    f"{m} {fmt_value(result[prefix + m])}" for m in names))
+        return "; ".join(groups)
 
     @staticmethod
     def _speed(result: dict) -> str:
@@ -146,6 +153,20 @@ class ConsoleCallback(Callback):
         self._last_progress = time.monotonic()
         logger.info("[%s] %s", elapsed(time.monotonic() - self._started),
                     progress_line(trials, self.settings, self._ended), extra={"style": "bold"})
+
+
+LINE_WIDTH = 120
+"""Live-view lines longer than this are folded (a log file gets no overlong line)."""
+
+
+def fold(line: str, width: int = LINE_WIDTH) -> str:
+    """``line`` folded at spaces into lines of at most ``width``, continuations indented."""
+    if len(line) <= width:
+        return line
+    import textwrap
+
+    return "\n".join(textwrap.wrap(line, width, subsequent_indent="    ",
+                                   break_on_hyphens=False, break_long_words=True))
 
 
 def progress_line(trials: list[Trial], settings: ConsoleSettings,

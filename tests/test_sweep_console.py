@@ -97,8 +97,8 @@ def test_live_view_lines(caplog):
     lines = [re.sub(r"^\[\d+:\d\d\] ", "", r.getMessage()) for r in caplog.records]
     assert lines == [
         "trial t1 started: d_sae=256 top_k=9 lr=0.0003",
-        "trial t1 step 4: fvu 0.8, l0 12.5 (1,024 tokens, 2,048 tok/s)",
-        "trial t1 completed: fvu 0.5, l0 9 (16 steps, 4,096 tokens, 3.2 s)",
+        "trial t1 step 4: val fvu 0.8, l0 12.5 (1,024 tokens, 2,048 tok/s)",
+        "trial t1 completed: val fvu 0.5, l0 9 (16 steps, 4,096 tokens, 3.2 s)",
         "1/2 done (1 completed), 0 running, 1 pending | best val fvu 0.5 (trial t1)",
     ]
 
@@ -256,7 +256,7 @@ def test_a_four_trial_sweep_console_is_short_and_plain_and_verbose_restores_ray(
     for noise in ("╭", "Trial status", "INFO", "WARNING", "pid=", "Checkpoint successfully"):
         assert noise not in quiet, noise
     assert sum("started: d_sae=" in ln for ln in lines) == 4
-    assert sum(" completed: fvu " in ln for ln in lines) == 4
+    assert sum(" completed: val fvu " in ln for ln in lines) == 4
     assert "4/4 done (4 completed), 0 running, 0 pending | best val fvu" in quiet
     assert lines[-5] == "next:" and lines[-1].startswith("  optuna-dashboard sqlite:///")
     log = (tmp_path / "quiet" / "sweep.log").read_text()
