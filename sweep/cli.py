@@ -23,9 +23,22 @@ Handler = Callable[[argparse.Namespace], int | None]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int | None:
-    from sweep import run_demo
+    import shlex
 
-    run_demo(out_dir=args.out, num_samples=args.num_samples, max_concurrent=args.max_concurrent)
+    from sweep import SweepInterrupted, run_demo
+
+    try:
+        run_demo(out_dir=args.out, num_samples=args.num_samples,
+                 max_concurrent=args.max_concurrent)
+    except SweepInterrupted:
+        again = ["sae-sweep", "demo", "--out", args.out]
+        for flag, value in (("--num-samples", args.num_samples),
+                            ("--max-concurrent", args.max_concurrent)):
+            if value is not None:
+                again += [flag, str(value)]
+        print(f"sae-sweep demo: interrupted; continue it with: {shlex.join(again)}",
+              file=sys.stderr)
+        return 130
     return 0
 
 
@@ -60,28 +73,40 @@ def _cmd_eval(args: argparse.Namespace) -> int | None:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int | None:
-    from sweep import SweepConfig, resume_sweep, run_sweep, summarize_sweep
+    from sweep import SweepConfig, SweepInterrupted, resume_sweep, run_sweep, summarize_sweep
 
-    if args.resume:
-        if args.config:
-            raise _usage("give CONFIG.yaml or --resume EXPERIMENT_DIR, not both")
-        resume_sweep(args.resume, address=args.address, verbose=args.verbose)
-        experiment = args.resume
-    else:
-        if not args.config:
-            raise _usage("sweep needs CONFIG.yaml or --resume EXPERIMENT_DIR")
-        run_sweep(args.config, address=args.address, verbose=args.verbose)
-        experiment = str(SweepConfig.from_yaml(args.config).experiment_path)
-    _say(summarize_sweep(experiment))
+    options = dict(address=args.address, verbose=args.verbose, take_over=args.take_over)
+    try:
+        if args.resume:
+            if args.config:
+                raise _usage("give CONFIG.yaml or --resume EXPERIMENT_DIR, not both")
+            experiment = args.resume
+            resume_sweep(args.resume, **options)
+        else:
+            if not args.config:
+                raise _usage("sweep needs CONFIG.yaml or --resume EXPERIMENT_DIR")
+            experiment = str(SweepConfig.from_yaml(args.config).experiment_path)
+            run_sweep(args.config, **options)
+    except SweepInterrupted as stop:
+        _say(summarize_sweep(stop.experiment_dir, interrupted=True,
+                             resume_command=stop.resume_command, stream=sys.stdout))
+        print(f"sae-sweep sweep: interrupted; continue it with: {stop.resume_command}",
+              file=sys.stderr, flush=True)
+        return 130
+    _say(summarize_sweep(experiment, stream=sys.stdout))
     return 0
 
 
 def _cmd_best(args: argparse.Namespace) -> int | None:
     from sweep import print_best
 
+    from .console import configure_logging
+
+    configure_logging()  # its warning (ranking on a test_* metric) goes to stderr
     print_best(
         args.experiment_dir, metric=args.metric, mode=args.mode, where=args.where, top=args.top,
-        pareto=args.pareto, output_format=args.format,
+        pareto=args.pareto, output_format=args.format, all_columns=args.all_columns,
+        per_architecture=args.per_architecture,
     )
     return 0
 
@@ -232,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="show Ray's own output (trial tables, result boxes, INFO lines, the "
                     "trials' output) on the console; by default it goes to "
                     "EXPERIMENT_DIR/sweep.log and the console shows one line per trial event")
+    sp.add_argument("--take-over", action="store_true",
+                    help="replace the experiment's lock when it names a driver on another host "
+                    "(which cannot be checked from here); only once that driver is gone")
 
     sp = add("best", _cmd_best, "print the best trials (or the Pareto front) of a sweep")
     sp.add_argument("experiment_dir")
@@ -240,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--where", default=None, help='a pandas query, e.g. "l0 <= 64"')
     sp.add_argument("--top", type=_positive_int, default=5)
     sp.add_argument("--pareto", action="store_true", help="print the Pareto front instead")
+    sp.add_argument("--per-architecture", action="store_true",
+                    help="per architecture: trials run, how many met the sweep's constraints, "
+                    "and the best of each")
+    sp.add_argument("--all-columns", action="store_true",
+                    help="show every column (the table fits about 120 characters otherwise)")
     sp.add_argument("--format", default="table", choices=["table", "csv", "json"])
 
     sp = add("export", _cmd_export, "export a trial's SAE with a README card")
@@ -273,8 +306,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"sae-sweep {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"sae-sweep {args.command}: interrupted; progress so far is saved", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        detail = f"; {exc}" if str(exc) else ""
+        print(f"sae-sweep {args.command}: interrupted; progress so far is saved{detail}",
+              file=sys.stderr)
         return 130
     return int(rc or 0)
 

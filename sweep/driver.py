@@ -19,6 +19,15 @@ corners of the search space against the trainer's configs, stores the resolved c
 finished trials, resumes unfinished ones from their last checkpoint, starts the trials still
 missing, and the Optuna study keeps its history; no trial runs twice.
 
+One live driver per experiment (:mod:`sweep.driver_lock`): both take the experiment's lock
+before anything else touches the folder, refuse (one line naming the running driver) when
+another driver holds it, and take over, saying so, a lock its killed driver left behind.
+
+Every ending says what happened: a finished sweep logs its counts (and one warning line per
+architecture that never met the constraints); a sweep stopped with Ctrl-C marks the unfinished
+trials ``interrupted``, logs "interrupted" with the exact ``--resume`` command and raises
+:class:`SweepInterrupted` (a KeyboardInterrupt) once everything is saved.
+
 Ray: local (``ray.init``, no dashboard, ``RAY_AUTH_MODE=disabled``) unless ``address`` names a
 running cluster (``"auto"`` or ``HOST:PORT``); an already initialised Ray is used as it is.
 """
@@ -38,8 +47,9 @@ import pandas as pd
 
 from activation_cache import ConfigError, UserError
 
-from .console import configure_logging, elapsed
-from .results import SWEEP_FILE, load_results, load_sweep_info
+from .console import configure_logging, display_path, elapsed
+from .driver_lock import driver_lock
+from .results import SWEEP_FILE, ResultsNotFoundError, load_results, load_sweep_info
 from .sweep_config import SweepConfig
 
 logger = logging.getLogger("sweep")
@@ -59,51 +69,87 @@ class RayConnectionError(UserError, ConnectionError):
     """``--address`` names no reachable Ray cluster."""
 
 
+class StorageError(UserError, RuntimeError):
+    """The Optuna storage cannot be opened or written."""
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """The sweep was stopped with Ctrl-C (SIGINT) after saving everything; ``resume_command``
+    continues it."""
+
+    def __init__(self, experiment_dir: Path, resume_command: str):
+        super().__init__(f"continue it with: {resume_command}")
+        self.experiment_dir = experiment_dir
+        self.resume_command = resume_command
+
+
+def resume_command(experiment_dir: str | Path, address: Optional[str] = None) -> str:
+    """The exact command that continues the sweep in ``experiment_dir``."""
+    cmd = f"sae-sweep sweep --resume {display_path(experiment_dir)}"
+    return cmd + (f" --address {address}" if address else "")
+
+
 def run_sweep(config_path: str | Path | SweepConfig, *, address: Optional[str] = None,
-              verbose: bool = False) -> pd.DataFrame:
+              verbose: bool = False, take_over: bool = False) -> pd.DataFrame:
     """Run the sweep described by ``config_path`` (YAML or a SweepConfig); return the results
-    table. Refuses an experiment folder that already holds a sweep (resume it instead).
+    table. Refuses an experiment folder that already holds a sweep (resume it instead) or that
+    another live driver holds (``take_over``: replace the lock of a driver on another host).
 
     The console shows a compact live view; Ray's own output goes to ``EXPERIMENT_DIR/sweep.log``
-    unless ``verbose`` (see :mod:`sweep.console`)."""
+    unless ``verbose`` (see :mod:`sweep.console`). Ctrl-C raises :class:`SweepInterrupted`
+    after the sweep's state is saved."""
     configure_logging()
     cfg = config_path if isinstance(config_path, SweepConfig) else SweepConfig.from_yaml(config_path)
     cfg = _absolute_paths(cfg)  # trials (on any node) and --resume (from any cwd) agree
     exp = cfg.experiment_path
-    if (exp / SWEEP_FILE).exists():
-        raise ExperimentExistsError(
-            f"{exp} already holds a sweep; continue it with `sae-sweep sweep --resume {exp}` "
-            "or set experiment_dir to a new folder")
-    tune_path = _tune_path(cfg)
-    if "://" not in tune_path and Path(tune_path).exists():
-        # storage_path/<experiment folder name> is shared by experiments of the same name
-        raise ExperimentExistsError(
-            f"{tune_path} already holds Ray Tune state of another sweep (same experiment folder "
-            "name under storage_path); give experiment_dir a new name")
-    d_in = cache_width(cfg)
-    from .trial_configs import check_space
+    with driver_lock(exp, take_over=take_over) as lock:  # before anything touches the folder
+        if (exp / SWEEP_FILE).exists():
+            raise ExperimentExistsError(
+                f"{exp} already holds a sweep; continue it with `{resume_command(exp, address)}` "
+                "or set experiment_dir to a new folder")
+        tune_path = _tune_path(cfg)
+        if "://" not in tune_path and Path(tune_path).exists():
+            # storage_path/<experiment folder name> is shared by experiments of the same name
+            raise ExperimentExistsError(
+                f"{tune_path} already holds Ray Tune state of another sweep (same experiment "
+                "folder name under storage_path); give experiment_dir a new name")
+        d_in = cache_width(cfg)
+        from .trial_configs import check_space
 
-    check_space(cfg, d_in)
-    exp.mkdir(parents=True, exist_ok=True)
-    info = {"config": cfg.to_dict(), "d_in": d_in, "tune_path": tune_path,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "source": str(config_path) if not isinstance(config_path, SweepConfig) else None}
-    (exp / SWEEP_FILE).write_text(json.dumps(info, indent=2))
-    return _run(cfg, d_in, info["tune_path"], restore=False, address=address, verbose=verbose)
+        check_space(cfg, d_in)
+        lock.announce()
+        info = {"config": cfg.to_dict(), "d_in": d_in, "tune_path": tune_path,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "source": str(config_path) if not isinstance(config_path, SweepConfig) else None}
+        (exp / SWEEP_FILE).write_text(json.dumps(info, indent=2))
+        return _run(cfg, d_in, info["tune_path"], restore=False, address=address,
+                    verbose=verbose)
 
 
 def resume_sweep(experiment_dir: str | Path, *, address: Optional[str] = None,
-                 verbose: bool = False) -> pd.DataFrame:
-    """Continue the sweep in ``experiment_dir`` after its driver stopped; return the results."""
+                 verbose: bool = False, take_over: bool = False) -> pd.DataFrame:
+    """Continue the sweep in ``experiment_dir`` after its driver stopped; return the results.
+    Refused while another driver runs it (``take_over``: see :func:`run_sweep`)."""
     configure_logging()
     exp = Path(experiment_dir).expanduser().resolve()
-    info = load_sweep_info(exp)
-    if not info:
+    if not (exp / SWEEP_FILE).is_file():
         raise NotAnExperimentError(f"{exp}: no {SWEEP_FILE}; not a sweep's experiment folder")
-    cfg = SweepConfig.from_dict(info["config"]).replace(experiment_dir=str(exp))
-    tune_path = info["tune_path"] if cfg.storage_path else str(exp / TUNE_NAME)
-    return _run(cfg, int(info["d_in"]), tune_path, restore=True, address=address,
-                verbose=verbose)
+    with driver_lock(exp, take_over=take_over) as lock:
+        lock.announce()
+        info = load_sweep_info(exp)
+        if not info:
+            raise NotAnExperimentError(f"{exp}: no {SWEEP_FILE}; not a sweep's experiment folder")
+        cfg = SweepConfig.from_dict(info["config"]).replace(experiment_dir=str(exp))
+        tune_path = info["tune_path"] if cfg.storage_path else str(exp / TUNE_NAME)
+        from ray import tune
+
+        if not tune.Tuner.can_restore(tune_path):
+            raise NotAnExperimentError(
+                f"{exp}: no Ray Tune state at {tune_path} to resume (the driver stopped before "
+                "the first trial started?); start it again with `sae-sweep sweep CONFIG` and a "
+                "new experiment_dir")
+        return _run(cfg, int(info["d_in"]), tune_path, restore=True, address=address,
+                    verbose=verbose)
 
 
 def cache_width(cfg: SweepConfig) -> int:
@@ -142,10 +188,11 @@ def _run(cfg: SweepConfig, d_in: int, tune_path: str, *, restore: bool,
          address: Optional[str], verbose: bool = False) -> pd.DataFrame:
     from ray import tune
 
-    from .console import ConsoleSettings, sweep_output
+    from .console import ConsoleSettings
     from .live_view import ConsoleCallback
     from .results_callback import ResultsCallback
     from .trainable import train_trial
+    from .tune_output import CheckpointRepair, InterruptWatch, sweep_output
 
     # An intermediate report may lack an objective metric (a two-phase trial reports
     # ce_loss_delta only from its fine-tune on); the searcher reads the final report, which the
@@ -154,49 +201,117 @@ def _run(cfg: SweepConfig, d_in: int, tune_path: str, *, restore: bool,
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     job = {"config": cfg.to_dict(), "d_in": d_in}
     trainable = with_trial_resources(tune.with_parameters(train_trial, job=job), cfg)
-    callbacks = [ResultsCallback(cfg.experiment_path),
+    watch = InterruptWatch()
+    callbacks = [CheckpointRepair(), watch,
+                 ResultsCallback(cfg.experiment_path, interrupt=watch),
                  ConsoleCallback(ConsoleSettings.from_sweep(cfg, resumed=restore))]
     started = time.monotonic()
-    with sweep_output(cfg.experiment_path, verbose=verbose) as out, \
-            ray_session(address, on_start=out.capture_worker_output):
-        if restore:
-            if not tune.Tuner.can_restore(tune_path):
-                raise NotAnExperimentError(
-                    f"{cfg.experiment_path}: no Ray Tune state at {tune_path} to resume (the "
-                    "driver stopped before the first trial started?); start it again with "
-                    "`sae-sweep sweep CONFIG` and a new experiment_dir")
-            tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=False, restart_errored=False)
-            # the restored RunConfig is the first run's: this run's console and callbacks
-            _update_run_config(tuner, callbacks=callbacks, verbose=out.tune_verbose,
-                               progress_reporter=out.progress_reporter())
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=_tune_config(cfg, d_in),
-                run_config=tune.RunConfig(
-                    name=Path(tune_path).name,
-                    storage_path=str(Path(tune_path).parent) if "://" not in tune_path
-                    else tune_path.rsplit("/", 1)[0],
-                    failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep),
-                    callbacks=callbacks,
-                    verbose=out.tune_verbose,
-                    progress_reporter=out.progress_reporter(),
-                ),
-            )
-        logger.info("%s sweep %s: %d trials, %d at a time, %s; Ray's log: %s",
-                    "resuming" if restore else "starting", cfg.experiment_path.name,
-                    cfg.num_samples, cfg.max_concurrent_trials, _objective_text(cfg),
-                    out.log_path)
-        with out.tune_run():
-            tuner.fit()
-    results = load_results(cfg.experiment_path)
-    counts = results["status"].value_counts().to_dict()
-    logger.info("sweep %s finished in %s: %s", cfg.experiment_path.name,
-                elapsed(time.monotonic() - started),
-                ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    exp = cfg.experiment_path
+    try:
+        with sweep_output(exp, verbose=verbose) as out:
+            # the study opens before Ray starts: a storage error costs nothing
+            tune_config = None if restore else _tune_config(cfg, d_in)
+            with ray_session(address, on_start=out.capture_worker_output):
+                _fit(cfg, tune_path, restore, trainable, tune_config, callbacks, out, watch)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before Tune's run began
+        watch.note_interrupt()
+    results = _results_or_empty(exp)
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(
+        results["status"].value_counts().to_dict().items())) or "no trial reported"
+    took = elapsed(time.monotonic() - started)
+    if watch.interrupted:
+        command = resume_command(exp, address)
+        logger.warning("sweep %s interrupted after %s: %s; continue it with: %s", exp.name,
+                       took, counts, command)
+        raise SweepInterrupted(exp, command)
+    logger.info("sweep %s finished in %s: %s", exp.name, took, counts)
+    from .best import never_met_warnings
+
+    for line in never_met_warnings(results, cfg.to_dict()["objective"],
+                                   default_architecture=cfg.sae.get("architecture")):
+        logger.warning("warning: %s", line)
     return results
+
+
+def _fit(cfg: SweepConfig, tune_path: str, restore: bool, trainable: Any, tune_config: Any,
+         callbacks: list, out: Any, watch: Any) -> None:
+    """Build the Tuner (new, or restored from ``tune_path``) and run it."""
+    from ray import tune
+
+    from .tune_output import TUNE_VERBOSITY
+
+    exp = cfg.experiment_path
+    if restore:
+        tuner = _storage_call(lambda: tune.Tuner.restore(
+            tune_path, trainable=trainable, resume_unfinished=True,
+            resume_errored=False, restart_errored=False), cfg)
+        # the restored RunConfig is the first run's: this run's console and callbacks
+        _update_run_config(tuner, callbacks=callbacks, verbose=TUNE_VERBOSITY,
+                           progress_reporter=out.progress_reporter())
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune_config,
+            run_config=tune.RunConfig(
+                name=Path(tune_path).name,
+                storage_path=str(Path(tune_path).parent) if "://" not in tune_path
+                else tune_path.rsplit("/", 1)[0],
+                failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep),
+                callbacks=callbacks,
+                verbose=TUNE_VERBOSITY,
+                progress_reporter=out.progress_reporter(),
+            ),
+        )
+    logger.info("%s sweep %s: %d trials, %d at a time, %s",
+                "resuming" if restore else "starting", exp.name, cfg.num_samples,
+                cfg.max_concurrent_trials, _objective_text(cfg))
+    logger.info("Ray's log: %s", display_path(out.log_path))
+    with out.tune_run(), watch.around_fit():
+        tuner.fit()
+
+
+def _results_or_empty(exp: Path) -> pd.DataFrame:
+    try:
+        return load_results(exp)
+    except ResultsNotFoundError:
+        return pd.DataFrame(columns=["trial_id", "status"])
+
+
+def _storage_call(fn: Any, cfg: SweepConfig) -> Any:
+    """``fn()``, with an Optuna/SQLAlchemy storage error as one line (:class:`StorageError`)."""
+    try:
+        return fn()
+    except Exception as exc:
+        if not _is_storage_error(exc):
+            raise
+        raise StorageError(f"SweepConfig.optuna_storage: the Optuna study {cfg.study_name!r} at "
+                           f"{cfg.optuna_storage_url()} cannot be opened: "
+                           f"{_last_line(exc)}") from None
+
+
+def _is_storage_error(exc: BaseException) -> bool:
+    try:
+        import sqlalchemy.exc
+    except ImportError:  # pragma: no cover
+        sqlalchemy = None  # type: ignore[assignment]
+    import optuna
+
+    kinds: tuple = (optuna.exceptions.StorageInternalError,)
+    if sqlalchemy is not None:
+        kinds += (sqlalchemy.exc.SQLAlchemyError,)
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kinds):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _last_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
 
 
 def with_trial_resources(trainable: Any, cfg: SweepConfig) -> Any:
@@ -267,15 +382,15 @@ def make_searcher(cfg: SweepConfig, d_in: int) -> Any:
         sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.startup_trials(),
                                              multivariate=True, group=True, constant_liar=True)
     cfg.experiment_path.mkdir(parents=True, exist_ok=True)
-    storage = optuna.storages.RDBStorage(cfg.optuna_storage_url())
     objective = cfg.objective
-    return SweepSearcher(
+    return _storage_call(lambda: SweepSearcher(
         space=SearchSpace(cfg, d_in),
         metric=list(objective.metrics) if objective.is_pareto else objective.metrics[0],
         mode=list(objective.modes) if objective.is_pareto else objective.modes[0],
-        sampler=sampler, study_name=cfg.study_name, storage=storage,
+        sampler=sampler, study_name=cfg.study_name,
+        storage=optuna.storages.RDBStorage(cfg.optuna_storage_url()),
         constraints=constraints, record_dir=str(cfg.experiment_path),
-    )
+    ), cfg)
 
 
 @contextlib.contextmanager

@@ -1,19 +1,16 @@
-"""The sweep's live view: a Tune callback printing one line per trial event (see sweep.console).
-
-Also here, because they need Ray Tune's classes: the progress reporter that writes Tune's status
-table to the sweep's log file, and the repair of checkpoint bookkeeping restored from a killed
-driver's state.
-"""
+"""The sweep's live view: a Tune callback printing one line per trial event (see sweep.console
+for what it prints and how). Ray's own output and the repairs of restored Tune state are
+sweep.tune_output's."""
 
 from __future__ import annotations
 
 import time
 from typing import Any, Optional
 
-from ray.tune import Callback, CLIReporter
+from ray.tune import Callback
 from ray.tune.experiment import Trial
 
-from .console import ConsoleSettings, elapsed, finite, fmt_value, logger, ray_output_logger
+from .console import ConsoleSettings, elapsed, finite, fmt_value, logger
 
 
 class ConsoleCallback(Callback):
@@ -50,12 +47,6 @@ class ConsoleCallback(Callback):
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial,
                        **info: Any) -> None:
-        forgotten = forget_missing_checkpoints(trial)
-        if forgotten:
-            ray_output_logger.info(
-                "trial %s: %d checkpoint(s) recorded in Tune's state were already deleted "
-                "before the driver restarted; dropped from its bookkeeping: %s",
-                trial.trial_id, len(forgotten), ", ".join(forgotten))
         step = (trial.last_result or {}).get("step")
         recovering = trial.trial_id in self._recovering
         self._recovering.discard(trial.trial_id)
@@ -122,13 +113,20 @@ class ConsoleCallback(Callback):
     def _say(self, trial: Trial, text: str, *, style: Optional[str] = None) -> None:
         self._last_line[trial.trial_id] = time.monotonic()
         stamp = elapsed(time.monotonic() - self._started)
-        logger.info("[%s] trial %s %s", stamp, trial.trial_id, text,
-                    extra={"style": style} if style else None)
+        line = fold(f"[{stamp}] trial {trial.trial_id} {text}")
+        logger.info("%s", line, extra={"style": style} if style else None)
 
     def _metrics(self, result: dict) -> str:
-        parts = [f"{m} {fmt_value(result[m])}" for m in self.settings.metrics if m in result
-                 and result[m] is not None]
-        return ", ".join(parts)
+        """``val fvu 0.41, l0 32``: the reported figures, labelled with their split."""
+        shown = [m for m in self.settings.metrics if m in result and result[m] is not None]
+        groups = []
+        for split, names in (("val", [m for m in shown if not m.startswith("test_")]),
+                             ("test", [m[5:] for m in shown if m.startswith("test_")])):
+            if names:
+                prefix = "test_" if split == "test" else ""
+                groups.append(f"{split} " + ", ".join(
+                    f"{m} {fmt_value(result[prefix + m])}" for m in names))
+        return "; ".join(groups)
 
     @staticmethod
     def _speed(result: dict) -> str:
@@ -155,6 +153,20 @@ class ConsoleCallback(Callback):
         self._last_progress = time.monotonic()
         logger.info("[%s] %s", elapsed(time.monotonic() - self._started),
                     progress_line(trials, self.settings, self._ended), extra={"style": "bold"})
+
+
+LINE_WIDTH = 120
+"""Live-view lines longer than this are folded (a log file gets no overlong line)."""
+
+
+def fold(line: str, width: int = LINE_WIDTH) -> str:
+    """``line`` folded at spaces into lines of at most ``width``, continuations indented."""
+    if len(line) <= width:
+        return line
+    import textwrap
+
+    return "\n".join(textwrap.wrap(line, width, subsequent_indent="    ",
+                                   break_on_hyphens=False, break_long_words=True))
 
 
 def progress_line(trials: list[Trial], settings: ConsoleSettings,
@@ -205,7 +217,8 @@ def best_so_far(trials: list[Trial], settings: ConsoleSettings,
         return f"Pareto front ({', '.join(objective)}): {len(pareto_front(frame, objective, settings.modes))} trial(s)"
     sign = 1.0 if settings.modes[0] == "min" else -1.0
     trial_id, values = min(rows, key=lambda r: sign * r[1][0])
-    return f"best {objective[0]} {fmt_value(values[0])} (trial {trial_id})"
+    split = "" if objective[0].startswith("test_") else "val "
+    return f"best {split}{objective[0]} {fmt_value(values[0])} (trial {trial_id})"
 
 
 def _state(trial: Trial, ended: dict[str, str]) -> str:
@@ -242,53 +255,3 @@ def _float(value: Any) -> Optional[float]:
         return None if value is None else float(value)
     except (TypeError, ValueError):
         return None
-
-
-# -- restored Tune state -----------------------------------------------------------------------
-
-
-def forget_missing_checkpoints(trial: Trial) -> list[str]:
-    """Drop from the trial's checkpoint bookkeeping the checkpoints that no longer exist.
-
-    A driver killed between deleting an old checkpoint (``checkpoints_to_keep``) and saving
-    Tune's experiment state leaves that checkpoint listed in the state; the restored Tune would
-    try to delete it again and log ``ERROR ... Error handling checkpoint ...
-    FileNotFoundError`` although nothing is wrong. Called when a trial starts, before it can
-    register a new checkpoint. Returns the paths dropped (Ray 2.60's ``_CheckpointManager``;
-    a no-op when its layout differs)."""
-    manager = getattr(getattr(trial, "run_metadata", None), "checkpoint_manager", None)
-    results = getattr(manager, "_checkpoint_results", None)
-    if not results:
-        return []
-    latest = getattr(manager, "latest_checkpoint_result", None)
-    kept, gone = [], []
-    for result in results:
-        checkpoint = getattr(result, "checkpoint", None)
-        if result is latest or checkpoint is None or _checkpoint_exists(checkpoint):
-            kept.append(result)
-        else:
-            gone.append(str(checkpoint.path))
-    if gone:
-        manager._checkpoint_results = kept
-    return gone
-
-
-def _checkpoint_exists(checkpoint: Any) -> bool:
-    import pyarrow.fs
-
-    try:
-        info = checkpoint.filesystem.get_file_info(checkpoint.path)
-    except Exception:  # storage unreachable: keep it, Tune decides
-        return True
-    return info.type != pyarrow.fs.FileType.NotFound
-
-
-class LogFileReporter(CLIReporter):
-    """Tune's status table (a ``ray.tune.CLIReporter``), written to the sweep's log file at
-    most once a minute instead of the console."""
-
-    def __init__(self) -> None:
-        super().__init__(max_report_frequency=60, print_intermediate_tables=True)
-
-    def _print(self, msg: str) -> None:
-        ray_output_logger.info("Tune status:\n%s", msg)

@@ -1,7 +1,9 @@
 """`sae-sweep report`: PNG plots of a sweep, from its results tables (matplotlib, Agg backend).
 
-* ``pareto_l0_fvu.png`` -- every finished trial's L0 against fvu, the Pareto front drawn as a
-  staircase, the best trial (by the sweep's objective) highlighted;
+* ``pareto_l0_fvu.png`` -- the L0 against fvu of every trial ``sae-sweep best`` lists
+  (:func:`report_trials`: completed, and apart -- hollow -- stopped and interrupted ones), the
+  Pareto front of the completed ones drawn as a staircase, the best trial (by the sweep's
+  objective and constraints, as ``best`` and ``export --trial best`` choose it) highlighted;
 * ``pareto_l0_ce_loss_delta.png`` -- the same against ce_loss_delta, when trials computed it;
 * ``training_curves.png`` -- fvu (and L0) against training tokens for the ``top`` best trials.
 """
@@ -14,7 +16,7 @@ from typing import Optional
 
 import pandas as pd
 
-from .best import RANKED_STATUSES, pareto_front, select_best
+from .best import RANKED_STATUSES, SHOWN_STATUSES, pareto_front, select_best
 from .results import load_history, load_results, load_sweep_info
 
 logger = logging.getLogger("sweep.report")
@@ -33,7 +35,7 @@ def write_report(experiment_dir: str | Path, *, out_dir: Optional[str | Path] = 
     out.mkdir(parents=True, exist_ok=True)
     best = select_best(results, objective=objective, top=max(1, top))
     best_id = str(best.iloc[0]["trial_id"]) if len(best) else None
-    finished = results[results["status"].isin(RANKED_STATUSES)]
+    finished = report_trials(results)
     written = []
     for metric in ("fvu", "ce_loss_delta"):
         if metric in finished.columns and "l0" in finished.columns and finished[metric].notna().any():
@@ -53,13 +55,24 @@ def write_report(experiment_dir: str | Path, *, out_dir: Optional[str | Path] = 
     return written
 
 
+def report_trials(results: pd.DataFrame) -> pd.DataFrame:
+    """The trials the report plots: those with metrics, the same ones ``sae-sweep best``
+    lists (completed ones ranked, stopped and interrupted ones apart)."""
+    return results[results["status"].isin(SHOWN_STATUSES)]
+
+
 def _pareto_plot(frame: pd.DataFrame, metric: str, best_id: Optional[str], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     data = frame[frame[metric].notna() & frame["l0"].notna()]
-    front = pareto_front(data, ["l0", metric], ["min", "min"]).sort_values("l0")
+    done = data[data["status"].isin(RANKED_STATUSES)]
+    short = data[~data["status"].isin(RANKED_STATUSES)]
+    front = pareto_front(done, ["l0", metric], ["min", "min"]).sort_values("l0")
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    ax.scatter(data["l0"], data[metric], s=28, color="0.6", label="trials")
+    ax.scatter(done["l0"], done[metric], s=28, color="0.6", label="completed trials")
+    if len(short):
+        ax.scatter(short["l0"], short[metric], s=28, facecolors="none", edgecolors="0.4",
+                   label="stopped / interrupted (not ranked)")
     ax.step(front["l0"], front[metric], where="post", color="C0", lw=1.5, label="Pareto front")
     ax.scatter(front["l0"], front[metric], s=36, color="C0")
     if best_id is not None and best_id in set(data["trial_id"]):

@@ -41,6 +41,8 @@ RESULTS_FILE = "results.parquet"
 HISTORY_FILE = "history.parquet"
 SWEEP_FILE = "sweep.json"
 """The resolved sweep config (and the cache's d_in), written by the driver for best/export/report."""
+LOG_FILE = "sweep.log"
+"""Ray's output and our own lines, appended per driver run."""
 
 STATUSES = ("completed", "failed", "stopped", "running", "pending", "paused", "interrupted")
 FIXED_COLUMNS = ("trial_id", "status", "error", "num_failures", "node_id", "node_ip")
@@ -146,6 +148,34 @@ def write_results(rows: Iterable[TrialRow], experiment_dir: str | Path) -> pd.Da
     frame = rows_to_frame(rows)
     write_table(frame, Path(experiment_dir) / RESULTS_FILE)
     return frame
+
+
+def merge_results(on_disk: Optional[pd.DataFrame], fresh: pd.DataFrame) -> pd.DataFrame:
+    """The results table to write: ``fresh`` (this driver's rows) merged into what the file
+    holds, so that no writer can drop a trial another one wrote.
+
+    * a trial only on disk keeps its row as it is;
+    * a trial in both gets its fresh row, except that a ``completed`` row is never replaced by
+      an unfinished one (a completed trial that a restored Tune replays, or that a second
+      driver knows only as pending or running);
+    * rows keep the file's order, new trials come after."""
+    if on_disk is None or on_disk.empty or "trial_id" not in on_disk:
+        return fresh.reset_index(drop=True)
+    fresh_status = dict(zip(fresh["trial_id"], fresh["status"]))
+    ids = on_disk["trial_id"]
+    disk_wins = ~ids.isin(fresh_status) | (
+        (on_disk["status"] == "completed") & (ids.map(fresh_status) != "completed"))
+    kept = on_disk[disk_wins]
+    new = fresh[~fresh["trial_id"].isin(set(kept["trial_id"]))]
+    merged = pd.concat([f for f in (kept, new) if len(f)] or [fresh], ignore_index=True)
+    position = {tid: n for n, tid in enumerate(ids)}
+    position.update({tid: len(ids) + n for n, tid in enumerate(fresh["trial_id"])
+                     if tid not in position})
+    merged = merged.iloc[merged["trial_id"].map(position).argsort(kind="stable")]
+    columns = [c for c in fresh.columns if c not in TAIL_COLUMNS]
+    columns += [c for c in on_disk.columns if c not in columns and c not in TAIL_COLUMNS]
+    columns += [c for c in TAIL_COLUMNS if c in merged.columns]
+    return merged.reindex(columns=columns).reset_index(drop=True)
 
 
 def merge_history(existing: Optional[pd.DataFrame], new_rows: list[dict[str, Any]]) -> pd.DataFrame:

@@ -3,8 +3,18 @@
 It runs in the driver. Every reported result is appended to the history; the results table is
 rebuilt from Tune's full trial list (restored trials included, so after ``--resume`` it is
 complete), on every trial completion, error and checkpoint, and at most every
-``flush_every_s`` seconds in between. After a driver restart it reloads the history it had
-written, and steps that a restarted trial reports again replace their earlier rows.
+``flush_every_s`` seconds in between. Steps that a restarted trial reports again replace their
+earlier rows.
+
+Writes merge, never overwrite: each flush re-reads both tables from disk (under a file lock,
+``.results.lock``) and merges this driver's rows into them (``results.merge_results``,
+``results.merge_history``), so a row another writer put there stays, and a ``completed`` row is
+never replaced by an unfinished one. (One driver per experiment is the rule --
+``sweep.driver_lock`` -- and this is what keeps a mistake from losing trials anyway.)
+
+Trials that a Ctrl-C stopped (the driver's :class:`~sweep.tune_output.InterruptWatch` says which
+were unfinished then) are written as ``interrupted``, with ``error`` saying that ``--resume``
+continues them, instead of ``stopped``.
 
 No trial disappears. A trial the dead driver had started but never saved in Tune's experiment
 state is not resumed by Tune: the searcher marks its Optuna trial failed, queues its
@@ -27,8 +37,10 @@ import pandas as pd
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
+from .driver_lock import file_guard
 from .results import (HISTORY_FILE, RESULTS_FILE, TAIL_COLUMNS, TrialRow, history_row,
-                      merge_history, metrics_from_report, rows_to_frame, write_table)
+                      merge_history, merge_results, metrics_from_report, rows_to_frame,
+                      write_table)
 from .searcher import read_interrupted
 
 logger = logging.getLogger("sweep.results")
@@ -37,13 +49,16 @@ logger = logging.getLogger("sweep.results")
 class ResultsCallback(Callback):
     """Writes the sweep's results tables into ``experiment_dir`` as trials report."""
 
-    def __init__(self, experiment_dir: str | Path, *, flush_every_s: float = 5.0):
+    def __init__(self, experiment_dir: str | Path, *, flush_every_s: float = 5.0,
+                 interrupt: Any = None):
         self.experiment_dir = str(experiment_dir)
         self.flush_every_s = flush_every_s
+        self.interrupt = interrupt
+        """An object with ``interrupted`` and ``unfinished`` (trial ids), e.g. the driver's
+        InterruptWatch; None: never mark trials interrupted."""
         self._init_state()
 
     def _init_state(self) -> None:
-        self._history: Optional[pd.DataFrame] = None
         self._pending: list[dict[str, Any]] = []
         self._last_flush = 0.0
         self._loaded = False
@@ -55,6 +70,7 @@ class ResultsCallback(Callback):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.interrupt = None
         self._init_state()
 
     # -- Tune hooks -------------------------------------------------------------------------
@@ -86,19 +102,38 @@ class ResultsCallback(Callback):
     # -- writing ------------------------------------------------------------------------------
     def flush(self, trials: list[Trial]) -> None:
         self._load()
-        self._history = merge_history(self._history, self._pending)
-        self._pending = []
-        lost = self._lost_rows({t.trial_id for t in trials})
-        known = {t.trial_id for t in trials} | {row["trial_id"] for row in lost}
-        if len(self._history) and not self._history["trial_id"].isin(known).all():
-            self._history = self._history[self._history["trial_id"].isin(known)]
-        if len(self._history):
-            write_table(self._history, Path(self.experiment_dir) / HISTORY_FILE)
+        exp = Path(self.experiment_dir)
         frame = rows_to_frame([trial_row(t) for t in trials])
+        self._mark_interrupted(frame)
+        lost = self._lost_rows({t.trial_id for t in trials})
         if lost:
             frame = _append_rows(frame, lost)
-        write_table(frame, Path(self.experiment_dir) / RESULTS_FILE)
+        with file_guard(exp / ".results.lock"):
+            frame = merge_results(_read(exp / RESULTS_FILE), frame)
+            history = merge_history(_read(exp / HISTORY_FILE), self._pending)
+            known = set(frame["trial_id"]) | {row["trial_id"] for row in self._pending}
+            if len(history) and not history["trial_id"].isin(known).all():
+                history = history[history["trial_id"].isin(known)]
+            if len(history):
+                write_table(history, exp / HISTORY_FILE)
+            write_table(frame, exp / RESULTS_FILE)
+        self._pending = []
         self._last_flush = time.monotonic()
+
+    def _mark_interrupted(self, frame: pd.DataFrame) -> None:
+        """Rows of the trials a Ctrl-C left unfinished: ``interrupted``, resumable."""
+        watch = self.interrupt
+        if watch is None or not getattr(watch, "interrupted", False) or frame.empty:
+            return
+        hit = frame["trial_id"].isin(set(watch.unfinished)) & ~frame["status"].isin(
+            ("completed", "failed"))
+        for i in frame.index[hit]:
+            step = frame.at[i, "step"]
+            frame.at[i, "status"] = "interrupted"
+            frame.at[i, "error"] = (
+                "interrupted: the sweep was stopped (Ctrl-C) while this trial ran"
+                + (f" (at step {int(step)})" if not _missing(step) else " (before its first "
+                   "report)") + "; sae-sweep sweep --resume continues it")
 
     def _lost_rows(self, known: set[str]) -> list[dict[str, Any]]:
         """Rows of trials Tune does not know (see the module docstring)."""
@@ -124,14 +159,20 @@ class ResultsCallback(Callback):
     def _load(self) -> None:
         if self._loaded:
             return
-        path = Path(self.experiment_dir) / HISTORY_FILE
-        self._history = pd.read_parquet(path) if path.exists() else None
-        results = Path(self.experiment_dir) / RESULTS_FILE
-        if results.exists():
-            frame = pd.read_parquet(results)
+        frame = _read(Path(self.experiment_dir) / RESULTS_FILE)
+        if frame is not None:
             self._previous = [{k: v for k, v in row.items() if not _missing(v)}
                               for row in frame.to_dict("records")]
         self._loaded = True
+
+
+def _read(path: Path) -> Optional[pd.DataFrame]:
+    try:
+        return pd.read_parquet(path) if path.exists() else None
+    except (OSError, ValueError) as exc:  # pragma: no cover - a damaged table: rebuilt
+        logger.warning("%s could not be read (%s); writing it again from this driver's trials",
+                       path, exc)
+        return None
 
 
 def trial_row(trial: Trial) -> TrialRow:

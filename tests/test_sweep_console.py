@@ -20,10 +20,11 @@ import yaml
 
 from sweep import summarize_sweep
 from sweep.console import ConsoleFormatter, ConsoleSettings, use_colour
-from sweep.live_view import ConsoleCallback, forget_missing_checkpoints, progress_line
+from sweep.live_view import ConsoleCallback, progress_line
 from sweep.results import TrialRow, load_history, load_results, write_results, write_table
 from sweep.results_callback import ResultsCallback
 from sweep.searcher import INTERRUPTED_FILE, SweepSearcher, read_interrupted
+from sweep.tune_output import forget_missing_checkpoints
 from sweep_helpers import build_tiny_cache, tiny_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +75,7 @@ def test_progress_line_counts_trials_and_names_the_best_feasible_one():
     ]
     line = progress_line(trials, settings, {"e": "completed"})
     assert line == ("4/6 done (3 completed, 1 failed), 1 running, 1 pending"
-                    " | best fvu 0.25 (trial e)")
+                    " | best val fvu 0.25 (trial e)")
 
 
 def test_live_view_lines(caplog):
@@ -96,9 +97,9 @@ def test_live_view_lines(caplog):
     lines = [re.sub(r"^\[\d+:\d\d\] ", "", r.getMessage()) for r in caplog.records]
     assert lines == [
         "trial t1 started: d_sae=256 top_k=9 lr=0.0003",
-        "trial t1 step 4: fvu 0.8, l0 12.5 (1,024 tokens, 2,048 tok/s)",
-        "trial t1 completed: fvu 0.5, l0 9 (16 steps, 4,096 tokens, 3.2 s)",
-        "1/2 done (1 completed), 0 running, 1 pending | best fvu 0.5 (trial t1)",
+        "trial t1 step 4: val fvu 0.8, l0 12.5 (1,024 tokens, 2,048 tok/s)",
+        "trial t1 completed: val fvu 0.5, l0 9 (16 steps, 4,096 tokens, 3.2 s)",
+        "1/2 done (1 completed), 0 running, 1 pending | best val fvu 0.5 (trial t1)",
     ]
 
 
@@ -189,25 +190,37 @@ def test_checkpoints_deleted_before_a_driver_restart_are_forgotten(tmp_path):
     assert forget_missing_checkpoints(SimpleNamespace()) == []   # nothing to repair
 
 
-def test_summary_names_the_best_trials_and_the_next_commands(tmp_path):
+def test_summary_names_the_best_trials_and_the_next_commands(tmp_path, monkeypatch):
     exp = tmp_path / "my sweep"
-    write_results([TrialRow("a", "completed", params={"top_k": 8}, metrics={"fvu": 0.3, "l0": 8.0}),
+    write_results([TrialRow("a", "completed", params={"top_k": 8},
+                            metrics={"fvu": 0.3, "l0": 8.0, "test_fvu": 0.31, "test_l0": 8.5}),
                    TrialRow("b", "completed", params={"top_k": 64}, metrics={"fvu": 0.1, "l0": 64.0}),
                    TrialRow("c", "failed", error="TrialDiverged: diverged")], exp)
     (exp / "sweep.json").write_text(json.dumps({"config": {"objective": {
-        "metric": "fvu", "mode": "min", "constraints": [{"metric": "l0", "max": 32.0}]}}}))
+        "metric": "fvu", "mode": "min", "constraints": [{"metric": "l0", "max": 32.0}]},
+        "search_space": {"top_k": {}}}}))
+    monkeypatch.chdir(tmp_path)      # paths are shown relative to the working directory
     text = summarize_sweep(exp)
     lines = text.splitlines()
-    assert lines[1] == "best trials (min fvu, l0 <= 32):"
-    assert lines[3].split()[:3] == ["a", "completed", "0.3"] and "b " not in text
-    q = f"'{exp}'"
-    assert lines[-4:] == [
-        f"  sae-sweep best {q} --top 10",
-        f"  sae-sweep export {q} --trial best --out '{exp / 'best-sae'}'",
-        f"  sae-sweep report {q}",
-        f"  optuna-dashboard 'sqlite:///{exp.resolve() / 'optuna.db'}'   # pip install "
-        "optuna-dashboard",
+    assert lines[:3] == ["results: 'my sweep/results.parquet' (3 trials: 2 completed, 1 failed)",
+                         "Ray's log: 'my sweep/sweep.log'",
+                         "2 of 2 completed trials, ranked on validation fvu (min), meeting "
+                         "l0 <= 32 first:"]
+    assert [ln.split()[:3] for ln in lines[4:6]] == [["a", "yes", "0.3"], ["b", "no", "0.1"]]
+    assert ("best trial a (what `export --trial best` ships): val fvu 0.3, l0 8; test fvu 0.31, "
+            "l0 8.5") in lines
+    assert lines[-5:] == [
+        "next:",
+        "  sae-sweep best 'my sweep' --top 10",
+        "  sae-sweep export 'my sweep' --trial best --out 'my sweep/best-sae'",
+        "  sae-sweep report 'my sweep'",
+        "  optuna-dashboard 'sqlite:///my sweep/optuna.db'   # pip install optuna-dashboard",
     ]
+    assert max(map(len, lines)) <= 120
+    stopped = summarize_sweep(exp, interrupted=True,
+                              resume_command="sae-sweep sweep --resume 'my sweep'")
+    assert stopped.splitlines()[-5] == ("  sae-sweep sweep --resume 'my sweep'   # continue the "
+                                        "interrupted sweep")
 
 
 # -- a real sweep's console (slow) ----------------------------------------------------------------
@@ -243,8 +256,8 @@ def test_a_four_trial_sweep_console_is_short_and_plain_and_verbose_restores_ray(
     for noise in ("╭", "Trial status", "INFO", "WARNING", "pid=", "Checkpoint successfully"):
         assert noise not in quiet, noise
     assert sum("started: d_sae=" in ln for ln in lines) == 4
-    assert sum(" completed: fvu " in ln for ln in lines) == 4
-    assert "4/4 done (4 completed), 0 running, 0 pending | best fvu" in quiet
+    assert sum(" completed: val fvu " in ln for ln in lines) == 4
+    assert "4/4 done (4 completed), 0 running, 0 pending | best val fvu" in quiet
     assert lines[-5] == "next:" and lines[-1].startswith("  optuna-dashboard sqlite:///")
     log = (tmp_path / "quiet" / "sweep.log").read_text()
     assert "Started a local Ray instance" in log and "Tune status" in log and "pid=" in log
@@ -252,3 +265,27 @@ def test_a_four_trial_sweep_console_is_short_and_plain_and_verbose_restores_ray(
     verbose = _sweep_cli(["sweep", str(tmp_path / "verbose.yaml"), "--verbose"], ROOT)
     assert "╭" in verbose and "Trial status" in verbose and "pid=" in verbose
     assert "started: d_sae=" in verbose and not ANSI.search(verbose)   # not a terminal
+
+
+def test_the_sweep_package_has_no_import_circle():
+    """Module-level and deferred (in-function) relative imports alike: the console and the live
+    view used to import each other (the live view's Ray plumbing now lives in tune_output)."""
+    import ast
+
+    package = ROOT / "sweep"
+    modules = {p.stem for p in package.glob("*.py")}
+    graph = {}
+    for path in package.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+        graph[path.stem] = deps & modules
+
+    def reaches(start, goal, seen):
+        return any(m == goal or (m not in seen and reaches(m, goal, seen | {m}))
+                   for m in graph[start])
+
+    circles = sorted(m for m in graph if reaches(m, m, {m}))
+    assert circles == []
+    assert not graph["console"] & {"live_view", "tune_output"}

@@ -1,0 +1,72 @@
+"""What the CLI prints when a sweep ends: what happened, the best trials, per architecture, and
+the exact commands to go on with (``--resume`` first when it was interrupted)."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+
+from .best import (TABLE_WIDTH, architecture_lines, architecture_summary, constraints_text,
+                   counts_text, figures, format_selection, marks_for, select_best,
+                   select_trials, summary_metrics, wrap_line)
+from .console import display_path
+from .results import LOG_FILE, RESULTS_FILE, ResultsNotFoundError, load_results, load_sweep_info
+
+
+def summarize_sweep(experiment_dir: str | Path, *, top: int = 5, interrupted: bool = False,
+                    resume_command: Optional[str] = None, stream=None) -> str:
+    """The closing summary of a sweep (``interrupted``: it was stopped with Ctrl-C and
+    ``resume_command`` continues it). Every line fits about 120 characters."""
+    exp = Path(experiment_dir)
+    q = display_path(exp)
+    info = load_sweep_info(exp)
+    cfg = info.get("config", {})
+    objective = cfg.get("objective", {})
+    try:
+        frame = load_results(exp)
+    except ResultsNotFoundError:
+        frame = pd.DataFrame(columns=["trial_id", "status"])
+    counts = {str(k): int(v) for k, v in frame["status"].value_counts().items()}
+    lines = [f"results: {display_path(exp / RESULTS_FILE)} ({len(frame)} trials"
+             + (f": {counts_text(counts)}" if counts else "") + ")",
+             f"Ray's log: {display_path(exp / LOG_FILE)}"]
+    selection = select_trials(frame, objective=objective, top=top,
+                              searched=list(cfg.get("search_space") or []))
+    if selection.empty:
+        lines.append("no trial finished" + (" before the interruption" if interrupted else ""))
+    else:
+        lines.append(format_selection(selection, marks=marks_for(stream)))
+        summaries = architecture_summary(
+            frame, objective=objective, default_architecture=(cfg.get("sae") or {}).get(
+                "architecture"))
+        if len(summaries) > 1:
+            lines.append("per architecture:")
+            lines += [wrap_line("  " + line, TABLE_WIDTH, "    ") for line in
+                      architecture_lines(summaries, selection)]
+        best = select_best(frame, objective=objective, top=1)
+        shown = summary_metrics(selection.metrics[0], selection.constraints)
+        if len(best):
+            row = best.iloc[0].to_dict()
+            full = frame[frame["trial_id"] == row["trial_id"]].iloc[0].to_dict()
+            lines.append(wrap_line(f"best trial {row['trial_id']} (what `export --trial best` "
+                               f"ships): {figures(full, shown)}", TABLE_WIDTH))
+        elif selection.constraints:
+            lines.append(wrap_line(f"no completed trial meets {constraints_text(selection.constraints)}"
+                               ": `export --trial best` has none to ship; choose one with --trial "
+                               "ID", TABLE_WIDTH))
+    storage = shlex.quote(cfg.get("optuna_storage") or
+                          f"sqlite:///{display_path(exp / 'optuna.db', quote=False)}")
+    lines.append("next:")
+    if interrupted:
+        lines.append(f"  {resume_command or 'sae-sweep sweep --resume ' + q}   # continue "
+                     "the interrupted sweep")
+    lines += [
+        f"  sae-sweep best {q} --top 10",
+        f"  sae-sweep export {q} --trial best --out {display_path(exp / 'best-sae')}",
+        f"  sae-sweep report {q}",
+        f"  optuna-dashboard {storage}   # pip install optuna-dashboard",
+    ]
+    return "\n".join(lines)
