@@ -100,7 +100,11 @@ def _pick(frame: pd.DataFrame, trial: str, info: dict[str, Any]) -> dict[str, An
         objective = info.get("config", {}).get("objective", {})
         best = select_best(frame, objective=objective, top=1)
         if best.empty:
-            raise ExportError("no finished trial with a finite objective value to export yet")
+            constraints = objective.get("constraints") or []
+            why = (" meets the sweep's constraints" if constraints else
+                   " has a finite objective value")
+            raise ExportError(f"no completed trial{why} yet; see `sae-sweep best` for what is "
+                              "there, and export one by id with --trial TRIAL_ID")
         trial = str(best.iloc[0]["trial_id"])
     match = frame[frame["trial_id"] == trial]
     if match.empty:
