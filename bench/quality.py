@@ -80,7 +80,7 @@ def scores(encode: Callable, decode: Callable, held: dict) -> dict:
 
 
 def ours(train, held, *, d_sae, k, lr, steps, batch, matched, dead_window) -> dict:
-    from trainer import SAEConfig, TrainingConfig, build_sae, train_sae
+    from trainer import make_sae_config, TrainingConfig, build_sae, train_sae
 
     extra: dict[str, Any] = {}
     sae_extra: dict[str, Any] = {}
@@ -89,7 +89,7 @@ def ours(train, held, *, d_sae, k, lr, steps, batch, matched, dead_window) -> di
     cfg = TrainingConfig(lr=lr, max_tokens=steps * batch, train_batch_tokens=batch,
                          num_epochs=10**6, log_freq=10**9, checkpoint_every=None,
                          save_best=False, show_progress=False, **extra)
-    sae = build_sae(SAEConfig(d_in=train.d_in, d_sae=d_sae, top_k=k, **sae_extra), seed=0)
+    sae = build_sae(make_sae_config(d_in=train.d_in, d_sae=d_sae, top_k=k, **sae_extra), seed=0)
     t0 = time.perf_counter()
     result = train_sae(sae, train, cfg, reporter=_quiet())
     seconds = time.perf_counter() - t0
@@ -103,7 +103,7 @@ def saelens(train, held, *, d_sae, k, lr, steps, batch, matched, dead_window) ->
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
-    from trainer import SAEConfig, TrainingConfig, build_sae
+    from trainer import make_sae_config, TrainingConfig, build_sae
     from trainer.objective import LocalObjective
 
     cfg = BatchTopKTrainingSAEConfig(d_in=train.d_in, d_sae=d_sae, k=k, dtype="float32",
@@ -115,7 +115,7 @@ def saelens(train, held, *, d_sae, k, lr, steps, batch, matched, dead_window) ->
     kw: dict[str, Any] = {}
     if matched:
         # our data initialisation (outlier cap, input scale, geometric-median b_dec)
-        probe = build_sae(SAEConfig(d_in=train.d_in, d_sae=d_sae, top_k=k), seed=0)
+        probe = build_sae(make_sae_config(d_in=train.d_in, d_sae=d_sae, top_k=k), seed=0)
         objective.initialize(probe, train)
         scale = float(probe.input_scale)
         with torch.no_grad():

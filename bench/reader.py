@@ -78,10 +78,10 @@ def reader_epoch(source, batch_size: int, epoch: int) -> float:
 
 def trainer_step_rate(d_in: int, d_sae: int, k: int, batch: int, steps: int = 5) -> float:
     """Tokens/s of BatchTopK training steps (the trainer's own SAE and objective)."""
-    from trainer import SAEConfig, TrainingConfig, build_sae
+    from trainer import make_sae_config, TrainingConfig, build_sae
     from trainer import LocalObjective
 
-    sae = build_sae(SAEConfig(d_in=d_in, d_sae=d_sae, architecture="batchtopk", top_k=k))
+    sae = build_sae(make_sae_config(d_in=d_in, d_sae=d_sae, architecture="batchtopk", top_k=k))
     obj = LocalObjective(TrainingConfig())
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
     x = torch.randn(batch, d_in)

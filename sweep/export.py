@@ -175,8 +175,11 @@ def _pick(frame: pd.DataFrame, trial: str, info: dict[str, Any]) -> dict[str, An
 def model_card(row: dict[str, Any], sae_cfg: Any, info: dict[str, Any], output_format: str,
                facts: Optional[dict[str, Any]] = None) -> str:
     """The README.md written next to the exported SAE (``facts``: :func:`cache_facts`)."""
+    from trainer import describe_sae
+
     facts = facts or {}
     cfg = info.get("config", {})
+    arch = describe_sae(sae_cfg)  # the architecture describes itself: its fields, its encoder
     params = {k: row[k] for k in _param_names(row, cfg) if row.get(k) is not None}
     metrics = {k: row[k] for k in _CARD_METRICS if row.get(k) is not None}
     objective = cfg.get("objective", {})
@@ -193,8 +196,7 @@ def model_card(row: dict[str, Any], sae_cfg: Any, info: dict[str, Any], output_f
         "",
         *_model_lines(facts),
         f"- hook: `{hook}` (d_in = {getattr(sae_cfg, 'd_in', '?')})",
-        f"- architecture: {getattr(sae_cfg, 'architecture', '?')}, d_sae = "
-        f"{getattr(sae_cfg, 'd_sae', '?')}, top_k = {getattr(sae_cfg, 'top_k', None)}",
+        f"- architecture: {arch.summary()}",
         f"- token budget: {budget:,} training tokens per trial; this SAE trained on "
         f"{_count(row.get('tokens_seen'))} tokens in {_fmt(row.get('train_seconds'))} s"
         if isinstance(budget, int) else
@@ -213,7 +215,7 @@ def model_card(row: dict[str, Any], sae_cfg: Any, info: dict[str, Any], output_f
         "|---|---|",
         *[f"| {k} | {_fmt(v)} |" for k, v in metrics.items()],
         "",
-        "`l0` is the inference L0 (BatchTopK with its learned threshold, one token at a time); "
+        f"`l0` is the inference L0 of the shipped encoder ({arch.inference}); "
         "`fvu` = 1 - explained variance.",
         "",
         "## Full SAE config",

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from activation_cache import ConfigError
-from trainer import JumpReLUSAE, MatryoshkaBatchTopKSAE, SAEConfig, TopKSAE, build_sae
+from trainer import JumpReLUSAE, MatryoshkaBatchTopKSAE, make_sae_config, TopKSAE, build_sae
 from trainer.saes.jumprelu import JumpReLUFunction, StepFunction
 from trainer.sparse_ops import prefix_decodes, topk_per_token_forward, topk_sae_forward
 
@@ -68,7 +68,7 @@ TOPK_F = torch.tensor([[3.0, 0.0, 3.5, 0.0], [0.0, 0.2, 0.0, 1.0], [0.0, 0.0, 0.
 
 
 def _hand_topk(**kw) -> TopKSAE:
-    sae = TopKSAE(SAEConfig(d_in=2, d_sae=4, architecture="topk", top_k=2, **kw), seed=0)
+    sae = TopKSAE(make_sae_config(d_in=2, d_sae=4, architecture="topk", top_k=2, **kw), seed=0)
     return _set(sae, W_enc=[[1.0, 0.0, 1.0, -1.0], [0.0, 1.0, 1.0, 0.0]],
                 b_enc=[0.0, 0.0, -0.5, 0.0],
                 W_dec=[[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [-1.0, 0.0]], b_dec=[0.0, 0.0])
@@ -147,7 +147,7 @@ def test_topk_per_token_forward_equals_dense_autograd_in_values_and_gradients():
 
 
 def test_topk_training_encoding_is_the_inference_encoding_and_batch_independent():
-    sae = build_sae(SAEConfig(d_in=16, d_sae=64, architecture="topk", top_k=6), seed=3)
+    sae = build_sae(make_sae_config(d_in=16, d_sae=64, architecture="topk", top_k=6), seed=3)
     x = torch.randn(200, 16) * 7 + 2
     sae.initialize_from_data(x)
     with torch.no_grad():
@@ -188,7 +188,7 @@ JR_W_DEC = [[0.6, 0.8, 0.0], [0.0, 0.6, 0.8], [0.0, 0.0, 1.0]]
 
 
 def _hand_jumprelu() -> JumpReLUSAE:
-    sae = JumpReLUSAE(SAEConfig(d_in=3, d_sae=3, architecture="jumprelu", l0_coefficient=0.1,
+    sae = JumpReLUSAE(make_sae_config(d_in=3, d_sae=3, architecture="jumprelu", l0_coefficient=0.1,
                                 jumprelu_bandwidth=0.2), seed=0)
     return _set(sae, W_enc=torch.eye(3), b_enc=[0.0] * 3, W_dec=JR_W_DEC, b_dec=[0.0] * 3,
                 threshold=torch.tensor([0.5, 1.0, 2.0]))
@@ -266,7 +266,7 @@ def test_jumprelu_functions_gradients_with_respect_to_z():
 
 def test_matryoshka_prefix_widths_from_group_fractions():
     def widths(d_sae, **kw):
-        cfg = SAEConfig(d_in=4, d_sae=d_sae, architecture="matryoshka_batchtopk", top_k=2, **kw)
+        cfg = make_sae_config(d_in=4, d_sae=d_sae, architecture="matryoshka_batchtopk", top_k=2, **kw)
         return build_sae(cfg).prefix_widths
 
     assert widths(4608) == (288, 1152, 4608)  # defaults 1/16, 3/16, 3/4
@@ -315,7 +315,7 @@ def test_prefix_decodes_equal_dense_prefix_reconstructions_in_values_and_gradien
 
 
 def test_matryoshka_reconstruction_loss_is_the_mean_of_the_prefix_mses_hand_case():
-    cfg = SAEConfig(d_in=2, d_sae=4, architecture="matryoshka_batchtopk", top_k=2,
+    cfg = make_sae_config(d_in=2, d_sae=4, architecture="matryoshka_batchtopk", top_k=2,
                     group_fractions=[0.25, 0.25, 0.5])
     sae = _set(MatryoshkaBatchTopKSAE(cfg, seed=0),
                W_enc=[[1.0, 0.0, 1.0, -1.0], [0.0, 1.0, 1.0, 0.0]], b_enc=[0.0, 0.0, -0.5, 0.0],
@@ -347,7 +347,7 @@ def test_matryoshka_reconstruction_loss_is_the_mean_of_the_prefix_mses_hand_case
 def test_auxk_gradient_reaches_only_the_dead_latents(arch):
     """The AuxK term reconstructs the *detached* residual: the live latents' encoder columns,
     encoder biases and decoder rows (the main reconstruction) get no gradient from it."""
-    cfg = SAEConfig(d_in=16, d_sae=64, architecture=arch, top_k=4, top_k_aux=8,
+    cfg = make_sae_config(d_in=16, d_sae=64, architecture=arch, top_k=4, top_k_aux=8,
                     aux_penalty=0.5)
     sae = build_sae(cfg, seed=0).train()
     dead = list(range(0, 64, 3))

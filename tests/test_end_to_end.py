@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from activation_cache import ConfigError, compact_kl, load_model
-from trainer import (BatchTopKSAE, EndToEndObjective, MetricsRecord, SAEConfig, SequenceSource,
+from trainer import (BatchTopKSAE, EndToEndObjective, MetricsRecord, make_sae_config, SequenceSource,
                      build_sae, evaluate_sae_dir, train_sae)
 from trainer.end_to_end import EndToEndDataError
 
@@ -56,14 +56,14 @@ def _batch(reader, split="train", n=8):
 
 def _standard_sae(hook=HOOKS[0], seed=0, d_sae=128) -> "torch.nn.Module":
     layer, name = hook.split(".")[1], hook.split(".")[2]
-    return build_sae(SAEConfig(d_in=D, d_sae=d_sae, architecture="standard",
+    return build_sae(make_sae_config(d_in=D, d_sae=d_sae, architecture="standard",
                                hook_layer=int(layer), hook_name=name), seed=seed)
 
 
 def _identity_sae(hook=HOOKS[0]) -> BatchTopKSAE:
     """BatchTopK with latents +e_i and -e_i and k = d_in: reconstructs every token exactly."""
     layer, name = hook.split(".")[1], hook.split(".")[2]
-    sae = build_sae(SAEConfig(d_in=D, d_sae=2 * D, top_k=D, hook_layer=int(layer),
+    sae = build_sae(make_sae_config(d_in=D, d_sae=2 * D, top_k=D, hook_layer=int(layer),
                               hook_name=name))
     eye = torch.eye(D)
     with torch.no_grad():
@@ -198,7 +198,7 @@ def test_gradients_reach_the_sae_and_not_the_model(model, cache_full):
                                                use_block_mse=True))
     assert not model.training
     assert all(not p.requires_grad for p in model.parameters())
-    sae = build_sae(SAEConfig(d_in=D, d_sae=128, top_k=4, hook_layer=1), seed=0)
+    sae = build_sae(make_sae_config(d_in=D, d_sae=128, top_k=4, hook_layer=1), seed=0)
     out = obj.step(sae, _batch(cache_full))
     out.loss.backward()
     for name, p in sae.named_parameters():  # KL and block-MSE alone train every parameter
@@ -256,9 +256,9 @@ def test_block_mse_layers_are_validated(model, cache_full):
 
 def _train(model, reader, val_reader, *, kl: bool, seed: int = 0):
     cfg = _e2e_config(use_logit_kl=True, logit_kl_weight=10.0 if kl else 0.0, lr=1e-2,
-                      num_epochs=3, batch_size=8, seed=seed, calibrate_threshold=True)
+                      num_epochs=3, batch_size=8, seed=seed)
     torch.manual_seed(seed)
-    sae = build_sae(SAEConfig(d_in=D, d_sae=128, top_k=4, hook_layer=1), seed=seed)
+    sae = build_sae(make_sae_config(d_in=D, d_sae=128, top_k=4, hook_layer=1), seed=seed)
     train = SequenceSource(reader, "train", HOOKS[0])
     val = SequenceSource(val_reader, "val", HOOKS[0], shuffle=False)
     obj = EndToEndObjective(model, cfg)
@@ -382,7 +382,7 @@ def test_end_to_end_training_resumes_bit_for_bit(model, cache_full, tmp_path):
                       outlier_policy="drop", outlier_norm_multiple=1.5, use_block_mse=True)
 
     def run(out, reporter, resume_from=None, seed=0):
-        sae = build_sae(SAEConfig(d_in=D, d_sae=64, top_k=4, hook_layer=1), seed=seed)
+        sae = build_sae(make_sae_config(d_in=D, d_sae=64, top_k=4, hook_layer=1), seed=seed)
         return train_sae(sae, SequenceSource(cache_full, "train", HOOKS[0]), cfg,
                          val_source=SequenceSource(cache_full, "val", HOOKS[0], shuffle=False),
                          objective=EndToEndObjective(model, cfg), out_dir=out,
@@ -411,7 +411,7 @@ def test_max_tokens_counts_end_to_end_tokens_not_token_batches(model, cache_full
     # train_batch_tokens (which only token-batch training uses).
     train = SequenceSource(cache_full, "train", HOOKS[0])
     cfg = _e2e_config(num_epochs=5, max_tokens=2 * train.num_tokens, train_batch_tokens=4096)
-    sae = build_sae(SAEConfig(d_in=D, d_sae=64, top_k=4, hook_layer=1), seed=0)
+    sae = build_sae(make_sae_config(d_in=D, d_sae=64, top_k=4, hook_layer=1), seed=0)
     result = train_sae(sae, train, cfg, objective=EndToEndObjective(model, cfg),
                        reporter=_StopAtCheckpoint())
     assert result.steps == 12

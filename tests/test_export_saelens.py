@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from trainer import SAEConfig, architecture_fields, architecture_names, build_sae, export_saelens
+from trainer import architecture_names, build_sae, export_saelens, field_catalog, make_sae_config
 
 sae_lens = pytest.importorskip("sae_lens")
 
@@ -17,14 +17,14 @@ EXPECTED = {"standard": "standard", "topk": "topk", "batchtopk": "jumprelu",
 def _options(arch):
     """The architecture's own fields for this case, chosen by field name (a new architecture
     with defaults for everything else needs nothing here)."""
-    return {"top_k": 4} if "top_k" in architecture_fields(arch) else {}
+    return {"top_k": 4} if "top_k" in field_catalog().owned[arch] else {}
 
 
 @pytest.mark.parametrize("arch", architecture_names())
 def test_export_round_trips_through_sae_lens(tmp_path, arch):
     assert arch in EXPECTED, f"add the SAELens name of new architecture {arch!r} here"
     torch.manual_seed(0)
-    cfg = SAEConfig(d_in=16, d_sae=64, architecture=arch, hook_layer=3, **_options(arch))
+    cfg = make_sae_config(d_in=16, d_sae=64, architecture=arch, hook_layer=3, **_options(arch))
     sae = build_sae(cfg, seed=0)
     x = torch.randn(400, 16) * 25 + 3  # raw activations far from unit scale
     sae.initialize_from_data(x)

@@ -9,7 +9,7 @@ import torch
 
 from _e2e_helpers import D, HOOKS, SPEC, build_cache, e2e_config
 from activation_cache import load_model
-from trainer import (SAEConfig, TensorSource, TrainingConfig, build_sae, job_sources, load_sae,
+from trainer import (make_sae_config, TensorSource, TrainingConfig, build_sae, job_sources, load_sae,
                      train_sae)
 from trainer.finetune import PhasedSource, TwoPhaseObjective
 
@@ -47,17 +47,24 @@ class Recorder:
         pass
 
 
+def load_sae_as(sae, **options):
+    """The same trained SAE (weights and buffers) under changed options of its own."""
+    other = build_sae(sae.cfg.replace(**options))
+    other.load_state_dict(sae.state_dict())
+    return other
+
+
 def _two_phase_config(**kw) -> TrainingConfig:
     base = dict(max_tokens=2400, finetune_fraction=0.25, train_batch_tokens=128, batch_size=4,
                 lr=1e-2, finetune_lr=1e-3, log_freq=3, checkpoint_every=3, keep_checkpoints=20,
-                threshold_warmup_steps=2, calibrate_threshold=True, logit_kl_scale="mse",
-                save_best=False)
+                logit_kl_scale="mse", save_best=False)
     base.update(kw)
     return e2e_config(**base)
 
 
 def _sae(seed=0):
-    return build_sae(SAEConfig(d_in=D, d_sae=64, top_k=4, hook_layer=1), seed=seed)
+    return build_sae(make_sae_config(d_in=D, d_sae=64, top_k=4, hook_layer=1,
+                                     threshold_warmup_steps=2), seed=seed)
 
 
 def _run(model, cache, cfg, out, *, resume_from=None, reporter=None):
@@ -69,17 +76,17 @@ def _run(model, cache, cfg, out, *, resume_from=None, reporter=None):
 def test_a_trained_sae_is_continued_not_reinitialised():
     torch.manual_seed(0)
     x = torch.randn(2048, 16) * 3 + 2
-    sae = build_sae(SAEConfig(d_in=16, d_sae=64, top_k=4), seed=0)
-    cfg = TrainingConfig(train_batch_tokens=256, num_epochs=1, log_freq=4, show_progress=False,
-                         threshold_warmup_steps=2)
+    sae = build_sae(make_sae_config(d_in=16, d_sae=64, top_k=4, threshold_warmup_steps=2),
+                    seed=0)
+    cfg = TrainingConfig(train_batch_tokens=256, num_epochs=1, log_freq=4, show_progress=False)
     train_sae(sae, TensorSource(x), cfg, reporter=Recorder())
     kept = {k: v.clone() for k, v in sae.state_dict().items()}
     assert bool(sae.data_initialized) and float(sae.threshold) > 0
     # a second run on shifted data: a fresh SAE would take the new geometric median and scale
     rec = Recorder()
-    train_sae(sae, TensorSource(x * 10 - 5), cfg.replace(lr=1e-12, threshold_beta=0.999999,
-                                                         calibrate_threshold=False),
-              reporter=rec)
+    second = load_sae_as(sae, threshold_beta=0.999999, calibrate_threshold=False)
+    train_sae(second, TensorSource(x * 10 - 5), cfg.replace(lr=1e-12), reporter=rec)
+    sae = second
     assert any("continuing from trained weights" in m for m in rec.messages)
     assert torch.equal(sae.input_scale, kept["input_scale"])
     assert torch.allclose(sae.b_dec, kept["b_dec"], atol=1e-6)
@@ -97,7 +104,7 @@ def test_init_from_a_saved_sae_keeps_its_state(tmp_path):
             g = torch.Generator().manual_seed(1 if split == "train" else 2)
             return TensorSource(torch.randn(512, 16, generator=g) * 4 + 1)
 
-    sae = build_sae(SAEConfig(d_in=16, d_sae=64, top_k=4, hook_layer=2), seed=0)
+    sae = build_sae(make_sae_config(d_in=16, d_sae=64, top_k=4, hook_layer=2), seed=0)
     sae.initialize_from_data(torch.randn(256, 16) * 9 + 3)
     with torch.no_grad():
         sae.threshold.fill_(0.7)
@@ -107,9 +114,9 @@ def test_init_from_a_saved_sae_keeps_its_state(tmp_path):
     job.write_text(f"""
 cache: c
 out_dir: {tmp_path / 'out'}
-sae: {{d_in: 16, d_sae: 64, top_k: 4, hook_layer: 2}}
+sae: {{d_in: 16, d_sae: 64, top_k: 4, hook_layer: 2, calibrate_threshold: false}}
 training: {{max_tokens: 256, train_batch_tokens: 128, lr: 1.0e-12, show_progress: false,
-           calibrate_threshold: false, init_from: {tmp_path / 'start'}}}
+           init_from: {tmp_path / 'start'}}}
 """)
     orig = job_module._open_cache
     job_module._open_cache = lambda uri: Reader()

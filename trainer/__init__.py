@@ -3,12 +3,16 @@
 Public API (everything else in this package is internal):
 
     SAEConfig, TrainingConfig, TrainJobConfig          -- configs (StrictConfig)
-    SAE (abstract base), TrainStepOutput, SAELensFormat -- the architecture seam
+    ArchitectureOptions                                 -- base of an architecture's own fields
+    make_sae_config, sae_config_from_dict               -- flat SAE fields -> SAEConfig (registry)
+    SAE (abstract base), TrainStepOutput, SAELensFormat,
+    TrainingProgress, SAEDescription                    -- the architecture seam
     StandardSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE,
     MatryoshkaBatchTopKSAE                              -- the registered architectures
     SAE_REGISTRY, build_sae, load_sae, register,
-    architecture_names, architecture_fields,
-    searchable_fields, width_capped_fields, common_sae_fields -- the registry (what the sweep asks)
+    architecture_names, describe_sae                    -- the registry
+    field_catalog, FieldCatalog                         -- what the sweep asks: architectures,
+                                                           fields, where a field belongs, metrics
     metric_names                                        -- numeric MetricsRecord fields
     MetricsRecord                                       -- one record per evaluation
     ActivationSource, TensorSource                      -- where activations come from
@@ -18,7 +22,7 @@ Public API (everything else in this package is internal):
     export_saelens                                      -- SAELens format
     resolve_device, to_device                           -- auto|cpu|cuda|cuda:N; batches to it
     EndToEndObjective, SequenceSource, evaluate_sae_dir -- the SAE spliced into the live model:
-    end_to_end_sources, load_cache_model                   KL / block-MSE training, CE/KL metrics
+    load_cache_model                                       KL / block-MSE training, CE/KL metrics
     TwoPhaseObjective, PhasedSource                     -- local, then an end-to-end fine-tune
     job_sources, JobSources, evaluate_split             -- a job's objective and split sources
     DimensionMismatchError, NonFiniteActivationError, EmptySourceError,
@@ -26,7 +30,8 @@ Public API (everything else in this package is internal):
 """
 
 from .device import resolve_device, to_device
-from .end_to_end import EndToEndObjective, SequenceSource, end_to_end_sources, load_cache_model
+from .architecture_options import ArchitectureOptions
+from .end_to_end import EndToEndObjective, SequenceSource, load_cache_model
 from .finetune import PhasedSource, TwoPhaseObjective
 from .job_sources import JobSources, job_sources
 from .errors import (CheckpointMismatchError, DimensionMismatchError, EmptySourceError,
@@ -35,11 +40,12 @@ from .eval_job import evaluate_sae_dir, evaluate_split
 from .job import TrainJobConfig, train_from_yaml
 from .metrics import MetricsRecord, numeric_metric_names as metric_names
 from .objective import LocalObjective, Objective, StepOutput
-from .registry import (SAE_REGISTRY, architecture_names, architectures_with_field, build_sae,
-                       load_sae, register, searchable_fields, width_capped_fields)
+from .fields import FieldCatalog, field_catalog
+from .registry import (SAE_REGISTRY, architecture_names, build_sae, describe_sae, load_sae,
+                       make_sae_config, register, sae_config_from_dict)
 from .reporting import ConsoleReporter, Reporter
-from .sae_config import SAEConfig, common_field_names as common_sae_fields
-from .saes import SAE, SAELensFormat, TrainStepOutput
+from .sae_config import SAEConfig
+from .saes import SAE, SAEDescription, SAELensFormat, TrainingProgress, TrainStepOutput
 from .saes.batchtopk import BatchTopKSAE
 from .saes.jumprelu import JumpReLUSAE
 from .saes.matryoshka import MatryoshkaBatchTopKSAE
@@ -50,20 +56,13 @@ from .sources import ActivationSource, TensorSource
 from .training import TrainResult, train_sae
 from .training_config import TrainingConfig
 
-
-def architecture_fields(name: str) -> tuple[str, ...]:
-    """The config fields architecture ``name`` owns (its options)."""
-    from .registry import options_class
-
-    return options_class(name).field_names()
-
 __all__ = [
-    "SAEConfig", "TrainingConfig", "TrainJobConfig",
-    "SAE", "TrainStepOutput", "SAELensFormat",
+    "SAEConfig", "TrainingConfig", "TrainJobConfig", "ArchitectureOptions",
+    "make_sae_config", "sae_config_from_dict",
+    "SAE", "TrainStepOutput", "SAELensFormat", "TrainingProgress", "SAEDescription",
     "StandardSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "MatryoshkaBatchTopKSAE",
-    "SAE_REGISTRY", "build_sae", "load_sae", "register", "architecture_names",
-    "architecture_fields", "architectures_with_field", "searchable_fields",
-    "width_capped_fields", "common_sae_fields",
+    "SAE_REGISTRY", "build_sae", "load_sae", "register", "architecture_names", "describe_sae",
+    "field_catalog", "FieldCatalog",
     "MetricsRecord", "metric_names",
     "ActivationSource", "TensorSource",
     "Reporter", "ConsoleReporter",
@@ -71,7 +70,7 @@ __all__ = [
     "train_sae", "TrainResult", "train_from_yaml",
     "export_saelens",
     "resolve_device", "to_device",
-    "EndToEndObjective", "SequenceSource", "evaluate_sae_dir", "evaluate_split", "end_to_end_sources",
+    "EndToEndObjective", "SequenceSource", "evaluate_sae_dir", "evaluate_split",
     "load_cache_model", "TwoPhaseObjective", "PhasedSource", "JobSources", "job_sources",
     "DimensionMismatchError", "NonFiniteActivationError", "EmptySourceError",
     "TrainingDivergedError",

@@ -548,14 +548,3 @@ def load_cache_model(reader: Any) -> Any:
     model = load_model(spec)
     reader.check_model(model_identity(model, spec))
     return model
-
-
-def end_to_end_sources(reader: Any, config: TrainingConfig, hook: str, train_split: str,
-                       val_split: Optional[str], *, model: Any = None
-                       ) -> tuple[EndToEndObjective, SequenceSource, Optional[SequenceSource]]:
-    """The objective and sequence sources of an end-to-end job on a cache (``sae-sweep train``
-    with ``use_end_to_end``). Loads the cache's model unless ``model`` is given."""
-    model = model if model is not None else load_cache_model(reader)
-    train = SequenceSource(reader, train_split, hook, shuffle=True)
-    val = SequenceSource(reader, val_split, hook, shuffle=False) if val_split else None
-    return EndToEndObjective(model, config), train, val

@@ -25,7 +25,7 @@ from activation_cache import ConfigError, StrictConfig
 from .checkpoint import CHECKPOINTS_DIR, latest_checkpoint
 from .errors import DimensionMismatchError
 from .job_sources import job_sources
-from .registry import build_sae, load_sae
+from .registry import build_sae, load_sae, sae_config_from_dict
 from .reporting import ConsoleReporter, Reporter
 from .sae_config import SAEConfig
 from .saelens_export import export_saelens
@@ -78,6 +78,16 @@ class TrainJobConfig(StrictConfig):
             del out["hook"]
         return out
 
+    @classmethod
+    def from_dict(cls, data: Any) -> "TrainJobConfig":
+        # the flat `sae:` block names its architecture's fields: the registry reads it
+        if isinstance(data, dict) and isinstance(data.get("sae"), dict):
+            try:
+                data = {**data, "sae": sae_config_from_dict(data["sae"])}
+            except ConfigError as exc:
+                raise ConfigError(f"TrainJobConfig.sae -> {exc}") from None
+        return super().from_dict(data)  # type: ignore[return-value]
+
 
 def _open_cache(uri: str) -> Any:
     opener = getattr(activation_cache, "open_cache", None)
@@ -91,13 +101,14 @@ def _initial_sae(job: "TrainJobConfig", path: str | Path) -> Any:
     against the job's SAE config: architecture, d_in, d_sae and hook must agree)."""
     if job.training.init_from is None:
         return build_sae(job.sae, seed=job.training.seed)
-    sae = load_sae(job.training.init_from)
-    for name in ("architecture", "d_in", "d_sae", "hook_spec"):
-        mine, theirs = getattr(job.sae, name), getattr(sae.cfg, name)
+    saved = load_sae(job.training.init_from).cfg
+    for name in ("architecture", "d_in", "d_sae", "hook_spec", "hook_spec_out", "d_out"):
+        mine, theirs = getattr(job.sae, name), getattr(saved, name)
         if mine != theirs:
             raise ConfigError(f"{path}: training.init_from {job.training.init_from} is an SAE "
                               f"with {name}={theirs!r}, but the job's sae.{name} is {mine!r}")
-    return sae
+    # the saved weights and buffers, under the job's own options (e.g. its threshold rule)
+    return load_sae(job.training.init_from, config=job.sae)
 
 
 def train_from_yaml(path: str | Path, *, out_dir: str | Path | None = None, resume: bool = True,

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor
 
-from ..sae_config import ArchitectureOptions
+from ..architecture_options import ArchitectureOptions
 from ..sparse_ops import auxk_reconstruct
 
 
@@ -42,9 +42,11 @@ class KSparseOptions(ArchitectureOptions):
     width_capped: ClassVar[dict[str, int]] = {"top_k": 1, "top_k_aux": 0}
 
     def derived_values(self) -> dict[str, Any]:
-        return {"top_k_aux": None if self.top_k is None else max(1, self.top_k // 2)}
+        return {**super().derived_values(),
+                "top_k_aux": None if self.top_k is None else max(1, self.top_k // 2)}
 
     def validate(self) -> None:
+        super().validate()
         if self.top_k is None:
             self._fail("top_k", "is required for the k-sparse architectures (e.g. top_k: 32)")
         self._require(isinstance(self.top_k, int) and not isinstance(self.top_k, bool)
@@ -59,6 +61,7 @@ class KSparseOptions(ArchitectureOptions):
                       "aux_penalty", f"must be >= 0, got {self.aux_penalty!r}")
 
     def check(self, cfg: Any) -> None:
+        super().check(cfg)
         if self.top_k > cfg.d_sae:
             self._fail("top_k", f"must be in [1, d_sae={cfg.d_sae}], got {self.top_k}")
         if self.top_k_aux > cfg.d_sae:

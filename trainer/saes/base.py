@@ -23,10 +23,28 @@ The seam (what an architecture file ``trainer/saes/<name>.py`` provides; see ARC
 * ``training_forward(x) -> TrainStepOutput`` -- the training encoding and every loss term of
   the architecture, with its own coefficients, as a typed record (no state between calls);
 * ``saelens_format(folded) -> SAELensFormat`` -- how it exports to SAELens;
-* optionally: ``calibrate`` (inference thresholds fitted on held-out tokens after training),
-  ``update_running_statistics`` (e.g. a threshold EMA fed by ``TrainStepOutput.running``),
-  ``inference_threshold`` (a scalar summary for the metrics), and the class flags
-  ``training_encoding_differs`` / ``needs_calibration``.
+* ``inference_rule`` -- one sentence saying what the shipped encoder does (model cards);
+* optionally: ``update_running_statistics(running, progress)`` (see below), ``calibrate`` with
+  the ``needs_calibration`` property (inference thresholds fitted on training tokens after
+  training), ``inference_threshold`` (a scalar summary for the metrics), the class flag
+  ``training_encoding_differs`` and ``describe`` (the model card's lines).
+
+**Running statistics** are the architecture's state that follows training but is not trained
+by the optimizer. ``training_forward`` is pure and returns this step's contribution in
+``TrainStepOutput.running`` (tensors; chunked end-to-end steps combine their chunks with
+``merge_running``); after the optimizer step the loop calls
+``update_running_statistics(running, progress)`` once per step, where ``progress`` is a
+:class:`TrainingProgress` (the step just taken, 1-based, and the run's planned total steps).
+The architecture reads its own options for the rule: BatchTopK's threshold EMA starts after
+``threshold_warmup_steps`` (capped at half the run) with decay ``threshold_beta``
+(saes/batchtopk.py). The loop knows no rule. The state goes in **buffers** (fp32), so it is
+saved, checkpointed and resumed bit for bit; Python attributes would be lost. A rule such as
+"target_l0" -- an architecture adapting its own sparsity coefficient each step from the
+step's L0 -- fits without touching the loop: its ``training_forward`` puts the step's L0 in
+``running`` (and weights its penalty by the coefficient buffer), ``merge_running`` averages
+it over chunks (token-weighted) instead of the default minimum, and
+``update_running_statistics`` moves a checkpointed fp32 ``coefficient`` buffer (registered in
+``init_architecture``) towards the target, using ``progress`` for any warm-up.
 """
 
 from __future__ import annotations
@@ -36,7 +54,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, NamedTuple, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -44,9 +62,11 @@ from torch import Tensor, nn
 
 from activation_cache import ConfigError
 
-from .. import registry
+from ..architecture_options import ArchitectureOptions
 from ..errors import CheckpointMismatchError, DimensionMismatchError
-from ..sae_config import ArchitectureOptions, SAEConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..sae_config import SAEConfig
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -84,6 +104,31 @@ class TrainStepOutput:
     ``SAE.update_running_statistics`` after the optimizer step."""
 
 
+class TrainingProgress(NamedTuple):
+    """Where the run is, for ``SAE.update_running_statistics`` (after the optimizer step)."""
+
+    step: int
+    """The optimizer step just taken (1-based: 1 after the first step)."""
+    total_steps: int
+    """The run's planned number of steps (both phases of a two-phase run)."""
+
+
+@dataclass
+class SAEDescription:
+    """What a model card says about an architecture (``SAE.describe``)."""
+
+    architecture: str
+    d_sae: int
+    fields: dict[str, Any]
+    """The architecture's own fields and their values."""
+    inference: str
+    """What the shipped (inference) encoder does, in one sentence."""
+
+    def summary(self) -> str:
+        own = ", ".join(f"{k} = {v}" for k, v in self.fields.items())
+        return f"{self.architecture}, d_sae = {self.d_sae}" + (f"; {own}" if own else "")
+
+
 @dataclass
 class SAELensFormat:
     """An architecture's SAELens export: its SAELens architecture name, the tensors beyond
@@ -109,16 +154,20 @@ class SAE(nn.Module, ABC):
     training_encoding_differs: ClassVar[bool] = False
     """True when training encodes differently from inference (BatchTopK: over the batch), so
     evaluation also reports the training encoding's figures (``*_train``)."""
-    needs_calibration: ClassVar[bool] = False
-    """True when the inference encoding needs :meth:`calibrate` before it is meaningful."""
+    inference_rule: ClassVar[str] = ""
+    """What the shipped encoder does, in one sentence (model cards; ``describe``)."""
 
-    def __init__(self, cfg: SAEConfig, *, seed: Optional[int] = None):
+    def __init__(self, cfg: "SAEConfig", *, seed: Optional[int] = None):
         super().__init__()
         if cfg.architecture != self.architecture:
             raise ConfigError(
                 f"SAEConfig.architecture: {type(self).__name__} needs {self.architecture!r}, got "
                 f"{cfg.architecture!r} (use trainer.build_sae(cfg) to pick the class)"
             )
+        if type(cfg.options) is not self.Options:
+            raise ConfigError(
+                f"SAEConfig.options: architecture {self.architecture!r} takes "
+                f"{self.Options.__name__}, got {type(cfg.options).__name__}")
         self.cfg = cfg
         self.dtype = cfg.torch_dtype()
         self.device = cfg.torch_device()
@@ -143,9 +192,6 @@ class SAE(nn.Module, ABC):
         """Register the architecture's own parameters/buffers (called before initialisation)."""
 
     # -- construction ---------------------------------------------------------------------
-    def get_hook_spec(self) -> str:
-        return self.cfg.hook_spec  # type: ignore[return-value]
-
     @torch.no_grad()
     def initialize_weights(self, seed: Optional[int] = None) -> None:
         """Random unit-norm decoder rows, encoder = decoder transpose, zero biases."""
@@ -247,16 +293,31 @@ class SAE(nn.Module, ABC):
         return out
 
     @torch.no_grad()
-    def update_running_statistics(self, running: dict[str, Tensor], *, update_threshold: bool,
-                                  threshold_beta: float) -> None:
-        """Apply one step's running statistics (after the optimizer step). ``update_threshold``
-        is false during the threshold warm-up. Default: nothing to track."""
+    def update_running_statistics(self, running: dict[str, Tensor],
+                                  progress: TrainingProgress) -> None:
+        """Apply one step's running statistics (after the optimizer step), by the
+        architecture's own rule and options (module docstring). Default: nothing to track."""
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when the loop must :meth:`calibrate` what it evaluates and ships (read from the
+        architecture's options; default: never)."""
+        return False
 
     @torch.no_grad()
-    def calibrate(self, batches: Iterable[Tensor], max_tokens: int) -> Optional[str]:
-        """Fit the inference encoding's thresholds on raw token batches (up to ``max_tokens``);
-        returns a one-line description, or None when there is nothing to calibrate / no data."""
+    def calibrate(self, batches: Iterable[Tensor], max_tokens: Optional[int] = None
+                  ) -> Optional[str]:
+        """Fit the inference encoding's thresholds on raw input batches (up to ``max_tokens``;
+        None: the architecture's own option); returns a one-line description, or None when
+        there is nothing to calibrate / no data."""
         return None
+
+    @classmethod
+    def describe(cls, cfg: "SAEConfig") -> SAEDescription:
+        """What a model card says about an SAE of config ``cfg``: its own fields (as the config
+        holds them, derived ones included) and its inference rule."""
+        own = {name: getattr(cfg.options, name) for name in cfg.options.field_names()}
+        return SAEDescription(cls.architecture, cfg.d_sae, own, cls.inference_rule)
 
     def inference_threshold(self) -> Optional[float]:
         """A scalar summary of the inference threshold(s) for the metrics (None: none)."""
@@ -294,15 +355,12 @@ class SAE(nn.Module, ABC):
         self.num_batches_not_active.masked_fill_(fired, 0)
 
     @torch.no_grad()
-    def update_training_state(self, fired: Tensor, running: Optional[dict[str, Tensor]] = None,
-                              *, update_threshold: bool = False,
-                              threshold_beta: float = 0.999) -> None:
+    def update_training_state(self, fired: Tensor, running: Optional[dict[str, Tensor]],
+                              progress: TrainingProgress) -> None:
         """Everything the SAE tracks after an optimizer step: dead latents, then the
-        architecture's running statistics (``TrainStepOutput.running``)."""
+        architecture's running statistics (``TrainStepOutput.running``) by its own rule."""
         self.update_inactive_features(fired)
-        if running:
-            self.update_running_statistics(running, update_threshold=update_threshold,
-                                           threshold_beta=threshold_beta)
+        self.update_running_statistics(running or {}, progress)
 
     def dead_mask(self) -> Tensor:
         """Latents idle for ``n_batches_to_dead`` consecutive training batches."""
@@ -357,33 +415,6 @@ class SAE(nn.Module, ABC):
         (path / HISTORY_FILE).write_text(json.dumps(history or [], indent=1))
         return path
 
-    @classmethod
-    def load(cls, path: str | Path, device: Optional[str] = None, load_history: bool = False):
-        """Rebuild the SAE saved in ``path`` (the class named by its config's architecture).
-
-        ``device`` overrides the saved device (a saved cuda device falls back to cpu when CUDA is
-        unavailable). Returns the SAE, or ``(sae, history)`` when ``load_history`` is true.
-        """
-        path = Path(path)
-        cfg = read_sae_config(path)
-        if device is None and cfg.device.startswith("cuda") and not torch.cuda.is_available():
-            device = "cpu"  # saved on a GPU machine, loaded on a CPU one
-        if device is not None:
-            cfg = cfg.replace(device=device)
-        klass = registry.sae_class(cfg.architecture)
-        if not issubclass(klass, cls):
-            raise CheckpointMismatchError(
-                f"{path / CONFIG_FILE}: architecture {cfg.architecture!r} is a {klass.__name__}, "
-                f"not a {cls.__name__}"
-            )
-        sae = klass(cfg)
-        sae.load_weights(path / WEIGHTS_FILE)
-        if not load_history:
-            return sae
-        hist_path = path / HISTORY_FILE
-        history = json.loads(hist_path.read_text()) if hist_path.exists() else []
-        return sae, history
-
     @torch.no_grad()
     def load_weights(self, file: str | Path) -> None:
         """Load ``weights.safetensors`` into this SAE, checking names and shapes."""
@@ -413,21 +444,6 @@ class SAE(nn.Module, ABC):
                     f"(d_in={self.cfg.d_in}, d_sae={self.cfg.d_sae}) needs {list(mine.shape)}"
                 )
         self.load_state_dict({k: v.to(own[k].device, own[k].dtype) for k, v in tensors.items()})
-
-
-def read_sae_config(path: str | Path) -> SAEConfig:
-    """The SAEConfig in ``path/config.json`` (a saved SAE or a checkpoint)."""
-    file = Path(path) / CONFIG_FILE
-    if not file.exists():
-        raise CheckpointMismatchError(f"{file} does not exist (not a saved SAE folder)")
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointMismatchError(f"{file}: not valid JSON: {exc}") from None
-    try:
-        return SAEConfig.from_dict(data)
-    except Exception as exc:  # ConfigError names the field
-        raise CheckpointMismatchError(f"{file}: {exc}") from None
 
 
 def geometric_median(x: Tensor, iterations: int = 20, eps: float = 1e-8) -> Tensor:

@@ -34,8 +34,8 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-from ..registry import register
-from ..sae_config import ArchitectureOptions
+from .registration import register
+from ..architecture_options import ArchitectureOptions
 from .base import SAE, SAELensFormat, TrainStepOutput
 
 
@@ -110,6 +110,8 @@ class JumpReLUSAE(SAE):
 
     architecture: ClassVar[str] = "jumprelu"
     Options: ClassVar[type[ArchitectureOptions]] = JumpReLUOptions
+    inference_rule: ClassVar[str] = ("a JumpReLU with its learned per-latent thresholds (as in "
+                                     "training)")
 
     def init_architecture(self) -> None:
         # filled with jumprelu_init_threshold by initialize_weights

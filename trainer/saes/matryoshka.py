@@ -21,16 +21,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..registry import register
-from ..sae_config import ArchitectureOptions
+from .registration import register
+from ..architecture_options import ArchitectureOptions
 from ..sparse_ops import prefix_decodes
-from .auxk import KSparseOptions
 from .base import TrainStepOutput
-from .batchtopk import BatchTopKSAE
+from .batchtopk import BatchTopKOptions, BatchTopKSAE
 
 
 @dataclass
-class MatryoshkaOptions(KSparseOptions):
+class MatryoshkaOptions(BatchTopKOptions):
     """Fields of ``matryoshka_batchtopk``: BatchTopK's plus the groups."""
 
     group_fractions: tuple[float, ...] = (0.0625, 0.1875, 0.75)
@@ -73,6 +72,9 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
 
     architecture: ClassVar[str] = "matryoshka_batchtopk"
     Options: ClassVar[type[ArchitectureOptions]] = MatryoshkaOptions
+    inference_rule: ClassVar[str] = (
+        BatchTopKSAE.inference_rule + " (the whole dictionary; its nested prefixes also "
+        "reconstruct on their own)")
 
     @property
     def prefix_widths(self) -> tuple[int, ...]:

@@ -15,8 +15,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..registry import register
-from ..sae_config import ArchitectureOptions
+from .registration import register
+from ..architecture_options import ArchitectureOptions
 from .base import SAE, SAELensFormat, TrainStepOutput
 
 
@@ -41,6 +41,7 @@ class StandardSAE(SAE):
 
     architecture: ClassVar[str] = "standard"
     Options: ClassVar[type[ArchitectureOptions]] = StandardOptions
+    inference_rule: ClassVar[str] = "a ReLU of the encoder pre-activations (as in training)"
 
     def encode_scaled(self, x_scaled: Tensor) -> Tensor:
         return torch.relu(self.pre_activations(x_scaled))

@@ -17,8 +17,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..registry import register
-from ..sae_config import ArchitectureOptions
+from .registration import register
+from ..architecture_options import ArchitectureOptions
 from ..sparse_ops import topk_per_token_forward
 from .auxk import KSparseOptions, auxk_loss
 from .base import SAE, SAELensFormat, TrainStepOutput
@@ -36,6 +36,8 @@ class TopKSAE(SAE):
 
     architecture: ClassVar[str] = "topk"
     Options: ClassVar[type[ArchitectureOptions]] = TopKOptions
+    inference_rule: ClassVar[str] = ("as in training: each token keeps its top_k largest "
+                                     "pre-activations (ReLU'd)")
 
     @property
     def k(self) -> int:
