@@ -237,7 +237,7 @@ def reader_into_device(device: torch.device, cache: str, args: argparse.Namespac
             sync(device)
             t0 = time.perf_counter()
             for batch in src.iter_batches(args.batch, seed=0, epoch=epoch):
-                x = to_device(batch, device)
+                x = to_device(batch.input, device)
             sync(device)
             if epoch:
                 best = min(best, time.perf_counter() - t0)

@@ -62,7 +62,7 @@ def batches(source, batch: int, steps: int, seed: int):
     done, epoch = 0, 0
     while done < steps:
         for xb in source.iter_batches(batch, seed=seed, epoch=epoch):
-            yield xb
+            yield xb.input
             done += 1
             if done >= steps:
                 return
@@ -173,8 +173,8 @@ def main() -> None:
 
     reader = open_cache(args.cache)
     train = reader.token_source(args.hook, "train")
-    held = {split: torch.cat(list(reader.token_source(args.hook, split).iter_batches(
-        4096, seed=0, epoch=0)))[: args.test_tokens].float() for split in ("val", "test")}
+    held = {split: torch.cat([b.input for b in reader.token_source(args.hook, split).iter_batches(
+        4096, seed=0, epoch=0)])[: args.test_tokens].float() for split in ("val", "test")}
     default_lr = TrainingConfig().lr
     print(f"{args.hook}: train {train.num_tokens} tokens; the best lr is chosen on "
           f"{held['val'].shape[0]} val tokens, figures reported on {held['test'].shape[0]} test "

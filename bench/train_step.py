@@ -47,8 +47,8 @@ from typing import Callable, Optional  # noqa: E402
 
 import torch  # noqa: E402
 
-from trainer import (LocalObjective, TrainingConfig, TrainingProgress, build_sae,  # noqa: E402
-                     field_catalog, make_sae_config, sparse_ops)
+from trainer import (LocalObjective, TokenBatch, TrainingConfig,  # noqa: E402
+                     TrainingProgress, build_sae, field_catalog, make_sae_config, sparse_ops)
 from trainer.sparse_ops import (  # noqa: E402
     auxk_reconstruct, batch_topk_indices, prefix_decodes, topk_per_token_forward,
     topk_sae_forward)
@@ -105,7 +105,7 @@ class OurStep:
         sae = self.sae
         self.opt.zero_grad(set_to_none=True)
         with self.autocast:
-            out = self.objective.step(sae, x)
+            out = self.objective.step(sae, TokenBatch.of(x))
         if not bool(torch.isfinite(out.loss)):
             raise RuntimeError("the loss diverged")
         tick("forward (objective.step)")

@@ -295,7 +295,8 @@ def _sources(cache: Any, sae_cfg: Any, train_cfg: Any) -> tuple[Any, Any, Any, A
     existed)."""
     from trainer import job_sources
 
-    s = job_sources(cache, train_cfg, sae_cfg.hook_spec, device=sae_cfg.torch_device())
+    s = job_sources(cache, train_cfg, sae_cfg.hook_spec, target_hook=sae_cfg.hook_spec_out,
+                    device=sae_cfg.torch_device())
     return s.objective, s.train, s.val, s.test
 
 

@@ -136,7 +136,7 @@ def test_training_forward_returns_the_typed_record_and_changes_no_state(arch):
     before = {k: v.clone() for k, v in sae.state_dict().items()}
     out = sae.training_forward(x)
     assert isinstance(out, TrainStepOutput)
-    assert out.x_scaled.shape == out.x_hat.shape == (120, D_IN)
+    assert out.target_scaled.shape == out.output.shape == (120, D_IN)
     assert out.reconstruction_loss.shape == out.sparsity_loss.shape == out.l0.shape == ()
     assert out.reconstruction_loss.requires_grad
     assert "mse" in out.terms and all(not t.requires_grad for t in out.terms.values())

@@ -90,7 +90,7 @@ def test_topk_training_forward_terms_hand_case():
     out = sae.training_forward(TOPK_X)
     # x_hat = f @ W_dec: a [3 + 2.1, 2.8] = [5.1, 2.8], b [-1, 0.2], c [-1, 0], d [0, 0]
     x_hat = torch.tensor([[5.1, 2.8], [-1.0, 0.2], [-1.0, 0.0], [0.0, 0.0]])
-    assert torch.allclose(out.x_hat, x_hat, atol=1e-6)
+    assert torch.allclose(out.output, x_hat, atol=1e-6)
     # squared errors: a 2.1^2 + 1.8^2 = 7.65, b 0, c 2^2 = 4, d 1^2 = 1 -> 12.65 / 8 values
     assert out.reconstruction_loss.item() == pytest.approx(12.65 / 8, rel=1e-6)
     assert float(out.terms["mse"]) == pytest.approx(12.65 / 8, rel=1e-6)
@@ -164,7 +164,7 @@ def test_topk_training_encoding_is_the_inference_encoding_and_batch_independent(
     assert ((infer > 0).sum(1) == 6).all()
     # the training forward decodes that code
     out = sae.training_forward(x)
-    torch.testing.assert_close(out.x_hat, infer @ sae.W_dec + sae.b_dec, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.output, infer @ sae.W_dec + sae.b_dec, rtol=1e-5, atol=1e-5)
     assert float(out.l0) == 6.0
     # a token's code does not depend on the tokens it is encoded with
     for part in (slice(7, 8), slice(0, 13), slice(150, 200)):
@@ -201,7 +201,7 @@ def test_jumprelu_forward_and_l0_penalty_hand_case():
     out = sae.training_forward(JR_X)
     # x_hat: t0 0.55 W_dec[0] = [0.33, 0.44, 0]; t1 2 W_dec[0] + 1.15 W_dec[1] + 2.05 W_dec[2]
     #   = [1.2, 2.29, 2.97]; errors t0 [-0.22, -0.51, -1.5], t1 [-0.8, 1.14, 0.92]
-    assert torch.allclose(out.x_hat, torch.tensor([[0.33, 0.44, 0.0], [1.2, 2.29, 2.97]]))
+    assert torch.allclose(out.output, torch.tensor([[0.33, 0.44, 0.0], [1.2, 2.29, 2.97]]))
     sse = 0.22**2 + 0.51**2 + 1.5**2 + 0.8**2 + 1.14**2 + 0.92**2  # 5.3445
     assert out.reconstruction_loss.item() == pytest.approx(sse / 6, rel=1e-6)
     # L0 penalty: mean over tokens of the active count, (1 + 3) / 2
@@ -333,7 +333,7 @@ def test_matryoshka_reconstruction_loss_is_the_mean_of_the_prefix_mses_hand_case
     assert float(out.terms["mse_prefix_2"]) == pytest.approx(mses[1], rel=1e-6)
     assert float(out.terms["mse"]) == pytest.approx(mses[2], rel=1e-6)
     assert out.reconstruction_loss.item() == pytest.approx(sum(mses) / 3, rel=1e-6)
-    assert torch.allclose(out.x_hat, torch.tensor([[5.1, 3.8], [-1.0, 0.0]]))  # full x_hat
+    assert torch.allclose(out.output, torch.tensor([[5.1, 3.8], [-1.0, 0.0]]))  # full x_hat
     assert float(out.l0) == 2.0 and float(out.running["min_selected"]) == 1.0
     assert out.sparsity_loss.item() == 0.0  # nothing dead: no AuxK
 

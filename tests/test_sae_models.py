@@ -61,7 +61,7 @@ def test_batchtopk_training_forward_terms():
     sae = _hand_topk_sae().train()
     out = sae.training_forward(X_HAND)
     x_hat = F_HAND @ sae.W_dec.detach()
-    assert torch.allclose(out.x_hat, x_hat)
+    assert torch.allclose(out.output, x_hat)
     assert torch.allclose(out.reconstruction_loss, (x_hat - X_HAND).pow(2).mean())
     assert torch.allclose(out.terms["mse"], (x_hat - X_HAND).pow(2).mean())
     assert out.fired.tolist() == [True, True, True]
@@ -145,7 +145,7 @@ def test_auxk_hand_case():
     # residual e = [[0, 2], [0, 0]]; dead pre-acts [2.2, -0.6] -> relu [2.2, 0]
     # e_hat = [[1.32, 1.76], [0, 0]]; ||e - e_hat||^2 = [1.8, 0] -> mean 0.9
     # mean(e) = [0, 1]; ||e - mean||^2 = [1, 1] -> mean 1  => aux = 0.9
-    aux = auxk_loss(sae, x, x_recon, sae.pre_activations(x).detach(), dead)
+    aux = auxk_loss(sae, x, x, x_recon, sae.pre_activations(x).detach(), dead)
     assert float(aux.detach()) == pytest.approx(0.9, rel=1e-6)
     aux.backward()
     # gradients reach only the dead latent's encoder column and decoder row
@@ -159,12 +159,12 @@ def test_auxk_is_zero_without_dead_latents_and_scale_free():
     x_recon = x + 0.3 * torch.randn(40, 16)
     none_dead = torch.zeros(64, dtype=torch.bool)
     pre = sae.pre_activations(x).detach()
-    assert float(auxk_loss(sae, x, x_recon, pre, none_dead)) == 0.0
-    assert float(auxk_loss(sae, x, x_recon, pre)) == 0.0  # fresh counters: nothing dead
+    assert float(auxk_loss(sae, x, x, x_recon, pre, none_dead)) == 0.0
+    assert float(auxk_loss(sae, x, x, x_recon, pre)) == 0.0  # fresh counters: nothing dead
     dead = torch.zeros(64, dtype=torch.bool)
     dead[::3] = True
-    a1 = auxk_loss(sae, x, x_recon, pre, dead)
-    a10 = auxk_loss(sae, 10 * x, 10 * x_recon, 10 * pre, dead)  # b_enc = b_dec = 0: linear
+    a1 = auxk_loss(sae, x, x, x_recon, pre, dead)
+    a10 = auxk_loss(sae, 10 * x, 10 * x, 10 * x_recon, 10 * pre, dead)  # b_enc = b_dec = 0: linear
     assert float(a1.detach()) > 0
     assert float(a10.detach()) == pytest.approx(float(a1.detach()), rel=1e-5)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer import (CheckpointMismatchError, ConsoleReporter, DimensionMismatchError,
+from trainer import (CheckpointMismatchError, ConsoleReporter, DimensionMismatchError, TokenBatch,
                      LocalObjective, NonFiniteActivationError, Objective, make_sae_config, StepOutput,
                      TensorSource, TrainingConfig, TrainingDivergedError, build_sae, load_sae,
                      train_sae)
@@ -304,12 +304,22 @@ def test_lr_schedule_hand_case():
 
 def test_outlier_policies_hand_case():
     x = torch.tensor([[3.0, 4.0], [30.0, 40.0], [0.0, 1.0]])  # norms 5, 50, 1
+    y = torch.tensor([[1.0], [2.0], [300.0]])  # a transcoder's target rows (never measured)
     obj = LocalObjective(TrainingConfig(outlier_policy="drop"))
     obj.outlier_cap = 10.0
-    assert torch.equal(obj._apply_outlier_policy(x), x[[0, 2]])
+    kept = obj._apply_outlier_policy(TokenBatch.of(x))
+    assert torch.equal(kept.input, x[[0, 2]]) and kept.autoencodes
+    kept = obj._apply_outlier_policy(TokenBatch(x, y))  # decided on the input, applied to both
+    assert torch.equal(kept.input, x[[0, 2]]) and torch.equal(kept.target, y[[0, 2]])
+    same = TokenBatch.of(x[[0, 2]])
+    assert obj._apply_outlier_policy(same) is same  # nothing to drop: no copy
     obj = LocalObjective(TrainingConfig(outlier_policy="clip"))
     obj.outlier_cap = 10.0
-    assert torch.allclose(obj._apply_outlier_policy(x), torch.tensor([[3.0, 4.0], [6.0, 8.0], [0.0, 1.0]]))
+    clipped = torch.tensor([[3.0, 4.0], [6.0, 8.0], [0.0, 1.0]])
+    out = obj._apply_outlier_policy(TokenBatch.of(x))
+    assert torch.allclose(out.input, clipped) and out.autoencodes  # an SAE's target: clipped
+    out = obj._apply_outlier_policy(TokenBatch(x, y))
+    assert torch.allclose(out.input, clipped) and out.target is y  # a transcoder's: untouched
     # the cap comes from the median norm of the initialisation tokens
     data = sparse_data(1024)
     data[::100] *= 50  # BOS-like rows
@@ -318,7 +328,7 @@ def test_outlier_policies_hand_case():
     obj.initialize(sae, TensorSource(data))
     median = float(sparse_data(1024).norm(dim=1).median())
     assert obj.outlier_cap == pytest.approx(10 * median, rel=0.05)
-    stats = obj.step(sae, data[:200]).stats
+    stats = obj.step(sae, TokenBatch.of(data[:200])).stats
     assert stats["outlier_fraction"] == pytest.approx(2 / 200)
     # the input scale ignores the outliers: E||x|| = sqrt(d_in) on the ordinary tokens
     assert float((sparse_data(1024) * sae.input_scale).norm(dim=1).mean()) == pytest.approx(4.0, rel=0.05)

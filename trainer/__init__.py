@@ -15,7 +15,8 @@ Public API (everything else in this package is internal):
                                                            fields, where a field belongs, metrics
     metric_names                                        -- numeric MetricsRecord fields
     MetricsRecord                                       -- one record per evaluation
-    ActivationSource, TensorSource                      -- where activations come from
+    ActivationSource, TensorSource, TokenBatch          -- where activations come from: batches
+                                                           of (input, target) token rows
     Reporter, ConsoleReporter                           -- the logging seam
     Objective, LocalObjective, StepOutput               -- what a training step computes
     train_sae, TrainResult, train_from_yaml             -- training
@@ -52,7 +53,7 @@ from .saes.matryoshka import MatryoshkaBatchTopKSAE
 from .saes.standard import StandardSAE
 from .saes.topk import TopKSAE
 from .saelens_export import export_saelens
-from .sources import ActivationSource, TensorSource
+from .sources import ActivationSource, TensorSource, TokenBatch
 from .training import TrainResult, train_sae
 from .training_config import TrainingConfig
 
@@ -64,7 +65,7 @@ __all__ = [
     "SAE_REGISTRY", "build_sae", "load_sae", "register", "architecture_names", "describe_sae",
     "field_catalog", "FieldCatalog",
     "MetricsRecord", "metric_names",
-    "ActivationSource", "TensorSource",
+    "ActivationSource", "TensorSource", "TokenBatch",
     "Reporter", "ConsoleReporter",
     "Objective", "LocalObjective", "StepOutput",
     "train_sae", "TrainResult", "train_from_yaml",

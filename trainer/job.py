@@ -131,7 +131,7 @@ def train_from_yaml(path: str | Path, *, out_dir: str | Path | None = None, resu
                             "validation (metrics are training-batch averages)")
     sources = job_sources(reader, job.training, hook, train_split=job.train_split,
                           val_split=job.val_split, test_split=None,
-                          device=job.sae.torch_device())
+                          device=job.sae.torch_device(), target_hook=job.sae.hook_spec_out)
     objective, train_source, val_source = sources.objective, sources.train, sources.val
     if objective is not None:
         reporter.on_message(objective.describe(train_source))

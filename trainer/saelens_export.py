@@ -5,7 +5,10 @@ same encode/decode outputs as our shipped encoder. Each architecture says how it
 (``SAE.saelens_format``): ``standard`` -> SAELens ``standard``; ``topk`` -> ``topk`` with ``k``;
 ``jumprelu`` -> ``jumprelu`` with its thresholds; ``batchtopk`` and ``matryoshka_batchtopk`` ->
 ``jumprelu`` with the calibrated global threshold as every latent's threshold (their inference
-form; SAELens saves its own BatchTopK SAEs the same way).
+form; SAELens saves its own BatchTopK SAEs the same way). A transcoder (its options say
+``transcodes``) exports to SAELens's transcoder classes (``cfg.json`` gets ``d_out``,
+``apply_b_dec_to_input: false``, and the metadata both hooks: ``hook_name`` is the input,
+``hook_name_out`` the output).
 
 sae-lens is not imported: the files follow its documented 6.x layout, and a test opens them with
 ``sae_lens.SAE.load_from_disk``.
@@ -43,6 +46,7 @@ def export_saelens(sae: SAE, out_dir: str | Path, *, model_name: Optional[str] =
         "sae_lens_version": SAELENS_FORMAT_VERSION,
         "sae_lens_training_version": SAELENS_FORMAT_VERSION,
         "hook_name": sae.hook_spec,
+        **({"hook_name_out": sae.hook_spec_out} if sae.transcodes else {}),
         "exported_by": "sae-sweep",
         "sae_sweep_architecture": sae.architecture,
         **fmt.metadata,
@@ -54,9 +58,10 @@ def export_saelens(sae: SAE, out_dir: str | Path, *, model_name: Optional[str] =
         "architecture": fmt.architecture,
         "d_in": sae.cfg.d_in,
         "d_sae": sae.cfg.d_sae,
+        **({"d_out": sae.cfg.d_out} if sae.transcodes else {}),
         "dtype": sae.cfg.dtype,
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": sae.input_bias() is not None,
         "normalize_activations": "none",
         "reshape_activations": "none",
         **fmt.cfg,

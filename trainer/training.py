@@ -150,11 +150,12 @@ def train_sae(sae: SAE, train_source: Any, config: TrainingConfig, *, val_source
         show_progress=config.show_progress)
     objective = objective if objective is not None else LocalObjective(config)
     for which, source in (("training", train_source), ("validation", val_source)):
-        source_d_in = getattr(source, "d_in", None)
-        if source_d_in is not None and source_d_in != sae.cfg.d_in:
-            raise DimensionMismatchError(
-                f"the {which} activations have d_in={source_d_in} but the SAE has "
-                f"d_in={sae.cfg.d_in} (SAEConfig.d_in; hook {sae.hook_spec})")
+        for side, hook in (("d_in", sae.hook_spec), ("d_out", sae.hook_spec_out)):
+            width = getattr(source, side, None)
+            if width is not None and width != getattr(sae.cfg, side):
+                raise DimensionMismatchError(
+                    f"the {which} activations have {side}={width} but the SAE has "
+                    f"{side}={getattr(sae.cfg, side)} (SAEConfig.{side}; hook {hook})")
     out = Path(out_dir) if out_dir is not None else None
 
     planned = objective.planned_steps(train_source)

@@ -76,25 +76,32 @@ class BatchTopKSAE(SAE):
 
     # -- training ------------------------------------------------------------------------------
     def selection(self, xs: Tensor):
-        """The training encoding of scaled tokens [N, d_in] (a ``TopKForward``)."""
-        return topk_sae_forward(xs, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k)
+        """The training encoding of scaled tokens [N, d_in] (a ``TopKForward``; its ``x_hat``
+        is the dictionary's reconstruction in the output space)."""
+        return topk_sae_forward(xs, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k,
+                                b_in=self.input_bias())
 
-    def training_forward(self, x: Tensor) -> TrainStepOutput:
-        xs = self.scale_input(x).reshape(-1, self.cfg.d_in)
+    def training_forward(self, x: Tensor, target: Optional[Tensor] = None) -> TrainStepOutput:
+        xs, ys = self.scaled_pair(x, target)
         out = self.selection(xs)
-        return self._output(xs, out, (out.x_hat - xs).pow(2).mean(), {})
+        output = self._with_skip(xs, out.x_hat)
+        return self._output(xs, ys, out, output, (output - ys).pow(2).mean(), {})
 
-    def _output(self, xs: Tensor, out, reconstruction: Tensor,
+    def _with_skip(self, xs: Tensor, decoded: Tensor) -> Tensor:
+        skip = self.skip_scaled(xs)
+        return decoded if skip is None else decoded + skip
+
+    def _output(self, xs: Tensor, ys: Tensor, out, output: Tensor, reconstruction: Tensor,
                 extra_terms: dict[str, Tensor]) -> TrainStepOutput:
         n = xs.shape[0]
         fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=xs.device)
         fired[out.latent_idx] = True
         values = out.values.detach()
-        aux = auxk_loss(self, xs, out.x_hat, out.pre_acts)
-        mse = (out.x_hat - xs).pow(2).mean().detach()
+        aux = auxk_loss(self, xs, ys, output, out.pre_acts)
+        mse = (output - ys).pow(2).mean().detach()
         running = {"min_selected": values.min().float()} if values.numel() else {}
         return TrainStepOutput(
-            x_scaled=xs, x_hat=out.x_hat, reconstruction_loss=reconstruction,
+            target_scaled=ys, output=output, reconstruction_loss=reconstruction,
             sparsity_loss=self.cfg.aux_penalty * aux,
             terms={"mse": mse, "aux": aux.detach(), **extra_terms},
             fired=fired, l0=torch.tensor(values.numel() / max(n, 1)), running=running)
