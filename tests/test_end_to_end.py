@@ -319,6 +319,63 @@ def test_evaluate_metrics_against_independent_values(model, cache_full):
     assert 20 <= part["eval_tokens"] < m["eval_tokens"]
 
 
+MLP_IN, MLP_OUT = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
+
+
+@pytest.fixture(scope="module")
+def cache_mlp(tmp_path_factory, model):
+    """A transcoder's two hooks (the MLP input and output of block 1), exact logits, the
+    splice residual."""
+    return _build(tmp_path_factory, model, "mlp", n_train=8, n_val=8, store_logits=True,
+                  logits_top_k=None, store_splice_residual=True, hooks=(MLP_IN, MLP_OUT))
+
+
+@pytest.mark.parametrize("arch", ["batchtopk_transcoder", "batchtopk_skip_transcoder"])
+def test_a_transcoder_is_spliced_at_its_output_hook(model, cache_mlp, tmp_path, arch):
+    """The transcoder encodes the cached MLP input and its output replaces the MLP output:
+    evaluation's figures equal an independent route (full forwards with run_with_hooks on
+    hook_mlp_out), and its reconstruction metrics are those of the MLP output; `sae-sweep eval`
+    of the saved transcoder gives the same."""
+    sae = build_sae(make_sae_config(d_in=D, d_sae=64, architecture=arch, top_k=4, hook_layer=1,
+                                    hook_name="ln2.hook_normalized",
+                                    hook_name_out="hook_mlp_out"), seed=0)
+    src = SequenceSource(cache_mlp, "val", MLP_IN, target_hook=MLP_OUT, shuffle=False)
+    obj = EndToEndObjective(model, _e2e_config())
+    obj.initialize(sae, src)
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            if name == "W_skip":
+                p.normal_(0, 0.05)
+    sae.eval()
+    m = obj.evaluate(sae, src, None)
+    batch = next(iter(src.batches(1000)))
+    mask, am = batch.train_mask, batch.attention_mask.long()
+    with torch.no_grad():
+        recon, _ = sae(batch.acts[MLP_IN])
+    assert recon.shape == batch.acts[MLP_OUT].shape
+
+    def replace(act, hook):
+        return torch.where(mask[..., None], recon, act)
+
+    spliced = model.run_with_hooks(batch.tokens, attention_mask=am,
+                                   fwd_hooks=[(MLP_OUT, replace)])
+    clean = model(batch.tokens, attention_mask=am)
+    kl = F.kl_div(F.log_softmax(spliced, -1), F.log_softmax(clean, -1), log_target=True,
+                  reduction="none").sum(-1)[mask].mean()
+    assert m["kl_div"] == pytest.approx(float(kl), rel=1e-4) and m["kl_div"] > 1e-4
+    y = batch.acts[MLP_OUT][mask].double()
+    sse = float((recon[mask].double() - y).pow(2).sum())
+    fvu = sse / float((y - y.mean(0)).pow(2).sum())
+    assert m["fvu"] == pytest.approx(fvu, rel=1e-6)
+    # the saved transcoder through `sae-sweep eval`: the same hooks, the same figures
+    sae.save(tmp_path / "tc")
+    record = evaluate_sae_dir(tmp_path / "tc", cache=cache_mlp.uri, split="val",
+                              output_format="json", stream=io.StringIO(), show_progress=False,
+                              model=model)
+    assert record.kl_div == pytest.approx(m["kl_div"], rel=1e-4)
+    assert record.fvu == pytest.approx(m["fvu"], rel=1e-4)
+
+
 def test_evaluate_sae_dir_prints_every_metric(model, cache_full, tmp_path):
     sae = _standard_sae()
     sae.save(tmp_path / "sae")

@@ -174,3 +174,54 @@ def test_two_phase_resume_is_bit_exact(model, cache, tmp_path, stop):
         assert torch.equal(a[name], b[name]), name
     assert [r.loss for r in straight.history] == [r.loss for r in resumed.history]
     assert straight.final.kl_div == resumed.final.kl_div
+
+
+# -- a transcoder: MLP input -> MLP output, fine-tuned through the splice -------------------
+
+MLP_IN, MLP_OUT = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
+
+
+@pytest.fixture(scope="module")
+def mlp_cache(tmp_path_factory, model):
+    return build_cache(tmp_path_factory, model, "ft-mlp", store_logits=True, logits_top_k=32,
+                       store_splice_residual=True, hooks=(MLP_IN, MLP_OUT))
+
+
+@pytest.mark.parametrize("arch", ["batchtopk_transcoder", "batchtopk_skip_transcoder"])
+def test_a_transcoder_fine_tunes_end_to_end(model, mlp_cache, tmp_path, arch):
+    """Two phases on the tiny model with a transcoder from the MLP input to hook_mlp_out: the
+    local phase fits the MLP output, the fine-tune's KL comes from splicing the transcoder's
+    output in place of the MLP output, and the run resumes bit for bit across the boundary."""
+    cfg = _two_phase_config()
+    sae_cfg = make_sae_config(d_in=D, d_sae=64, architecture=arch, top_k=4, hook_layer=1,
+                              hook_name="ln2.hook_normalized", hook_name_out="hook_mlp_out",
+                              threshold_warmup_steps=2)
+
+    def run(out, **kw):
+        s = job_sources(mlp_cache, cfg, sae_cfg.hook_spec, target_hook=sae_cfg.hook_spec_out,
+                        model=model)
+        assert s.train.tokens.target_hook == MLP_OUT and s.train.sequences.target_hook == MLP_OUT
+        assert s.objective.e2e.site(build_sae(sae_cfg)).hook_name == MLP_OUT
+        return train_sae(build_sae(sae_cfg, seed=0), s.train, cfg, val_source=s.val,
+                         objective=s.objective, out_dir=out, reporter=kw.pop("reporter", None)
+                         or Recorder(), **kw)
+
+    straight = run(tmp_path / "a")
+    s1 = math.ceil(0.75 * 2400 / 128)  # the local phase's steps (as in the SAE case above)
+    local = [r for r in straight.history if r.step < s1]
+    tuned = [r for r in straight.history if r.step >= s1]
+    assert local and tuned and all(r.kl_div is None for r in local)
+    assert all(r.kl_div is not None and math.isfinite(r.kl_div) for r in tuned)
+    assert "kl" in tuned[-1].loss_terms
+    # the reconstruction is of the MLP output (its own scale), not of the input
+    assert float(straight.sae.output_scale) != float(straight.sae.input_scale)
+    # both phases move it the right way on this short budget: the local phase lowers the FVU
+    # of the MLP output, the fine-tune the KL of the spliced model
+    assert straight.final.fvu < local[0].fvu and straight.final.l0 > 0
+    assert tuned[-1].kl_div < tuned[0].kl_div
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", reporter=Recorder(stop_at_checkpoint_step=18))
+    resumed = run(tmp_path / "b", resume_from=tmp_path / "b" / "checkpoints" / "step_00000018")
+    a, b = straight.sae.state_dict(), resumed.sae.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+    assert straight.final.kl_div == resumed.final.kl_div

@@ -8,7 +8,8 @@ Public API (everything else in this package is internal):
     SAE (abstract base), TrainStepOutput, SAELensFormat,
     TrainingProgress, SAEDescription                    -- the architecture seam
     StandardSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE,
-    MatryoshkaBatchTopKSAE                              -- the registered architectures
+    MatryoshkaBatchTopKSAE, BatchTopKTranscoder,
+    BatchTopKSkipTranscoder                             -- the registered architectures
     SAE_REGISTRY, build_sae, load_sae, register,
     architecture_names, describe_sae                    -- the registry
     field_catalog, FieldCatalog                         -- what the sweep asks: architectures,
@@ -48,6 +49,8 @@ from .reporting import ConsoleReporter, Reporter
 from .sae_config import SAEConfig
 from .saes import SAE, SAEDescription, SAELensFormat, TrainingProgress, TrainStepOutput
 from .saes.batchtopk import BatchTopKSAE
+from .saes.batchtopk_transcoder import BatchTopKTranscoder
+from .saes.skip_transcoder import BatchTopKSkipTranscoder
 from .saes.jumprelu import JumpReLUSAE
 from .saes.matryoshka import MatryoshkaBatchTopKSAE
 from .saes.standard import StandardSAE
@@ -62,6 +65,7 @@ __all__ = [
     "make_sae_config", "sae_config_from_dict",
     "SAE", "TrainStepOutput", "SAELensFormat", "TrainingProgress", "SAEDescription",
     "StandardSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "MatryoshkaBatchTopKSAE",
+    "BatchTopKTranscoder", "BatchTopKSkipTranscoder",
     "SAE_REGISTRY", "build_sae", "load_sae", "register", "architecture_names", "describe_sae",
     "field_catalog", "FieldCatalog",
     "MetricsRecord", "metric_names",

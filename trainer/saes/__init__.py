@@ -7,7 +7,8 @@ inference threshold. Adding an architecture is adding a file here and importing 
 walks through it).
 """
 
-from . import batchtopk, jumprelu, matryoshka, standard, topk  # noqa: F401  (registration)
+from . import (batchtopk, batchtopk_transcoder, jumprelu, matryoshka,  # noqa: F401
+               skip_transcoder, standard, topk)  # (registration)
 
 DEFAULT_ARCHITECTURE = "batchtopk"
 """The architecture of a flat SAE config that names none."""

@@ -257,7 +257,10 @@ class SAE(nn.Module, ABC):
         ``target`` rows (None: ``x``, an SAE).
 
         ``b_dec_init``: ``geometric_median`` (Weiszfeld iterations), ``mean`` or ``zeros`` of
-        the scaled targets.
+        the scaled targets. An SAE's encoder sees its input centred by ``b_dec``; a transcoder,
+        which does not centre its input, starts with ``b_enc = -c @ W_enc`` for ``c`` the same
+        centre of its scaled inputs: the same pre-activations at the start, kept in a bias
+        SAELens's transcoders have.
         """
         raw = x
         x = self.check_input(x).reshape(-1, self.cfg.d_in).double()
@@ -275,16 +278,19 @@ class SAE(nn.Module, ABC):
                 mean_norm = float(y.norm(dim=1).mean())
                 scale = math.sqrt(self.cfg.d_out) / mean_norm if mean_norm > 0 else 1.0
                 self.output_scale.fill_(scale)
-        ys = y * float(self.output_scaling())
-        if b_dec_init == "geometric_median":
-            center = geometric_median(ys)
-        elif b_dec_init == "mean":
-            center = ys.mean(0)
-        elif b_dec_init == "zeros":
-            center = torch.zeros_like(ys[0])
-        else:
+        def centre(rows: Tensor) -> Tensor:
+            if b_dec_init == "geometric_median":
+                return geometric_median(rows)
+            if b_dec_init == "mean":
+                return rows.mean(0)
+            if b_dec_init == "zeros":
+                return torch.zeros_like(rows[0])
             raise ValueError(f"unknown b_dec_init {b_dec_init!r}")
-        self.b_dec.copy_(center.to(self.b_dec))
+
+        self.b_dec.copy_(centre(y * float(self.output_scaling())).to(self.b_dec))
+        if self.input_bias() is None:  # no input centring: the encoder bias takes it
+            c_in = centre(x * float(self.input_scale))
+            self.b_enc.copy_((-(c_in @ self.W_enc.double())).to(self.b_enc))
         self.data_initialized.fill_(True)
 
     # -- input handling -------------------------------------------------------------------
