@@ -13,8 +13,9 @@ Public API (everything else in this package is internal):
     WindowedTextDataset, train_mask_for, WindowError
                                            -- tokenize once into windows with attention/train masks
     CacheConfig, build_cache               -- build (or resume) a sharded, verified activation cache
-    open_cache, CacheReader, SequenceBatch, CacheTokenSource
-                                           -- read it: shuffled token batches, whole windows
+    open_cache, CacheReader, SequenceBatch, CacheTokenSource, TokenBatch
+                                           -- read it: shuffled token batches (input, target),
+                                              whole windows
     compact_logprobs, compact_kl           -- compact clean next-token distributions and their KL
     progress_bar, LineProgress, is_terminal
                                            -- progress: a bar on a terminal, plain lines in a log
@@ -35,6 +36,7 @@ from .cache_errors import (CacheError, CacheExistsError, CacheInputError, CacheM
                            CorruptCacheError)
 from .builder import build_cache
 from .reader import CacheReader, CacheTokenSource, SequenceBatch, open_cache
+from .token_batch import TokenBatch
 from .compact_logits import compact_kl, compact_logprobs
 
 __all__ = ["UserError", "ConfigError", "StrictConfig", "progress_bar", "LineProgress",
@@ -45,5 +47,5 @@ __all__ += ["resolve_hook", "check_hook_name", "parse_block_hook", "block_hook_n
 __all__ += ["CorpusSpec", "Document", "load_corpus", "split_documents", "CorpusError"]
 __all__ += ["WindowedTextDataset", "train_mask_for", "WindowError"]
 __all__ += ["CacheConfig", "build_cache", "open_cache", "CacheReader", "SequenceBatch",
-            "CacheTokenSource", "compact_logprobs", "compact_kl", "CacheError",
+            "CacheTokenSource", "TokenBatch", "compact_logprobs", "compact_kl", "CacheError",
             "CacheExistsError", "CorruptCacheError", "CacheMismatchError", "CacheInputError"]

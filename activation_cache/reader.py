@@ -2,7 +2,11 @@
 
 **Token batches** (``token_source(hook).iter_batches``, the trainer's ``ActivationSource``):
 rows of the train-mask tokens only (no padding, no BOS unless the cache kept it), float32 by
-default or as stored (``dtype=None``: fp16/bf16, half the bytes, for a conversion on the GPU).
+default or as stored (``dtype=None``: fp16/bf16, half the bytes, for a conversion on the GPU),
+as :class:`~activation_cache.TokenBatch` ``(input, target)``: for one hook the target is the
+input tensor itself; with ``target_hook`` (a transcoder: e.g. the MLP input and the MLP output)
+the two hooks' rows of the same tokens, cut from the same shuffled blocks (each read once from
+its own memory-mapped shard tensor; no second copy of the data, no second shuffle).
 
 The shuffle is a *block shuffle in a mixing buffer*. Each epoch the shards are put in a random
 order and grouped into mixing buffers of at least N = ``shuffle_buffer_tokens`` train tokens
@@ -66,6 +70,7 @@ from .read_ahead import read_ahead
 from .shard_file import _ST_DTYPES, map_array, read_header, read_tensor
 from .storage import Storage
 from .strict_config import is_int
+from .token_batch import TokenBatch
 
 DEFAULT_BUFFER_BYTES = 512 * 2**20  # default mixing buffer, in stored bytes of rows
 DEFAULT_BLOCK_TOKENS = 32  # default block: at most this many consecutive tokens of one window
@@ -191,9 +196,13 @@ class CacheReader:
                      shuffle_buffer_tokens: int | None = None,
                      block_tokens: int = DEFAULT_BLOCK_TOKENS,
                      dtype: torch.dtype | None = torch.float32, pin_memory: bool = False,
-                     read_ahead_batches: int = 4) -> "CacheTokenSource":
-        """An ActivationSource of the train-mask tokens of ``hook`` in ``split``.
+                     read_ahead_batches: int = 4, target_hook: str | None = None
+                     ) -> "CacheTokenSource":
+        """An ActivationSource of the train-mask tokens of ``hook`` in ``split``: batches of
+        ``TokenBatch(input, target)``.
 
+        ``target_hook``: the hook whose rows of the same tokens are the target (None or
+        ``hook``: the target is the input tensor itself).
         ``d_in``: the width the caller expects (raises CacheMismatchError if different).
         ``shuffle_buffer_tokens``: the mixing buffer N, the least number of tokens whose blocks
         are permuted together (default: 512 MiB of stored rows, at least one shard).
@@ -203,6 +212,10 @@ class CacheReader:
         (only where CUDA is available; ignored otherwise).
         """
         width = self.d_in(hook)
+        if target_hook == hook:
+            target_hook = None
+        if target_hook is not None:
+            self.d_in(target_hook)  # CacheMismatchError when it is not stored
         if d_in is not None and d_in != width:
             raise CacheMismatchError(
                 f"{self.storage.describe(MANIFEST)}: hook {hook!r} has d_in={width} in this "
@@ -221,11 +234,14 @@ class CacheReader:
         if dtype is not None and dtype not in _BATCH_DTYPES:
             raise ValueError(f"dtype must be None (as stored) or one of "
                              f"{', '.join(map(str, _BATCH_DTYPES))}, got {dtype!r}")
-        stored = _ST_DTYPES[info["shards"][0]["tensors"][act_key(hook)]["dtype"]]
-        row_bytes = width * stored.itemsize
+        row_bytes = 0
+        for h in (hook,) if target_hook is None else (hook, target_hook):
+            stored = _ST_DTYPES[info["shards"][0]["tensors"][act_key(h)]["dtype"]]
+            row_bytes += self.d_in(h) * stored.itemsize
         buffer = shuffle_buffer_tokens or max(1, DEFAULT_BUFFER_BYTES // row_bytes)
         return CacheTokenSource(self, hook, split, buffer, read_ahead_batches,
-                                block_tokens=block_tokens, dtype=dtype, pin_memory=pin_memory)
+                                block_tokens=block_tokens, dtype=dtype, pin_memory=pin_memory,
+                                target_hook=target_hook)
 
     # -- window batches --------------------------------------------------------------------
     def sequence_batches(self, split: str, batch_size: int, *, start_batch: int = 0,
@@ -384,7 +400,8 @@ class CacheReader:
 
 
 class CacheTokenSource:
-    """The ActivationSource of one hook and split of a cache (see the module doc).
+    """The ActivationSource of one hook (and a target hook) and split of a cache (see the
+    module doc).
 
     ``dtype`` is the dtype of the batches it yields (``float32`` by default; the storage dtype
     when created with ``dtype=None``); ``pin_memory`` whether their memory is pinned (page-locked,
@@ -393,18 +410,26 @@ class CacheTokenSource:
 
     def __init__(self, reader: CacheReader, hook: str, split: str, buffer_tokens: int,
                  read_ahead_batches: int, *, block_tokens: int = DEFAULT_BLOCK_TOKENS,
-                 dtype: torch.dtype | None = torch.float32, pin_memory: bool = False):
+                 dtype: torch.dtype | None = torch.float32, pin_memory: bool = False,
+                 target_hook: str | None = None):
         self.reader = reader
         self.hook = hook
+        self.target_hook = target_hook
+        """The target's hook (None: the target is the input)."""
         self.split = split
         self.d_in = reader.d_in(hook)
+        self.d_out = self.d_in if target_hook is None else reader.d_in(target_hook)
         self.shards = [r for r in reader._split(split)["shards"] if r["num_train_tokens"] > 0]
         self.num_tokens = sum(r["num_train_tokens"] for r in self.shards)
         self.buffer_tokens = buffer_tokens
         self.block_tokens = block_tokens
         self.read_ahead_batches = read_ahead_batches
-        entry = self.shards[0]["tensors"][act_key(hook)] if self.shards else None
-        self.stored_dtype = _ST_DTYPES[entry["dtype"]] if entry else torch.float32
+        self.hooks = (hook,) if target_hook is None else (hook, target_hook)
+        self.widths = tuple(reader.d_in(h) for h in self.hooks)
+        self.stored_dtypes = tuple(
+            _ST_DTYPES[self.shards[0]["tensors"][act_key(h)]["dtype"]] if self.shards
+            else torch.float32 for h in self.hooks)
+        self.stored_dtype = self.stored_dtypes[0]
         self.dtype = self.stored_dtype if dtype is None else dtype
         self.pin_memory = bool(pin_memory) and torch.cuda.is_available()
         self._blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -431,15 +456,17 @@ class CacheTokenSource:
     def load_chunk(self, group: list[int], seed: int, epoch: int, number: int) -> "_Chunk":
         """The shards of a group (memory-mapped when local), cut into blocks of at most
         ``block_tokens`` consecutive train tokens of one window, the blocks permuted."""
-        key = act_key(self.hook)
-        sources, shard_of, start_of, length_of = [], [], [], []
+        keys = [act_key(h) for h in self.hooks]
+        sources: list[list[np.ndarray]] = [[] for _ in keys]  # per hook, per shard
+        shard_of, start_of, length_of = [], [], []
         for i, s in enumerate(group):
             if s not in self._blocks:  # the same every epoch: cut once
                 mask = self.reader.map_arrays(self.shards[s], ["train_mask"])["train_mask"]
                 self._blocks[s] = _blocks(mask.reshape(-1), mask.shape[-1], self.block_tokens)
             starts, lengths = self._blocks[s]
-            sources.append(self.reader.map_arrays(self.shards[s], [key])[key]
-                           .reshape(-1, self.d_in))
+            arrays = self.reader.map_arrays(self.shards[s], keys)
+            for h, (key, width) in enumerate(zip(keys, self.widths)):
+                sources[h].append(arrays[key].reshape(-1, width))
             shard_of.append(np.full(len(starts), i))
             start_of.append(starts)
             length_of.append(lengths)
@@ -449,7 +476,7 @@ class CacheTokenSource:
                       np.concatenate(length_of)[perm])
 
     def iter_batches(self, batch_size: int, *, seed: int, epoch: int,
-                     start_batch: int = 0) -> Iterator[Tensor]:
+                     start_batch: int = 0) -> Iterator[TokenBatch]:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         groups = self.chunks(seed, epoch)
@@ -460,38 +487,46 @@ class CacheTokenSource:
             return iter(())
         first = int(np.searchsorted(ends, pos, side="right"))
 
-        def produce() -> Iterator[Tensor]:
-            buffers = _BatchBuffers(batch_size, self.d_in, self.dtype, self.pin_memory,
-                                    keep=self.read_ahead_batches + 4)
-            cur, parts = pos, []
+        def produce() -> Iterator[TokenBatch]:
+            buffers = [_BatchBuffers(batch_size, width, self.dtype, self.pin_memory,
+                                     keep=self.read_ahead_batches + 4) for width in self.widths]
+            cur = pos
+            parts: list[list[np.ndarray]] = [[] for _ in self.hooks]
             for number in range(first, len(groups)):
                 chunk = self.load_chunk(groups[number], seed, epoch, number)
                 begin = int(ends[number - 1]) if number else 0
                 while cur < ends[number]:
                     batch_end = min((cur // batch_size + 1) * batch_size, total)
                     stop = min(batch_end, int(ends[number]))
-                    parts.extend(chunk.slices(cur - begin, stop - begin))
+                    for h, views in enumerate(chunk.slices(cur - begin, stop - begin)):
+                        parts[h].extend(views)
                     cur = stop
                     if cur == batch_end:
-                        yield self._assemble(parts, buffers)
-                        parts = []
+                        x = self._assemble(parts[0], buffers[0], self.stored_dtypes[0])
+                        if len(parts) == 1:
+                            yield TokenBatch(x, x)
+                        else:
+                            yield TokenBatch(x, self._assemble(parts[1], buffers[1],
+                                                               self.stored_dtypes[1]))
+                        parts = [[] for _ in self.hooks]
 
         return read_ahead(produce, self.read_ahead_batches)
 
-    def _assemble(self, parts: list[np.ndarray], buffers: "_BatchBuffers") -> Tensor:
+    def _assemble(self, parts: list[np.ndarray], buffers: "_BatchBuffers",
+                  stored_dtype: torch.dtype) -> Tensor:
         """One batch from its row slices: one copy into the output, or -- when the output dtype
         is not the storage dtype -- one copy into a scratch buffer (which stays in the CPU's
         cache) and a converting copy into the output."""
         n = sum(len(p) for p in parts)
         out = buffers.get(n)
-        if self.dtype == self.stored_dtype:
+        if self.dtype == stored_dtype:
             np.concatenate(parts, axis=0, out=_numpy(out))
             return out
-        scratch = buffers.scratch(self.stored_dtype)[:n]
+        scratch = buffers.scratch(stored_dtype)[:n]
         np.concatenate(parts, axis=0, out=_numpy(scratch))
         # Pieces below torch's parallel grain size: the reader thread never wakes torch's
         # intra-op pool (it belongs to the trainer).
-        step = max(1, _SERIAL_ELEMENTS // self.d_in)
+        step = max(1, _SERIAL_ELEMENTS // out.shape[1])
         torch.cat([scratch[i:i + step] for i in range(0, n, step)], out=out)
         return out
 
@@ -563,25 +598,26 @@ class _Chunk:
     """The shards of one mixing buffer and its permuted blocks: block i is rows
     ``start[i] : start[i] + length[i]`` of shard ``shard[i]``; the chunk's token stream is the
     blocks in this order. ``slices(a, b)`` gives stream positions [a, b) as views of the
-    (memory-mapped) shards, one per block touched: assembling a batch is one copy of each."""
+    (memory-mapped) shards, one per block touched, for each hook (the same rows of every
+    hook): assembling a batch is one copy of each."""
 
-    def __init__(self, sources: list[np.ndarray], shard: np.ndarray, start: np.ndarray,
+    def __init__(self, sources: list[list[np.ndarray]], shard: np.ndarray, start: np.ndarray,
                  length: np.ndarray):
-        self.sources = sources  # numpy has no bfloat16: its bytes travel as int16
+        self.sources = sources  # per hook, per shard; numpy has no bfloat16: int16 bytes
         self.shard = shard
         self.start = start
         self.length = length
         self.ends = np.cumsum(length)
 
-    def slices(self, a: int, b: int) -> list[np.ndarray]:
+    def slices(self, a: int, b: int) -> list[list[np.ndarray]]:
         first = int(np.searchsorted(self.ends, a, side="right"))
         last = int(np.searchsorted(self.ends, b, side="left"))
         ends = self.ends[first:last + 1]
         begins = ends - self.length[first:last + 1]
         lo = self.start[first:last + 1] + (np.maximum(begins, a) - begins)
         hi = self.start[first:last + 1] + (np.minimum(ends, b) - begins)
-        return [self.sources[s][x:y] for s, x, y in
-                zip(self.shard[first:last + 1].tolist(), lo.tolist(), hi.tolist())]
+        picks = list(zip(self.shard[first:last + 1].tolist(), lo.tolist(), hi.tolist()))
+        return [[arrays[s][x:y] for s, x, y in picks] for arrays in self.sources]
 
 
 # torch parallelises element-wise copies above 32768 elements; smaller copies stay serial.

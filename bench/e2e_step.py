@@ -72,10 +72,10 @@ def build_batch(model, hooks, n_seq, seq_len, top_k):
 
 
 def make_sae(hook, batch, seed=0):
-    from trainer import SAEConfig, build_sae
+    from trainer import make_sae_config, build_sae
 
     layer, name = hook.split(".")[1], hook.split(".")[2]
-    sae = build_sae(SAEConfig(d_in=576, d_sae=4608, top_k=32, hook_layer=int(layer),
+    sae = build_sae(make_sae_config(d_in=576, d_sae=4608, top_k=32, hook_layer=int(layer),
                               hook_name=name), seed=seed)
     x = batch.acts[hook][batch.train_mask]
     sae.initialize_from_data(x, b_dec_init="mean")

@@ -53,18 +53,19 @@ def cache_rates(sample_tokens: int, hook: str, model_spec: dict, seq_len: int) -
 
 
 def run(reader, hook: str, model, args, name: str, **training) -> dict:
-    from trainer import (SAEConfig, TrainingConfig, build_sae, evaluate_split, job_sources,
+    from trainer import (make_sae_config, TrainingConfig, build_sae, evaluate_split, job_sources,
                          train_sae)
 
     base = dict(max_tokens=args.tokens, train_batch_tokens=args.batch, lr=args.lr,
                 log_freq=10**9, checkpoint_every=None, save_best=False, show_progress=False,
-                threshold_warmup_steps=20, eval_max_tokens=args.eval_tokens, batch_size=8,
+                eval_max_tokens=args.eval_tokens, batch_size=8,
                 use_logit_kl=True, logit_kl_scale="mse", num_epochs=1000)
     base.update(training)
     cfg = TrainingConfig(**base)
     layer = int(hook.split(".")[1])
-    sae = build_sae(SAEConfig(d_in=reader.d_in(hook), d_sae=args.d_sae, top_k=args.k,
-                              hook_layer=layer, hook_name=hook.split(".", 2)[2]), seed=0)
+    sae = build_sae(make_sae_config(d_in=reader.d_in(hook), d_sae=args.d_sae, top_k=args.k,
+                                    hook_layer=layer, hook_name=hook.split(".", 2)[2],
+                                    threshold_warmup_steps=20), seed=0)
     s = job_sources(reader, cfg, hook, model=model)
     start = time.perf_counter()
     result = train_sae(sae, s.train, cfg, val_source=None, objective=s.objective,

@@ -237,7 +237,7 @@ def reader_into_device(device: torch.device, cache: str, args: argparse.Namespac
             sync(device)
             t0 = time.perf_counter()
             for batch in src.iter_batches(args.batch, seed=0, epoch=epoch):
-                x = to_device(batch, device)
+                x = to_device(batch.input, device)
             sync(device)
             if epoch:
                 best = min(best, time.perf_counter() - t0)
@@ -260,10 +260,10 @@ def sweep_on_one_gpu(device: torch.device, cache: str, work: Path,
     cfg = SweepConfig.from_dict({
         "cache": cache, "hook": HOOK, "experiment_dir": str(work / "sweep"),
         "tokens_per_trial": args.sweep_tokens,
-        "sae": {"device": "auto", "d_sae": args.d_sae[0]},
+        "sae": {"device": "auto", "d_sae": args.d_sae[0], "calibration_tokens": 4 * args.batch},
         "training": {"train_batch_tokens": args.batch, "log_freq": 50, "checkpoint_every": 200,
                      "eval_max_tokens": 4 * args.batch, "init_tokens": 4 * args.batch,
-                     "calibration_tokens": 4 * args.batch, "num_epochs": 1000},
+                     "num_epochs": 1000},
         "search_space": {"top_k": {"type": "categorical", "choices": [args.k, 2 * args.k]}},
         "num_samples": 2, "max_concurrent_trials": 2, "sampler": "random", "max_failures": 0,
         "time_budget_s": args.sweep_budget_s,  # a scheduling problem ends the part, not the run

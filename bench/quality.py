@@ -62,7 +62,7 @@ def batches(source, batch: int, steps: int, seed: int):
     done, epoch = 0, 0
     while done < steps:
         for xb in source.iter_batches(batch, seed=seed, epoch=epoch):
-            yield xb
+            yield xb.input
             done += 1
             if done >= steps:
                 return
@@ -80,7 +80,7 @@ def scores(encode: Callable, decode: Callable, held: dict) -> dict:
 
 
 def ours(train, held, *, d_sae, k, lr, steps, batch, matched, dead_window) -> dict:
-    from trainer import SAEConfig, TrainingConfig, build_sae, train_sae
+    from trainer import make_sae_config, TrainingConfig, build_sae, train_sae
 
     extra: dict[str, Any] = {}
     sae_extra: dict[str, Any] = {}
@@ -89,7 +89,7 @@ def ours(train, held, *, d_sae, k, lr, steps, batch, matched, dead_window) -> di
     cfg = TrainingConfig(lr=lr, max_tokens=steps * batch, train_batch_tokens=batch,
                          num_epochs=10**6, log_freq=10**9, checkpoint_every=None,
                          save_best=False, show_progress=False, **extra)
-    sae = build_sae(SAEConfig(d_in=train.d_in, d_sae=d_sae, top_k=k, **sae_extra), seed=0)
+    sae = build_sae(make_sae_config(d_in=train.d_in, d_sae=d_sae, top_k=k, **sae_extra), seed=0)
     t0 = time.perf_counter()
     result = train_sae(sae, train, cfg, reporter=_quiet())
     seconds = time.perf_counter() - t0
@@ -103,7 +103,7 @@ def saelens(train, held, *, d_sae, k, lr, steps, batch, matched, dead_window) ->
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
-    from trainer import SAEConfig, TrainingConfig, build_sae
+    from trainer import make_sae_config, TrainingConfig, build_sae
     from trainer.objective import LocalObjective
 
     cfg = BatchTopKTrainingSAEConfig(d_in=train.d_in, d_sae=d_sae, k=k, dtype="float32",
@@ -115,7 +115,7 @@ def saelens(train, held, *, d_sae, k, lr, steps, batch, matched, dead_window) ->
     kw: dict[str, Any] = {}
     if matched:
         # our data initialisation (outlier cap, input scale, geometric-median b_dec)
-        probe = build_sae(SAEConfig(d_in=train.d_in, d_sae=d_sae, top_k=k), seed=0)
+        probe = build_sae(make_sae_config(d_in=train.d_in, d_sae=d_sae, top_k=k), seed=0)
         objective.initialize(probe, train)
         scale = float(probe.input_scale)
         with torch.no_grad():
@@ -173,8 +173,8 @@ def main() -> None:
 
     reader = open_cache(args.cache)
     train = reader.token_source(args.hook, "train")
-    held = {split: torch.cat(list(reader.token_source(args.hook, split).iter_batches(
-        4096, seed=0, epoch=0)))[: args.test_tokens].float() for split in ("val", "test")}
+    held = {split: torch.cat([b.input for b in reader.token_source(args.hook, split).iter_batches(
+        4096, seed=0, epoch=0)])[: args.test_tokens].float() for split in ("val", "test")}
     default_lr = TrainingConfig().lr
     print(f"{args.hook}: train {train.num_tokens} tokens; the best lr is chosen on "
           f"{held['val'].shape[0]} val tokens, figures reported on {held['test'].shape[0]} test "

@@ -71,20 +71,19 @@ def reader_epoch(source, batch_size: int, epoch: int) -> float:
     t0 = time.perf_counter()
     n = 0
     for b in source.iter_batches(batch_size, seed=0, epoch=epoch):
-        n += len(b)
+        n += b.input.shape[0]
     assert n == source.num_tokens
     return time.perf_counter() - t0
 
 
 def trainer_step_rate(d_in: int, d_sae: int, k: int, batch: int, steps: int = 5) -> float:
     """Tokens/s of BatchTopK training steps (the trainer's own SAE and objective)."""
-    from trainer import SAEConfig, TrainingConfig, build_sae
-    from trainer import LocalObjective
+    from trainer import LocalObjective, TokenBatch, TrainingConfig, build_sae, make_sae_config
 
-    sae = build_sae(SAEConfig(d_in=d_in, d_sae=d_sae, architecture="batchtopk", top_k=k))
+    sae = build_sae(make_sae_config(d_in=d_in, d_sae=d_sae, architecture="batchtopk", top_k=k))
     obj = LocalObjective(TrainingConfig())
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-    x = torch.randn(batch, d_in)
+    x = TokenBatch.of(torch.randn(batch, d_in))
     obj.step(sae, x)  # warm-up
     t0 = time.perf_counter()
     for _ in range(steps):

@@ -56,9 +56,9 @@ def sweep_dict(cache: str, exp: Path, *, trials: int, steps: int, concurrent: in
     return {
         "cache": cache, "hook": HOOK, "experiment_dir": str(exp),
         "tokens_per_trial": steps * 1024,
+        "sae": {"calibration_tokens": 2048, "threshold_warmup_steps": 10},
         "training": {"train_batch_tokens": 1024, "log_freq": 10, "checkpoint_every": 20,
                      "lr_warmup_steps": 5, "eval_max_tokens": 2048, "init_tokens": 2048,
-                     "calibration_tokens": 2048, "threshold_warmup_steps": 10,
                      "num_epochs": 1000},
         "search_space": {"d_sae": {"type": "categorical", "choices": [512, 1024]},
                          "top_k": {"type": "int", "low": 8, "high": 32, "log": True},

@@ -8,7 +8,7 @@ dead fraction:
 
 1. Throughput. One full training step of each library on the same random activations
    (d_in=576, k=32, 4096 tokens, fp32, 2 threads), interleaved repetitions, medians:
-   * ours: the SAE built by ``trainer.build_sae(SAEConfig(architecture=...))``, then
+   * ours: the SAE built by ``trainer.build_sae(make_sae_config(architecture=...))``, then
      ``LocalObjective.step`` (the architecture's training forward + AuxK), backward,
      decoder-gradient projection, clipping, Adam, renormalisation and
      ``update_training_state(out.fired, out.running, ...)`` (dead tracking and the threshold
@@ -47,7 +47,8 @@ from typing import Callable, Optional  # noqa: E402
 
 import torch  # noqa: E402
 
-from trainer import LocalObjective, SAEConfig, TrainingConfig, build_sae, sparse_ops  # noqa: E402
+from trainer import (LocalObjective, TokenBatch, TrainingConfig,  # noqa: E402
+                     TrainingProgress, build_sae, field_catalog, make_sae_config, sparse_ops)
 from trainer.sparse_ops import (  # noqa: E402
     auxk_reconstruct, batch_topk_indices, prefix_decodes, topk_per_token_forward,
     topk_sae_forward)
@@ -71,8 +72,13 @@ class OurStep:
     def __init__(self, arch: str, d_sae: int, k_aux: int, lr: float, seed: int = 0, *,
                  d_in: int = D_IN, k: int = K, device: str = "cpu", autocast: bool = False):
         self.arch = arch
-        self.cfg = SAEConfig(d_in=d_in, d_sae=d_sae, architecture=arch, top_k=k,
-                             top_k_aux=k_aux, n_batches_to_dead=1000, device=device)
+        # the threshold EMA (where the architecture has one) runs from the first step
+        own = field_catalog().owned[arch]
+        extra = {"threshold_warmup_steps": 0} if "threshold_warmup_steps" in own else {}
+        self.cfg = make_sae_config(d_in=d_in, d_sae=d_sae, architecture=arch, top_k=k,
+                                   top_k_aux=k_aux, n_batches_to_dead=1000, device=device,
+                                   **extra)
+        self.steps = 0
         self.autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
                          if autocast else contextlib.nullcontext())
         self.sae = build_sae(self.cfg, seed=seed)
@@ -99,7 +105,7 @@ class OurStep:
         sae = self.sae
         self.opt.zero_grad(set_to_none=True)
         with self.autocast:
-            out = self.objective.step(sae, x)
+            out = self.objective.step(sae, TokenBatch.of(x))
         if not bool(torch.isfinite(out.loss)):
             raise RuntimeError("the loss diverged")
         tick("forward (objective.step)")
@@ -112,8 +118,9 @@ class OurStep:
         self.opt.step()
         tick("Adam step")
         sae.normalize_decoder()
-        sae.update_training_state(out.fired, out.running, update_threshold=True,
-                                  threshold_beta=self.config.threshold_beta)
+        self.steps += 1
+        sae.update_training_state(out.fired, out.running,
+                                  TrainingProgress(self.steps, 10**9))
         tick("renormalisation + dead tracking + running statistics")
 
 

@@ -66,7 +66,7 @@ def export_trial(experiment_dir: str | Path, *, trial: str = "best", out_dir: st
 
 def split_figures(row: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """A results row's figures by split: the validation columns and the ``test_*`` ones."""
-    from trainer.model_card import CARD_METRICS
+    from trainer import CARD_METRICS
 
     return {"val": {k: row.get(k) for k in CARD_METRICS},
             "test": {k: row.get(f"test_{k}") for k in CARD_METRICS}}

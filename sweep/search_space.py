@@ -4,12 +4,12 @@ Constraints between fields are enforced while sampling, so no trial is ever prop
 trainer would reject (Ray's OptunaSearch cannot express them in a static space, and failing
 trials would teach TPE nothing):
 
-* ``architecture`` is drawn first; a field that an architecture owns (the trainer's registry
-  says which: ``trainer.architectures_with_field``) is drawn only when the drawn architecture
-  has it, so it never appears in another architecture's trial parameters (its column in the
-  results table is null there, not a default that looks real);
+* ``architecture`` is drawn first; a field that an architecture owns (the trainer says which:
+  ``trainer.field_catalog()``) is drawn only when the drawn architecture has it, so it never
+  appears in another architecture's trial parameters (its column in the results table is null
+  there, not a default that looks real);
 * the width next (``d_sae``, or ``expansion_factor`` -> ``d_sae = round(ef * d_in)``);
-* the fields the architecture caps by the width (``trainer.width_capped_fields``, e.g.
+* the fields the architecture caps by the width (the catalog's ``width_capped``, e.g.
   ``top_k`` < d_sae, ``top_k_aux`` <= d_sae) are drawn from ``[low, min(high, d_sae - offset)]``:
   the range shrinks with the width of this trial.
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .sweep_config import ParamSpec, SweepConfig
+from .sweep_config import ParamSpec, SweepConfig, catalog
 
 
 class SearchSpace:
@@ -30,19 +30,16 @@ class SearchSpace:
     derived constants (``d_sae`` when the width comes from ``expansion_factor``)."""
 
     def __init__(self, cfg: SweepConfig, d_in: int):
-        import trainer
-
+        cat = catalog()
         self.params: dict[str, ParamSpec] = dict(cfg.search_space)
         archs = cfg.architectures()
         self.fixed_architecture: str = archs[0]
         self.fixed_d_sae: int | None = cfg.sae.get("d_sae")
         self.d_in = int(d_in)
-        # what the registry says, as plain data (the space is pickled to Ray workers)
-        self.owned: dict[str, set[str]] = {a: set(trainer.architecture_fields(a)) for a in archs}
-        self.all_owned: set[str] = set().union(*self.owned.values()) | set(
-            n for n in self.params if trainer.architectures_with_field(n))
-        self.capped: dict[str, dict[str, int]] = {a: trainer.width_capped_fields(a)
-                                                  for a in archs}
+        # what the trainer says, as plain data (the space is pickled to Ray workers)
+        self.owned: dict[str, set[str]] = {a: set(cat.owned[a]) for a in archs}
+        self.all_owned: set[str] = set(cat.architecture_fields)
+        self.capped: dict[str, dict[str, int]] = {a: dict(cat.width_capped[a]) for a in archs}
 
     def __call__(self, trial: Any) -> dict[str, Any]:
         derived: dict[str, Any] = {}

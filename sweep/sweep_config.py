@@ -11,16 +11,19 @@ budget, scheduler, seed, where results go). See ``examples/sweep.yaml``.
 Searched fields are set by name: a field of ``SAEConfig`` (common, or owned by an
 architecture) goes to the SAE config, a field of ``TrainingConfig`` to the training config, and
 ``expansion_factor`` sets ``d_sae = expansion_factor * d_in``. Which architectures exist, which
-fields each owns and which are capped by the width come from the trainer's registry
-(``trainer.architecture_names``, ``architecture_fields``, ``searchable_fields``,
-``width_capped_fields``): the sweep keeps no list of its own. Constraints between fields
-(``top_k < d_sae``, an architecture's own fields) are enforced by the define-by-run space in
+fields each owns, which are searchable and capped by the width, which config a field belongs to
+and which metrics a trial reports all come from one trainer call, ``trainer.field_catalog()``:
+the sweep keeps no list of its own. Constraints between fields (``top_k < d_sae``, an
+architecture's own fields) are enforced by the define-by-run space in
 :mod:`sweep.search_space`, never by failing trials.
+
+A **transcoder** sweep names the output hook too (``hook_out``, e.g. ``blocks.6.hook_mlp_out``
+for a transcoder from ``hook: blocks.6.ln2.hook_normalized``); the cache must store both, and
+every drawn architecture must be a transcoder one.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +35,6 @@ PARAM_TYPES = ("int", "float", "categorical")
 MODES = ("min", "max")
 SAMPLERS = ("tpe", "nsgaii", "random")
 SCHEDULERS = ("none", "asha")
-# Fields that the sweep sets itself and a user may neither fix nor search.
-DERIVED_SAE_FIELDS = frozenset({"d_in", "hook_spec", "hook_layer", "hook_name"})
 
 
 @dataclass
@@ -273,8 +274,8 @@ class SweepConfig(StrictConfig):
     (``s3://bucket/prefix``). Every trial reads this same cache; on a cluster it must be
     reachable from every node (shared storage or object store)."""
     hook: str
-    """The hook whose activations the SAEs reconstruct (must be stored in the cache),
-    e.g. ``blocks.6.hook_resid_post``."""
+    """The hook whose activations the SAEs read (and reconstruct, unless ``hook_out`` is set;
+    must be stored in the cache), e.g. ``blocks.6.hook_resid_post``."""
     experiment_dir: str
     """Where the sweep's results live: ``results.parquet``, ``history.parquet``, ``optuna.db``,
     the config copy and (unless ``storage_path`` is set) Ray Tune's state and checkpoints."""
@@ -322,12 +323,18 @@ class SweepConfig(StrictConfig):
     ``EXPERIMENT_DIR/tune``. On a multi-node cluster use shared storage."""
     checkpoints_to_keep: int = 2
     """Checkpoints kept per trial (the newest ones; the final one is always kept)."""
+    hook_out: Optional[str] = None
+    """Transcoders: the hook they reconstruct (stored in the cache too), e.g.
+    ``blocks.6.hook_mlp_out``; None: the SAEs reconstruct ``hook``."""
 
     def validate(self) -> None:
         for name in ("cache", "hook", "experiment_dir"):
             value = getattr(self, name)
             self._require(isinstance(value, str) and bool(value.strip()), name,
                           f"must be a non-empty string, got {value!r}")
+        if self.hook_out is not None:
+            self._require(isinstance(self.hook_out, str) and bool(self.hook_out.strip()),
+                          "hook_out", f"must be a hook name or null, got {self.hook_out!r}")
         for name in ("tokens_per_trial", "num_samples", "max_concurrent_trials"):
             value = getattr(self, name)
             self._require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
@@ -368,7 +375,7 @@ class SweepConfig(StrictConfig):
                 except ConfigError as exc:
                     self._fail(f"search_space.{name}", f"-> {exc}")
         self._require(len(self.search_space) > 0, "search_space",
-                      "is empty: give at least one searched field (e.g. top_k, lr)")
+                      "is empty: give at least one searched field (e.g. d_sae, lr)")
         self._validate_fields()
         self._validate_space()
 
@@ -377,26 +384,34 @@ class SweepConfig(StrictConfig):
         """The architectures this sweep can draw (searched choices, else the fixed one)."""
         if "architecture" in self.search_space:
             return list(self.search_space["architecture"].choices or [])
-        return [self.sae.get("architecture", default_architecture())]
+        return [self.sae.get("architecture", catalog().default_architecture)]
 
     def _validate_fields(self) -> None:
-        sae_fields, train_fields = sae_field_names(), training_field_names()
+        cat = catalog()
+        sae_fields, train_fields = cat.sae_fields, frozenset(cat.training_fields)
         for key in self.sae:
+            if key not in sae_fields and key in train_fields:
+                self._fail(f"sae.{key}", "is a training field: move it to the `training:` block")
             self._require(key in sae_fields, f"sae.{key}",
                           f"unknown SAEConfig field; known: {', '.join(sorted(sae_fields))}")
-            self._require(key not in DERIVED_SAE_FIELDS, f"sae.{key}",
-                          "is set by the sweep (from the cache and `hook`); remove it")
+            self._require(key not in cat.data_fields, f"sae.{key}",
+                          "is set by the sweep (from the cache, `hook` and `hook_out`); remove it")
         for key in self.training:
+            if key not in train_fields and cat.owners(key):
+                self._fail(f"training.{key}",
+                           f"is not a training field: it belongs to the SAE config of "
+                           f"architecture(s) {', '.join(cat.owners(key))}; move it to the "
+                           "`sae:` block")
             self._require(key in train_fields, f"training.{key}",
                           f"unknown TrainingConfig field; known: {', '.join(sorted(train_fields))}")
             self._require(key != "max_tokens", "training.max_tokens",
                           "is set by tokens_per_trial (the budget of every trial); remove it")
         for name in self.search_space:
-            self._require(name in searchable_names(), f"search_space.{name}",
+            self._require(name not in cat.data_fields, f"search_space.{name}",
+                          "is set by the sweep from the cache and cannot be searched")
+            self._require(name in cat.searchable_fields, f"search_space.{name}",
                           "is not a searchable field of SAEConfig (or an architecture) or "
                           "TrainingConfig (nor expansion_factor)")
-            self._require(name not in DERIVED_SAE_FIELDS, f"search_space.{name}",
-                          "is set by the sweep from the cache and cannot be searched")
             where = param_target(name)
             fixed = self.sae if where == "sae" else self.training
             key = "d_sae" if name == "expansion_factor" else name
@@ -411,20 +426,29 @@ class SweepConfig(StrictConfig):
                       "(sae.d_sae)")
 
     def _validate_space(self) -> None:
-        import trainer
-
+        cat = catalog()
         space = self.search_space
-        known = trainer.architecture_names()
+        known = list(cat.architectures)
         if "architecture" in space:
             self._require(space["architecture"].type == "categorical", "search_space.architecture",
                           "must be categorical")
         archs = self.architectures()
         self._require(all(a in known for a in archs), "search_space.architecture",
                       f"choices must be among {', '.join(known)}, got {archs}")
+        # a transcoder sweep (hook_out) draws only transcoders, an SAE sweep none
+        wrong = [a for a in archs if (a in cat.transcoders) != (self.hook_out is not None)]
+        if wrong and self.hook_out is not None:
+            self._fail("hook_out", f"is set (a transcoder sweep) but architecture(s) "
+                                   f"{', '.join(wrong)} reconstruct their input; transcoder "
+                                   f"architectures: {', '.join(cat.transcoders) or 'none'}")
+        if wrong:
+            self._fail("hook_out", f"architecture(s) {', '.join(wrong)} are transcoders: name "
+                                   "the hook they reconstruct (hook_out, e.g. "
+                                   "blocks.6.hook_mlp_out)")
         # an architecture's own field: searched only if some drawn architecture has it; a
         # fixed one only if every drawn architecture has it (the trainer would refuse it)
         for name in set(space) | set(self.sae):
-            owners = trainer.architectures_with_field(name)
+            owners = cat.owners(name)
             if not owners:
                 continue
             drawn = [a for a in archs if a in owners]
@@ -439,9 +463,9 @@ class SweepConfig(StrictConfig):
                               "field; search it instead (it is then drawn only for the "
                               "architectures that have it)")
             if name in space:
-                self._require(all(name in trainer.searchable_fields(a) for a in drawn), where,
+                self._require(all(name in cat.searchable[a] for a in drawn), where,
                               "is not a searchable (numeric) field")
-        capped = {f for a in archs for f in trainer.width_capped_fields(a)}
+        capped = {f for a in archs for f in cat.width_capped[a]}
         for name in sorted({"d_sae", "n_batches_to_dead"} | capped):
             if name in space:
                 spec = space[name]
@@ -457,7 +481,7 @@ class SweepConfig(StrictConfig):
             smallest_d_sae = (space["d_sae"].values_bounds()[0] if "d_sae" in space
                               else self.sae["d_sae"])
             for a in archs:
-                for name, offset in trainer.width_capped_fields(a).items():
+                for name, offset in cat.width_capped[a].items():
                     if name not in space:
                         continue
                     spec = space[name]
@@ -488,7 +512,7 @@ class SweepConfig(StrictConfig):
         for name in self.objective.monitored_metrics():
             self._require(name in known, "objective.metric",
                           f"{name!r} is not a reported metric; known: {', '.join(sorted(known))}")
-            self._require(name not in END_TO_END_METRICS or e2e, "objective.metric",
+            self._require(name not in cat.end_to_end_metrics or e2e, "objective.metric",
                           f"{name!r} is only computed by end-to-end training; set "
                           "training.use_end_to_end (and a cache with clean logits) or use a "
                           "reconstruction metric such as fvu")
@@ -531,54 +555,40 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-END_TO_END_METRICS = frozenset({"ce_loss_clean", "ce_loss_spliced", "ce_loss_zero_ablation",
-                                "ce_loss_delta", "ce_loss_score", "kl_div", "top1_agreement",
-                                "block_mse"})
+def catalog() -> Any:
+    """What the trainer says about architectures, fields and metrics
+    (``trainer.field_catalog()``)."""
+    import trainer
+
+    return trainer.field_catalog()
 
 
 def reported_metric_names() -> frozenset[str]:
     """Metrics a trial reports: the trainer's numeric MetricsRecord fields (``l0`` is the
-    shipped encoder's), plus ``train_seconds`` and ``lr_current`` that the sweep derives (see
-    sweep.trainable)."""
-    from trainer import metric_names
-
-    counters = {"step", "tokens_seen", "epoch", "eval_tokens", "tokens_per_s"}
-    return frozenset(set(metric_names()) | counters | {"train_seconds", "lr_current"})
+    shipped encoder's) with ``lr`` and ``elapsed_s`` under the names the sweep reports them
+    (``lr_current``, ``train_seconds``; see sweep.trainable)."""
+    names = set(catalog().metrics) - set(RENAMED_METRICS)
+    return frozenset(names | set(RENAMED_METRICS.values()))
 
 
-def default_architecture() -> str:
-    """SAEConfig's default architecture (the trainer's, not a copy of it)."""
-    import dataclasses as dc
-
-    from trainer import SAEConfig
-
-    return next(f.default for f in dc.fields(SAEConfig) if f.name == "architecture")
+RENAMED_METRICS = {"lr": "lr_current", "elapsed_s": "train_seconds"}
+"""MetricsRecord fields a trial reports under another name (``lr`` would clash with the ``lr``
+hyperparameter column)."""
 
 
 def sae_field_names() -> frozenset[str]:
     """Common SAEConfig fields plus every registered architecture's own fields."""
-    import trainer
-
-    own = {f for a in trainer.architecture_names() for f in trainer.architecture_fields(a)}
-    return frozenset(set(trainer.common_sae_fields()) | own)
+    return catalog().sae_fields
 
 
 def training_field_names() -> frozenset[str]:
-    from trainer import TrainingConfig
-
-    return frozenset(f.name for f in dataclasses.fields(TrainingConfig))
+    return frozenset(catalog().training_fields)
 
 
 def searchable_names() -> frozenset[str]:
-    import trainer
-
-    own = {f for a in trainer.architecture_names() for f in trainer.searchable_fields(a)}
-    common = set(trainer.common_sae_fields())
-    return (common | own | training_field_names() | {"expansion_factor"}) - DERIVED_SAE_FIELDS
+    return catalog().searchable_fields
 
 
 def param_target(name: str) -> str:
     """``"sae"`` or ``"training"``: which config a searched field belongs to."""
-    if name == "expansion_factor" or name in sae_field_names():
-        return "sae"
-    return "training"
+    return catalog().config_of(name) or "training"

@@ -38,6 +38,8 @@ from typing import Any, Mapping, Optional
 
 from activation_cache import UserError
 
+from .sweep_config import RENAMED_METRICS, catalog
+
 logger = logging.getLogger("sweep.trial")
 
 PROGRESS_FILE = "sweep_progress.json"
@@ -134,10 +136,9 @@ def record_to_metrics(record: Any) -> dict[str, Any]:
     ``elapsed_s`` becomes ``train_seconds``; ``l0`` is the shipped encoder's (the record's own
     field)."""
     metrics: dict[str, Any] = dict(record.scalars())
-    if "lr" in metrics:
-        metrics["lr_current"] = metrics.pop("lr")
-    if "elapsed_s" in metrics:
-        metrics["train_seconds"] = metrics.pop("elapsed_s")
+    for name, reported_as in RENAMED_METRICS.items():
+        if name in metrics:
+            metrics[reported_as] = metrics.pop(name)
     return metrics
 
 
@@ -162,9 +163,10 @@ def train_trial(params: Mapping[str, Any], *, job: Mapping[str, Any]) -> None:
     cfg = SweepConfig.from_dict(job["config"])
     configure_trial_resources(cfg.resources_per_trial)
 
-    sae_cfg, train_cfg = build_trial_configs(cfg, params, job["d_in"])
-    objective, train_source, val_source, test_source = _sources(open_cache(cfg.cache), cfg.hook,
-                                                                train_cfg, sae_cfg.torch_device())
+    cache = open_cache(cfg.cache)
+    d_out = None if cfg.hook_out is None else int(cache.d_in(cfg.hook_out))
+    sae_cfg, train_cfg = build_trial_configs(cfg, params, job["d_in"], d_out)
+    objective, train_source, val_source, test_source = _sources(cache, sae_cfg, train_cfg)
 
     ctx = ray.get_runtime_context()
     reporter = RayReporter(monitored=cfg.objective.monitored_metrics(),
@@ -205,14 +207,9 @@ def _report_test(reporter: RayReporter, result: Any, train_cfg: Any, test_source
     metrics = dict(reporter.last_metrics)
     for key in ("final", "node_id", "node_ip"):
         metrics.pop(key, None)
-    metrics.update({f"test_{k}": v for k, v in record.scalars().items()
-                    if not k.startswith("loss") and k not in NOT_TEST_METRICS})
+    figures = set(catalog().evaluation_metrics)  # not the training run's counters or state
+    metrics.update({f"test_{k}": v for k, v in record.scalars().items() if k in figures})
     reporter.report(metrics, None, final=True)
-
-
-# bookkeeping fields of a MetricsRecord that are not figures of the test evaluation
-NOT_TEST_METRICS = frozenset({"step", "tokens_seen", "epoch", "lr", "elapsed_s", "tokens_per_s",
-                              "dead_fraction_train"})
 
 
 def configure_trial_resources(resources: Any, assigned: Optional[Mapping[str, float]] = None
@@ -290,15 +287,16 @@ def _report_final(reporter: RayReporter, result: Any, resume_dir: Optional[str])
     reporter.report(metrics, str(checkpoint_dir) if checkpoint_dir else None, final=True)
 
 
-def _sources(cache: Any, hook: str, train_cfg: Any, device: Any = None
-             ) -> tuple[Any, Any, Any, Any]:
+def _sources(cache: Any, sae_cfg: Any, train_cfg: Any) -> tuple[Any, Any, Any, Any]:
     """``(objective, train_source, val_source, test_source)`` on the shared cache, as
-    ``trainer.job_sources`` builds them for this training config (local, end-to-end on the
-    cache's identity-checked model, or the two-phase fine-tune). ``test_source`` is None when
-    the cache has no test split (built before they existed)."""
+    ``trainer.job_sources`` builds them for this SAE (its input and output hooks) and training
+    config (local, end-to-end on the cache's identity-checked model, or the two-phase
+    fine-tune). ``test_source`` is None when the cache has no test split (built before they
+    existed)."""
     from trainer import job_sources
 
-    s = job_sources(cache, train_cfg, hook, device=device)
+    s = job_sources(cache, train_cfg, sae_cfg.hook_spec, target_hook=sae_cfg.hook_spec_out,
+                    device=sae_cfg.torch_device())
     return s.objective, s.train, s.val, s.test
 
 

@@ -1,7 +1,8 @@
 """From one trial's sampled parameters to the trainer's SAEConfig and TrainingConfig.
 
-The fixed settings of the sweep are overlaid with the trial's parameters; ``d_in`` and the hook
-fields come from the cache; the token budget and the seed from the sweep. :func:`check_space`
+The fixed settings of the sweep are overlaid with the trial's parameters; ``d_in`` (and a
+transcoder's ``d_out``) and the hook fields come from the cache and the sweep's hooks; the token
+budget and the seed from the sweep. :func:`check_space`
 builds the configs for the corners of the search space before any trial starts, so a bad
 combination (e.g. a fixed field that the trainer rejects) fails the sweep at once with the
 trainer's own message instead of failing every trial.
@@ -10,7 +11,7 @@ trainer's own message instead of failing every trial.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from activation_cache import ConfigError, parse_block_hook
 
@@ -18,9 +19,11 @@ from .search_space import SearchSpace
 from .sweep_config import SweepConfig, param_target
 
 
-def build_trial_configs(cfg: SweepConfig, params: Mapping[str, Any], d_in: int):
-    """``(SAEConfig, TrainingConfig)`` of the trial with sampled ``params``."""
-    from trainer import SAEConfig, TrainingConfig
+def build_trial_configs(cfg: SweepConfig, params: Mapping[str, Any], d_in: int,
+                        d_out: Optional[int] = None):
+    """``(SAEConfig, TrainingConfig)`` of the trial with sampled ``params``; ``d_out``: the
+    width of ``cfg.hook_out`` (transcoder sweeps)."""
+    from trainer import TrainingConfig, sae_config_from_dict
 
     sae: dict[str, Any] = {"device": "auto"}
     sae.update(cfg.sae)
@@ -28,6 +31,11 @@ def build_trial_configs(cfg: SweepConfig, params: Mapping[str, Any], d_in: int):
     block = parse_block_hook(cfg.hook)
     if block is not None:
         sae.update({"hook_layer": block.layer, "hook_name": block.point})
+    if cfg.hook_out is not None:
+        if d_out is None:
+            raise ConfigError(f"SweepConfig.hook_out: the width of {cfg.hook_out!r} is unknown "
+                              "(not read from the cache)")
+        sae.update({"hook_spec_out": cfg.hook_out, "d_out": int(d_out)})
     training: dict[str, Any] = {"seed": cfg.seed, "show_progress": False}
     training.update(cfg.training)
     training["max_tokens"] = cfg.tokens_per_trial
@@ -35,11 +43,30 @@ def build_trial_configs(cfg: SweepConfig, params: Mapping[str, Any], d_in: int):
         if name == "expansion_factor":
             continue  # the space also returns the derived d_sae
         (sae if param_target(name) == "sae" else training)[name] = value
-    return SAEConfig.from_dict(sae), TrainingConfig.from_dict(training)
+    return sae_config_from_dict(sae), TrainingConfig.from_dict(training)
+
+
+def output_width(cfg: SweepConfig) -> Optional[int]:
+    """The width of the sweep's ``hook_out`` in its cache (None: an SAE sweep); a one-line
+    ConfigError when the cache does not store it."""
+    if cfg.hook_out is None:
+        return None
+    from activation_cache import UserError, open_cache
+
+    try:
+        reader = open_cache(cfg.cache, verify=False)
+    except UserError as exc:
+        raise ConfigError(f"SweepConfig.cache: {exc}") from None
+    if cfg.hook_out not in reader.hooks:
+        raise ConfigError(f"SweepConfig.hook_out: {cfg.hook_out!r} is not stored in cache "
+                          f"{cfg.cache} (it stores {', '.join(reader.hooks)}); a transcoder "
+                          "sweep needs a cache with both hooks")
+    return int(reader.d_in(cfg.hook_out))
 
 
 def check_space(cfg: SweepConfig, d_in: int) -> None:
     """Build the configs at the corners of the space; raise ConfigError naming the problem."""
+    d_out = output_width(cfg)
     space = SearchSpace(cfg, d_in)
     names = list(cfg.search_space)
     for corner in itertools.product(*(cfg.search_space[n].corner_values() for n in names)):
@@ -47,7 +74,7 @@ def check_space(cfg: SweepConfig, d_in: int) -> None:
         derived = space(trial)
         params = {**trial.params, **derived}
         try:
-            build_trial_configs(cfg, params, d_in)
+            build_trial_configs(cfg, params, d_in, d_out)
         except ConfigError as exc:
             raise ConfigError(f"SweepConfig: the trial {params} would be invalid: {exc}") from None
 

@@ -46,10 +46,10 @@ def build_cache(tmp_path_factory, model, name, n_train=48, n_val=16, **overrides
 
 
 def e2e_config(**kw) -> TrainingConfig:
-    """End-to-end training (logit KL on), quiet, no warm-ups, no checkpoints, no calibration."""
+    """End-to-end training (logit KL on), quiet, no warm-ups, no checkpoints (calibration is the
+    SAE's option: see e2e_sae)."""
     base = dict(use_end_to_end=True, use_logit_kl=True, logit_kl_weight=1.0, batch_size=8,
                 show_progress=False, init_tokens=256, lr_warmup_steps=0, log_freq=1000,
-                checkpoint_every=None, save_best=False, threshold_warmup_steps=1000,
-                calibrate_threshold=False, outlier_policy="none")
+                checkpoint_every=None, save_best=False, outlier_policy="none")
     base.update(kw)
     return TrainingConfig(**base)

@@ -14,7 +14,7 @@ _WORDS = ("the king queen sword love death night day crown blood heart hand eye 
 
 
 def build_tiny_cache(path: Path, *, max_tokens: int = 6000, store_logits: bool = False,
-                     val_fraction: float = 0.25) -> str:
+                     val_fraction: float = 0.25, hooks: tuple[str, ...] = (HOOK,)) -> str:
     """A cache of the tiny random model (d_in 64) on a few generated text files."""
     from activation_cache import CacheConfig, CorpusSpec, ModelSpec, build_cache
 
@@ -27,7 +27,7 @@ def build_tiny_cache(path: Path, *, max_tokens: int = 6000, store_logits: bool =
         (texts / f"doc{i}.txt").write_text(" ".join(words))
     cfg = CacheConfig(
         output=str(path), model=ModelSpec(source="tiny", n_ctx=64),
-        corpus=CorpusSpec(source="files", paths=(str(texts),)), hooks=(HOOK,),
+        corpus=CorpusSpec(source="files", paths=(str(texts),)), hooks=tuple(hooks),
         max_text_length=64, batch_size=16, dtype="float32", shard_tokens=2048,
         max_tokens=max_tokens, val_fraction=val_fraction, store_logits=store_logits,
         logits_top_k=None if store_logits else 64)
@@ -41,9 +41,9 @@ def tiny_sweep(cache: str, experiment_dir: Path, **overrides: Any) -> dict[str, 
         "hook": HOOK,
         "experiment_dir": str(experiment_dir),
         "tokens_per_trial": 4096,
+        "sae": {"calibration_tokens": 512, "threshold_warmup_steps": 4},
         "training": {"train_batch_tokens": 256, "log_freq": 4, "checkpoint_every": 4,
                      "lr_warmup_steps": 0, "eval_max_tokens": 512, "init_tokens": 512,
-                     "calibration_tokens": 512, "threshold_warmup_steps": 4,
                      "num_epochs": 50},
         "search_space": {
             "d_sae": {"type": "categorical", "choices": [128, 256]},

@@ -1,12 +1,17 @@
 """The contract every registered architecture meets, parametrized over
-``trainer.architecture_names()``: a sixth architecture registered under trainer/saes/ is tested
+``trainer.architecture_names()``: a new architecture registered under trainer/saes/ is tested
 here without touching this file.
 
 Per architecture: the registry and config round trip, the training forward's record (shapes,
 no hidden state), per-token inference encoding, save/load, the SAELens format (the full SAELens
-round trip is tests/test_export_saelens.py, parametrized the same way), training lowers the loss,
-resume is bit-exact, the decoder-gradient projection in the real loop, and one end-to-end step on
-the tiny transformer_lens model.
+round trip is tests/test_export_saelens.py, parametrized the same way), the model card's
+description, training lowers the loss, resume is bit-exact, the decoder-gradient projection in
+the real loop, and one end-to-end step on the tiny transformer_lens model.
+
+Everything goes through the input -> target shape: an SAE's batches carry its input as the
+target; a transcoder (its options say ``transcodes``) gets a target of another width
+(``D_OUT``) that its input determines (the same sparse codes through another dictionary), and
+its end-to-end step reads the MLP input and replaces the MLP output.
 """
 
 import math
@@ -17,9 +22,11 @@ import torch
 from safetensors.torch import load_file
 
 import trainer
-from trainer import (SAE, EndToEndObjective, SAEConfig, SAELensFormat, SequenceSource,
-                     TensorSource, TrainingConfig, TrainStepOutput, architecture_names,
-                     build_sae, load_sae, train_sae)
+from activation_cache import ConfigError
+from trainer import (SAE, DimensionMismatchError, EndToEndObjective, SAEConfig, SAELensFormat,
+                     SequenceSource, TensorSource, TrainingConfig, TrainStepOutput,
+                     architecture_names, build_sae, describe_sae, field_catalog, load_sae,
+                     make_sae_config, sae_config_from_dict, train_sae)
 from trainer.checkpoint import latest_checkpoint
 from trainer.registry import options_class, sae_class
 from trainer.sae_config import ArchitectureOptions
@@ -29,35 +36,71 @@ from _e2e_helpers import D as E2E_D, HOOKS, SPEC, build_cache, e2e_config
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ARCHS = architecture_names()
-D_IN, D_SAE = 16, 64
+D_IN, D_SAE, D_OUT = 16, 64, 12
+E2E_MLP_IN = "blocks.1.ln2.hook_normalized"  # the tiny model's MLP input (RMSNorm, unit weights)
+
+
+def transcodes(arch: str) -> bool:
+    return options_class(arch).transcodes
 
 
 def tiny_options(arch: str) -> dict:
     """The architecture's own fields for these tiny cases, chosen by field name (not by
     architecture), so a new architecture whose required fields are among these just works."""
     fields = options_class(arch).field_names()
-    return {"top_k": 4} if "top_k" in fields else {}
+    out = {"top_k": 4} if "top_k" in fields else {}
+    if "threshold_warmup_steps" in fields:  # the short runs here need an early threshold EMA
+        out.update(threshold_warmup_steps=4, calibration_tokens=512)
+    return out
 
 
 def tiny_config(arch: str, **kw) -> SAEConfig:
-    return SAEConfig(d_in=kw.pop("d_in", D_IN), d_sae=kw.pop("d_sae", D_SAE), architecture=arch,
-                     **tiny_options(arch), **kw)
+    if transcodes(arch):
+        kw.setdefault("hook_name_out", "hook_mlp_out")
+        kw.setdefault("d_out", D_OUT)
+    return make_sae_config(d_in=kw.pop("d_in", D_IN), d_sae=kw.pop("d_sae", D_SAE),
+                           architecture=arch, **tiny_options(arch), **kw)
+
+
+def sparse_codes(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.rand(n, 32, generator=g).argsort(1)[:, :3]
+    return torch.zeros(n, 32).scatter_(1, idx, torch.rand(n, 3, generator=g) * 4 + 1)
+
+
+def _dictionary(width: int, seed: int) -> torch.Tensor:
+    d = torch.randn(32, width, generator=torch.Generator().manual_seed(seed))
+    return d / d.norm(dim=1, keepdim=True)
 
 
 def sparse_data(n: int, seed: int = 0) -> torch.Tensor:
     """Tokens that are 3-sparse combinations of a fixed random dictionary, plus an offset."""
-    g = torch.Generator().manual_seed(seed)
-    dictionary = torch.randn(32, D_IN, generator=torch.Generator().manual_seed(123))
-    dictionary /= dictionary.norm(dim=1, keepdim=True)
-    idx = torch.rand(n, 32, generator=g).argsort(1)[:, :3]
-    codes = torch.zeros(n, 32).scatter_(1, idx, torch.rand(n, 3, generator=g) * 4 + 1)
-    return codes @ dictionary + 2.0 + 0.01 * torch.randn(n, D_IN, generator=g)
+    g = torch.Generator().manual_seed(seed + 10_000)
+    return sparse_codes(n, seed) @ _dictionary(D_IN, 123) + 2.0 + 0.01 * torch.randn(
+        n, D_IN, generator=g)
+
+
+def sparse_target(n: int, seed: int = 0) -> torch.Tensor:
+    """A transcoder's target rows for ``sparse_data(n, seed)``: the same codes through another
+    dictionary into D_OUT dimensions, another offset."""
+    return sparse_codes(n, seed) @ _dictionary(D_OUT, 321) * 0.5 - 1.0
+
+
+def pair(arch: str, n: int, seed: int = 0, scale: float = 1.0) -> tuple:
+    """``(input, target)`` for ``arch``: an SAE's target is its input (the same tensor)."""
+    x = sparse_data(n, seed) * scale
+    return x, (sparse_target(n, seed) * scale if transcodes(arch) else x)
+
+
+def source(arch: str, n: int, seed: int = 0) -> TensorSource:
+    x, y = pair(arch, n, seed)
+    return TensorSource(x, None if y is x else y)
 
 
 def quiet(**kw) -> TrainingConfig:
     base = dict(num_epochs=1, train_batch_tokens=128, lr=1e-2, log_freq=6, show_progress=False,
-                threshold_warmup_steps=4, checkpoint_every=None, lr_warmup_steps=2,
-                init_tokens=512, calibration_tokens=512, eval_max_tokens=512)
+                checkpoint_every=None, lr_warmup_steps=2, init_tokens=512,
+                eval_max_tokens=512)
     base.update(kw)
     return TrainingConfig(**base)
 
@@ -90,8 +133,8 @@ def shippable(arch: str, seed: int = 0) -> SAE:
     """An SAE with data-initialised scaling, every parameter moved off its initial value, and
     its inference encoding calibrated when it needs that: what export would ship."""
     sae = build_sae(tiny_config(arch), seed=seed)
-    x = sparse_data(512, seed=seed) * 5
-    sae.initialize_from_data(x)
+    x, y = pair(arch, 512, seed=seed, scale=5)
+    sae.initialize_from_data(x, y)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in sae.parameters():
@@ -106,7 +149,8 @@ def shippable(arch: str, seed: int = 0) -> SAE:
 
 
 def test_every_architecture_is_registered_and_exported():
-    assert len(ARCHS) >= 5 and ARCHS == sorted(ARCHS)
+    assert len(ARCHS) >= 7 and ARCHS == sorted(ARCHS)
+    assert 2 <= len(field_catalog().transcoders) < len(ARCHS)  # both kinds are covered here
     for arch in ARCHS:
         klass = sae_class(arch)
         assert issubclass(klass, SAE) and klass.architecture == arch
@@ -114,23 +158,56 @@ def test_every_architecture_is_registered_and_exported():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_the_output_side_is_the_architectures(arch):
+    """An SAE reconstructs its input (an output hook of its own is refused); a transcoder
+    writes its own hook and width, with its own output scale and no input centring."""
+    cfg = tiny_config(arch, hook_layer=2)
+    sae = build_sae(cfg)
+    if not transcodes(arch):
+        assert cfg.autoencodes and cfg.hook_spec_out == cfg.hook_spec and cfg.d_out == D_IN
+        assert sae.input_bias() is sae.b_dec and sae.output_scaling() is sae.input_scale
+        with pytest.raises(ConfigError, match=r"SAEConfig.hook_name_out: architecture .* "
+                                              r"reconstructs its own input"):
+            tiny_config(arch, hook_name_out="hook_mlp_out")
+        return
+    assert not cfg.autoencodes and cfg.hook_spec_out == "blocks.2.hook_mlp_out"
+    assert "hook_spec_out" not in cfg.to_dict()  # derived: follows hook_layer
+    assert cfg.replace(hook_layer=4).hook_spec_out == "blocks.4.hook_mlp_out"
+    assert sae.W_dec.shape == (D_SAE, D_OUT) and sae.b_dec.shape == (D_OUT,)
+    assert sae.input_bias() is None and sae.output_scaling() is sae.output_scale
+    x, y = pair(arch, 256, scale=5)
+    sae.initialize_from_data(x, y)
+    # each side scaled to E||.|| = sqrt(width) on its own data
+    assert float((x * sae.input_scale).norm(dim=1).mean()) == pytest.approx(D_IN ** 0.5, rel=1e-4)
+    assert float((y * sae.output_scale).norm(dim=1).mean()) == pytest.approx(D_OUT ** 0.5,
+                                                                            rel=1e-4)
+    with pytest.raises(DimensionMismatchError, match="needs its target rows"):
+        sae.training_forward(x)  # a transcoder has no target without one
+    with pytest.raises(DimensionMismatchError, match="d_out=12"):
+        sae.training_forward(x, x.clone())  # one of the input's width is not its target
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_config_round_trip_and_searchable_fields(arch):
     cfg = tiny_config(arch, hook_layer=3)
-    assert SAEConfig.from_dict(cfg.to_dict()) == cfg
+    assert sae_config_from_dict(cfg.to_dict()) == cfg
     assert type(build_sae(cfg)) is sae_class(arch)
-    fields = trainer.architecture_fields(arch)
-    assert set(trainer.searchable_fields(arch)) <= set(fields)
-    assert set(trainer.width_capped_fields(arch)) <= set(fields)
+    catalog = field_catalog()
+    fields = catalog.owned[arch]
+    assert set(catalog.searchable[arch]) <= set(fields)
+    assert set(catalog.width_capped[arch]) <= set(fields)
+    assert all(catalog.config_of(f) == "sae" for f in fields)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_training_forward_returns_the_typed_record_and_changes_no_state(arch):
     sae = build_sae(tiny_config(arch), seed=0).train()
-    x = sparse_data(3 * 40).reshape(3, 40, D_IN)  # any leading dimensions
+    x, y = pair(arch, 3 * 40)
+    x, y = x.reshape(3, 40, D_IN), y.reshape(3, 40, -1)  # any leading dimensions
     before = {k: v.clone() for k, v in sae.state_dict().items()}
-    out = sae.training_forward(x)
+    out = sae.training_forward(x, y)
     assert isinstance(out, TrainStepOutput)
-    assert out.x_scaled.shape == out.x_hat.shape == (120, D_IN)
+    assert out.target_scaled.shape == out.output.shape == (120, sae.cfg.d_out)
     assert out.reconstruction_loss.shape == out.sparsity_loss.shape == out.l0.shape == ()
     assert out.reconstruction_loss.requires_grad
     assert "mse" in out.terms and all(not t.requires_grad for t in out.terms.values())
@@ -171,12 +248,12 @@ def test_save_load_round_trip(arch, tmp_path):
     assert float(sae.input_scale) != 1.0
     x = sparse_data(100, seed=3) * 5
     sae.save(tmp_path / "folded", history=[{"step": 1, "tokens_seen": 2}])
-    loaded, history = SAE.load(tmp_path / "folded", load_history=True)
+    loaded, history = load_sae(tmp_path / "folded", load_history=True)
     assert type(loaded) is type(sae) and loaded.cfg == sae.cfg
     assert history == [{"step": 1, "tokens_seen": 2}]
     loaded.eval()
     folded = sae.folded_copy().eval()
-    assert float(loaded.input_scale) == 1.0
+    assert float(loaded.input_scale) == 1.0 and float(loaded.output_scaling()) == 1.0
     for name, value in folded.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value), name
     f = loaded.encode(x)
@@ -189,6 +266,21 @@ def test_save_load_round_trip(arch, tmp_path):
     same = load_sae(tmp_path / "unfolded").eval()
     f = same.encode(x)
     assert torch.equal(f, sae.encode(x)) and torch.equal(same.decode(f), sae.decode(f))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_model_card_describes_the_architecture_by_itself(arch):
+    """The card's lines come from the architecture: its own fields with their values and its
+    inference rule (never another architecture's words)."""
+    cfg = tiny_config(arch)
+    desc = describe_sae(cfg)
+    assert desc.architecture == arch and desc.inference and desc.inference == \
+        sae_class(arch).inference_rule
+    assert set(desc.fields) == set(field_catalog().owned[arch])
+    summary = desc.summary()
+    assert summary.startswith(f"{arch}, d_sae = {D_SAE}")
+    for name, value in desc.fields.items():
+        assert f"{name} = {value}" in summary
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -207,11 +299,15 @@ def test_saelens_format_names_a_sae_lens_architecture(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_training_lowers_the_loss(arch):
+    # a transcoder learns a new map (its encoder starts random, not as the decoder's
+    # transpose): give it more steps on the tiny task
+    epochs = 8 if transcodes(arch) else 3
     rep = Recorder()
-    result = train_sae(build_sae(tiny_config(arch), seed=0), TensorSource(sparse_data(1024)),
-                       quiet(num_epochs=3), val_source=TensorSource(sparse_data(256, seed=1)),
-                       reporter=rep)
-    assert result.steps == 24 and [r.step for r in rep.records] == [6, 12, 18, 24]
+    result = train_sae(build_sae(tiny_config(arch), seed=0), source(arch, 1024),
+                       quiet(num_epochs=epochs, log_freq=2 * epochs),
+                       val_source=source(arch, 256, seed=1), reporter=rep)
+    assert result.steps == 8 * epochs
+    assert [r.step for r in rep.records] == [2 * epochs * i for i in (1, 2, 3, 4)]
     first, last = rep.records[0], rep.records[-1]
     assert last.loss < 0.8 * first.loss, (first.loss, last.loss)
     assert last.mse < first.mse and last.explained_variance > 0.3
@@ -221,7 +317,7 @@ def test_training_lowers_the_loss(arch):
 def test_resume_is_bit_exact(arch, tmp_path):
     cfg = tiny_config(arch, n_batches_to_dead=2)  # AuxK active on the k-sparse ones
     tc = quiet(num_epochs=2, checkpoint_every=7, log_freq=5)
-    train, val = TensorSource(sparse_data(1024)), TensorSource(sparse_data(256, seed=1))
+    train, val = source(arch, 1024), source(arch, 256, seed=1)
     straight = train_sae(build_sae(cfg, seed=0), train, tc, val_source=val,
                          out_dir=tmp_path / "a", reporter=Recorder())
     with pytest.raises(KeyboardInterrupt):  # killed right after the step-7 checkpoint
@@ -277,7 +373,7 @@ def test_decoder_gradient_is_orthogonal_to_the_rows_before_adam(arch, monkeypatc
 
         with monkeypatch.context() as m:
             m.setattr(torch.optim.Adam, "step", spy)
-            train_sae(sae, TensorSource(sparse_data(384)), quiet(), reporter=Recorder())
+            train_sae(sae, source(arch, 384), quiet(), reporter=Recorder())
         assert len(seen) == 3
         return seen
 
@@ -300,18 +396,29 @@ def e2e_model():
 @pytest.fixture(scope="module")
 def e2e_cache(tmp_path_factory, e2e_model):
     return build_cache(tmp_path_factory, e2e_model, "contract", n_train=8, n_val=8,
-                       store_splice_residual=True)
+                       store_splice_residual=True, hooks=HOOKS + (E2E_MLP_IN,))
+
+
+def e2e_sae_config(arch: str) -> SAEConfig:
+    """An SAE on the tiny model's layer-1 residual; a transcoder from its MLP input to its MLP
+    output (the splice then replaces the MLP output)."""
+    if transcodes(arch):
+        return tiny_config(arch, d_in=E2E_D, hook_layer=1, hook_name="ln2.hook_normalized",
+                           hook_name_out="hook_mlp_out", d_out=E2E_D)
+    return tiny_config(arch, d_in=E2E_D, hook_layer=1)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_end_to_end_objective_step(arch, e2e_model, e2e_cache):
-    sae = build_sae(tiny_config(arch, d_in=E2E_D, hook_layer=1), seed=0)
+    sae = build_sae(e2e_sae_config(arch), seed=0)
     cfg = e2e_config(use_block_mse=True)
     obj = EndToEndObjective(e2e_model, cfg)
-    source = SequenceSource(e2e_cache, "train", HOOKS[0], shuffle=False)
-    obj.initialize(sae, source)
+    windows = SequenceSource(e2e_cache, "train", sae.cfg.hook_spec,
+                             target_hook=sae.cfg.hook_spec_out, shuffle=False)
+    assert obj.site(sae).hook_name == sae.cfg.hook_spec_out
+    obj.initialize(sae, windows)
     sae.train()
-    out = obj.step(sae, next(iter(source.batches(8))))
+    out = obj.step(sae, next(iter(windows.batches(8))))
     assert out.loss.shape == () and math.isfinite(float(out.loss.detach()))
     assert {"kl", "mse", "l0"} <= set(out.stats)
     for name, value in out.stats.items():
@@ -330,8 +437,8 @@ def test_training_under_bf16_autocast_keeps_fp32_state(arch):
     """TrainingConfig.autocast: a bf16 forward (meant for GPUs; CPU autocast checks the dtypes
     here): the loss stays finite and parameters, buffers and running statistics stay fp32."""
     sae = build_sae(tiny_config(arch), seed=0)
-    result = train_sae(sae, TensorSource(sparse_data(1024)), quiet(autocast="bf16"),
-                       val_source=TensorSource(sparse_data(256, seed=1)), reporter=_Silent())
+    result = train_sae(sae, source(arch, 1024), quiet(autocast="bf16"),
+                       val_source=source(arch, 256, seed=1), reporter=_Silent())
     assert result.steps == 8 and math.isfinite(result.final.fvu) and result.final.fvu < 1.0
     assert all(p.dtype == torch.float32 for p in sae.parameters())
     assert all(b.dtype in (torch.float32, torch.int64, torch.bool) for b in sae.buffers())

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from activation_cache import ConfigError
-from trainer import JumpReLUSAE, MatryoshkaBatchTopKSAE, SAEConfig, TopKSAE, build_sae
+from trainer import JumpReLUSAE, MatryoshkaBatchTopKSAE, make_sae_config, TopKSAE, build_sae
 from trainer.saes.jumprelu import JumpReLUFunction, StepFunction
 from trainer.sparse_ops import prefix_decodes, topk_per_token_forward, topk_sae_forward
 
@@ -68,7 +68,7 @@ TOPK_F = torch.tensor([[3.0, 0.0, 3.5, 0.0], [0.0, 0.2, 0.0, 1.0], [0.0, 0.0, 0.
 
 
 def _hand_topk(**kw) -> TopKSAE:
-    sae = TopKSAE(SAEConfig(d_in=2, d_sae=4, architecture="topk", top_k=2, **kw), seed=0)
+    sae = TopKSAE(make_sae_config(d_in=2, d_sae=4, architecture="topk", top_k=2, **kw), seed=0)
     return _set(sae, W_enc=[[1.0, 0.0, 1.0, -1.0], [0.0, 1.0, 1.0, 0.0]],
                 b_enc=[0.0, 0.0, -0.5, 0.0],
                 W_dec=[[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [-1.0, 0.0]], b_dec=[0.0, 0.0])
@@ -90,7 +90,7 @@ def test_topk_training_forward_terms_hand_case():
     out = sae.training_forward(TOPK_X)
     # x_hat = f @ W_dec: a [3 + 2.1, 2.8] = [5.1, 2.8], b [-1, 0.2], c [-1, 0], d [0, 0]
     x_hat = torch.tensor([[5.1, 2.8], [-1.0, 0.2], [-1.0, 0.0], [0.0, 0.0]])
-    assert torch.allclose(out.x_hat, x_hat, atol=1e-6)
+    assert torch.allclose(out.output, x_hat, atol=1e-6)
     # squared errors: a 2.1^2 + 1.8^2 = 7.65, b 0, c 2^2 = 4, d 1^2 = 1 -> 12.65 / 8 values
     assert out.reconstruction_loss.item() == pytest.approx(12.65 / 8, rel=1e-6)
     assert float(out.terms["mse"]) == pytest.approx(12.65 / 8, rel=1e-6)
@@ -147,7 +147,7 @@ def test_topk_per_token_forward_equals_dense_autograd_in_values_and_gradients():
 
 
 def test_topk_training_encoding_is_the_inference_encoding_and_batch_independent():
-    sae = build_sae(SAEConfig(d_in=16, d_sae=64, architecture="topk", top_k=6), seed=3)
+    sae = build_sae(make_sae_config(d_in=16, d_sae=64, architecture="topk", top_k=6), seed=3)
     x = torch.randn(200, 16) * 7 + 2
     sae.initialize_from_data(x)
     with torch.no_grad():
@@ -164,7 +164,7 @@ def test_topk_training_encoding_is_the_inference_encoding_and_batch_independent(
     assert ((infer > 0).sum(1) == 6).all()
     # the training forward decodes that code
     out = sae.training_forward(x)
-    torch.testing.assert_close(out.x_hat, infer @ sae.W_dec + sae.b_dec, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.output, infer @ sae.W_dec + sae.b_dec, rtol=1e-5, atol=1e-5)
     assert float(out.l0) == 6.0
     # a token's code does not depend on the tokens it is encoded with
     for part in (slice(7, 8), slice(0, 13), slice(150, 200)):
@@ -188,7 +188,7 @@ JR_W_DEC = [[0.6, 0.8, 0.0], [0.0, 0.6, 0.8], [0.0, 0.0, 1.0]]
 
 
 def _hand_jumprelu() -> JumpReLUSAE:
-    sae = JumpReLUSAE(SAEConfig(d_in=3, d_sae=3, architecture="jumprelu", l0_coefficient=0.1,
+    sae = JumpReLUSAE(make_sae_config(d_in=3, d_sae=3, architecture="jumprelu", l0_coefficient=0.1,
                                 jumprelu_bandwidth=0.2), seed=0)
     return _set(sae, W_enc=torch.eye(3), b_enc=[0.0] * 3, W_dec=JR_W_DEC, b_dec=[0.0] * 3,
                 threshold=torch.tensor([0.5, 1.0, 2.0]))
@@ -201,7 +201,7 @@ def test_jumprelu_forward_and_l0_penalty_hand_case():
     out = sae.training_forward(JR_X)
     # x_hat: t0 0.55 W_dec[0] = [0.33, 0.44, 0]; t1 2 W_dec[0] + 1.15 W_dec[1] + 2.05 W_dec[2]
     #   = [1.2, 2.29, 2.97]; errors t0 [-0.22, -0.51, -1.5], t1 [-0.8, 1.14, 0.92]
-    assert torch.allclose(out.x_hat, torch.tensor([[0.33, 0.44, 0.0], [1.2, 2.29, 2.97]]))
+    assert torch.allclose(out.output, torch.tensor([[0.33, 0.44, 0.0], [1.2, 2.29, 2.97]]))
     sse = 0.22**2 + 0.51**2 + 1.5**2 + 0.8**2 + 1.14**2 + 0.92**2  # 5.3445
     assert out.reconstruction_loss.item() == pytest.approx(sse / 6, rel=1e-6)
     # L0 penalty: mean over tokens of the active count, (1 + 3) / 2
@@ -266,7 +266,7 @@ def test_jumprelu_functions_gradients_with_respect_to_z():
 
 def test_matryoshka_prefix_widths_from_group_fractions():
     def widths(d_sae, **kw):
-        cfg = SAEConfig(d_in=4, d_sae=d_sae, architecture="matryoshka_batchtopk", top_k=2, **kw)
+        cfg = make_sae_config(d_in=4, d_sae=d_sae, architecture="matryoshka_batchtopk", top_k=2, **kw)
         return build_sae(cfg).prefix_widths
 
     assert widths(4608) == (288, 1152, 4608)  # defaults 1/16, 3/16, 3/4
@@ -315,7 +315,7 @@ def test_prefix_decodes_equal_dense_prefix_reconstructions_in_values_and_gradien
 
 
 def test_matryoshka_reconstruction_loss_is_the_mean_of_the_prefix_mses_hand_case():
-    cfg = SAEConfig(d_in=2, d_sae=4, architecture="matryoshka_batchtopk", top_k=2,
+    cfg = make_sae_config(d_in=2, d_sae=4, architecture="matryoshka_batchtopk", top_k=2,
                     group_fractions=[0.25, 0.25, 0.5])
     sae = _set(MatryoshkaBatchTopKSAE(cfg, seed=0),
                W_enc=[[1.0, 0.0, 1.0, -1.0], [0.0, 1.0, 1.0, 0.0]], b_enc=[0.0, 0.0, -0.5, 0.0],
@@ -333,7 +333,7 @@ def test_matryoshka_reconstruction_loss_is_the_mean_of_the_prefix_mses_hand_case
     assert float(out.terms["mse_prefix_2"]) == pytest.approx(mses[1], rel=1e-6)
     assert float(out.terms["mse"]) == pytest.approx(mses[2], rel=1e-6)
     assert out.reconstruction_loss.item() == pytest.approx(sum(mses) / 3, rel=1e-6)
-    assert torch.allclose(out.x_hat, torch.tensor([[5.1, 3.8], [-1.0, 0.0]]))  # full x_hat
+    assert torch.allclose(out.output, torch.tensor([[5.1, 3.8], [-1.0, 0.0]]))  # full x_hat
     assert float(out.l0) == 2.0 and float(out.running["min_selected"]) == 1.0
     assert out.sparsity_loss.item() == 0.0  # nothing dead: no AuxK
 
@@ -347,7 +347,7 @@ def test_matryoshka_reconstruction_loss_is_the_mean_of_the_prefix_mses_hand_case
 def test_auxk_gradient_reaches_only_the_dead_latents(arch):
     """The AuxK term reconstructs the *detached* residual: the live latents' encoder columns,
     encoder biases and decoder rows (the main reconstruction) get no gradient from it."""
-    cfg = SAEConfig(d_in=16, d_sae=64, architecture=arch, top_k=4, top_k_aux=8,
+    cfg = make_sae_config(d_in=16, d_sae=64, architecture=arch, top_k=4, top_k_aux=8,
                     aux_penalty=0.5)
     sae = build_sae(cfg, seed=0).train()
     dead = list(range(0, 64, 3))

@@ -192,7 +192,7 @@ def test_s3_round_trip(s3_uri, tmp_path):
     want = torch.cat([b.acts[HOOK] for b in open_cache(local_uri).sequence_batches("train", 7)])
     assert torch.equal(got, want)
     src = reader.token_source(HOOK)
-    assert sum(len(b) for b in src.iter_batches(32, seed=0, epoch=0)) == src.num_tokens
+    assert sum(b.input.shape[0] for b in src.iter_batches(32, seed=0, epoch=0)) == src.num_tokens
     reader.verify()
     assert len(reader.index()) == int(windows["train"].attention_mask.sum()
                                       + windows["val"].attention_mask.sum())

@@ -39,5 +39,5 @@ def test_smollm2_cache_matches_direct_run_and_logprobs_are_sane(tmp_path):
     # real text under a real model: a few nats per token, far below uniform (log 49152 = 10.8)
     assert 1.0 < float(nll.mean()) < 6.0 < math.log(49152)
     tokens = reader.token_source(HOOK)
-    first = next(iter(tokens.iter_batches(64, seed=0, epoch=0)))
+    first = next(iter(tokens.iter_batches(64, seed=0, epoch=0))).input
     assert first.shape == (64, 576) and torch.isfinite(first).all()

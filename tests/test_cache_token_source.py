@@ -34,11 +34,20 @@ def rows_key(t):
     return sorted(map(tuple, t.tolist()))
 
 
+def inputs(batches):
+    """The input rows of one hook's batches (whose target is the input tensor itself)."""
+    out = []
+    for b in batches:
+        assert b.target is b.input  # one hook: one tensor, no copy
+        out.append(b.input)
+    return out
+
+
 def test_yields_exactly_the_train_mask_tokens(cache):
     reader, acts, keep, _ = cache
     src = reader.token_source(HOOK, shuffle_buffer_tokens=100)
     assert src.d_in == 64 and src.num_tokens == int(keep.sum())
-    batches = list(src.iter_batches(64, seed=0, epoch=0))
+    batches = inputs(src.iter_batches(64, seed=0, epoch=0))
     assert all(b.shape == (64, 64) and b.dtype == torch.float32 for b in batches[:-1])
     assert 0 < len(batches[-1]) <= 64
     got = torch.cat(batches)
@@ -57,10 +66,10 @@ def reader_mask(reader):
 def test_deterministic_for_seed_and_epoch_and_different_across_epochs(cache):
     reader, *_ = cache
     src = reader.token_source(HOOK, shuffle_buffer_tokens=100)
-    a = torch.cat(list(src.iter_batches(50, seed=3, epoch=1)))
-    b = torch.cat(list(src.iter_batches(50, seed=3, epoch=1)))
-    c = torch.cat(list(src.iter_batches(50, seed=3, epoch=2)))
-    d = torch.cat(list(src.iter_batches(50, seed=4, epoch=1)))
+    a = torch.cat(inputs(src.iter_batches(50, seed=3, epoch=1)))
+    b = torch.cat(inputs(src.iter_batches(50, seed=3, epoch=1)))
+    c = torch.cat(inputs(src.iter_batches(50, seed=3, epoch=2)))
+    d = torch.cat(inputs(src.iter_batches(50, seed=4, epoch=1)))
     assert torch.equal(a, b)
     assert not torch.equal(a, c) and not torch.equal(a, d)
     assert rows_key(a) == rows_key(c)
@@ -70,9 +79,9 @@ def test_deterministic_for_seed_and_epoch_and_different_across_epochs(cache):
 def test_resume_from_any_batch_gives_the_same_batches(cache, buffer):
     reader, *_ = cache
     src = reader.token_source(HOOK, shuffle_buffer_tokens=buffer)
-    full = list(src.iter_batches(37, seed=1, epoch=0))
+    full = inputs(src.iter_batches(37, seed=1, epoch=0))
     for n in (0, 1, 2, 5, len(full) - 1, len(full)):
-        resumed = list(src.iter_batches(37, seed=1, epoch=0, start_batch=n))
+        resumed = inputs(src.iter_batches(37, seed=1, epoch=0, start_batch=n))
         assert len(resumed) == len(full) - n
         assert all(torch.equal(x, y) for x, y in zip(full[n:], resumed)), n
 
@@ -81,7 +90,7 @@ def test_shuffle_buffer_mixes_shards(cache):
     reader, acts, keep, shard_of = cache
     lookup = {tuple(r): int(s) for r, s in zip(acts[keep].tolist(), shard_of[keep].tolist())}
     src = reader.token_source(HOOK, shuffle_buffer_tokens=200)  # ~4 shards of ~50 tokens
-    first = next(iter(src.iter_batches(32, seed=0, epoch=0)))
+    first = next(iter(src.iter_batches(32, seed=0, epoch=0))).input
     shards = {lookup[tuple(r)] for r in first.tolist()}
     assert len(shards) >= 3
     # and the chunks cover every shard once per epoch
@@ -149,7 +158,7 @@ def test_block_shuffle_bounds_the_share_of_one_window_in_a_batch(mix_cache):
     src = reader.token_source(HOOK, shuffle_buffer_tokens=reader.num_tokens(), block_tokens=b)
     N, n_windows = src.num_tokens, reader.num_sequences()
     m = math.ceil((MIX_SEQ - 1) / b)  # most blocks a window has
-    batches = list(src.iter_batches(B, seed=0, epoch=0))[:-1]  # the full ones
+    batches = inputs(src.iter_batches(B, seed=0, epoch=0))[:-1]  # the full ones
     assert len(src.chunks(0, 0)) == 1 and len(batches) > 40
     # The documented bound: one window supplies more than k blocks to a batch with probability
     # at most C(m, k+1) (B/N)^(k+1). For k = 3 summed over every window and batch it is < 1%:
@@ -172,7 +181,7 @@ def test_block_shuffle_batches_are_many_short_runs_from_many_shards(mix_cache):
     B, b = 256, 8
     src = reader.token_source(HOOK, shuffle_buffer_tokens=reader.num_tokens(), block_tokens=b)
     long_runs = 0
-    for batch in list(src.iter_batches(B, seed=1, epoch=0))[:-1]:
+    for batch in inputs(src.iter_batches(B, seed=1, epoch=0))[:-1]:
         rows = provenance(batch, where)
         windows = {w for w, _ in rows}
         # a batch is about B/b blocks of different windows; reading in order would give ~B/T
@@ -202,11 +211,11 @@ def test_batches_as_stored_are_the_float32_batches_unconverted(mix_cache):
     as_f32 = reader.token_source(HOOK, shuffle_buffer_tokens=3000)
     as_stored = reader.token_source(HOOK, shuffle_buffer_tokens=3000, dtype=None)
     assert as_f32.dtype == torch.float32 and as_stored.dtype == torch.float16
-    a = list(as_f32.iter_batches(300, seed=2, epoch=1))
-    s = list(as_stored.iter_batches(300, seed=2, epoch=1))
+    a = inputs(as_f32.iter_batches(300, seed=2, epoch=1))
+    s = inputs(as_stored.iter_batches(300, seed=2, epoch=1))
     assert len(a) == len(s) and all(x.dtype == torch.float16 for x in s)
     assert all(torch.equal(x.float(), y) for x, y in zip(s, a))
-    resumed = list(as_stored.iter_batches(300, seed=2, epoch=1, start_batch=7))
+    resumed = inputs(as_stored.iter_batches(300, seed=2, epoch=1, start_batch=7))
     assert all(torch.equal(x, y) for x, y in zip(s[7:], resumed))
 
 
@@ -214,11 +223,11 @@ def test_bfloat16_and_float32_storage_as_stored(tmp_path, cache):
     reader32, *_ = cache
     src = reader32.token_source(HOOK, dtype=None)
     assert src.dtype == torch.float32
-    assert all(x.dtype == torch.float32 for x in src.iter_batches(64, seed=0, epoch=0))
+    assert all(b.input.dtype == torch.float32 for b in src.iter_batches(64, seed=0, epoch=0))
     uri, _, _ = build_tiny(tmp_path / "bf16", dtype="bfloat16")
     reader = open_cache(uri)
-    a = list(reader.token_source(HOOK).iter_batches(50, seed=0, epoch=0))
-    s = list(reader.token_source(HOOK, dtype=None).iter_batches(50, seed=0, epoch=0))
+    a = inputs(reader.token_source(HOOK).iter_batches(50, seed=0, epoch=0))
+    s = inputs(reader.token_source(HOOK, dtype=None).iter_batches(50, seed=0, epoch=0))
     assert all(x.dtype == torch.bfloat16 for x in s)
     assert all(torch.equal(x.float(), y) for x, y in zip(s, a))
 
@@ -226,15 +235,17 @@ def test_bfloat16_and_float32_storage_as_stored(tmp_path, cache):
 def test_batch_memory_is_recycled_only_once_released(mix_cache):
     reader, _ = mix_cache
     src = reader.token_source(HOOK, shuffle_buffer_tokens=3000, dtype=None, read_ahead_batches=2)
-    kept = list(src.iter_batches(100, seed=0, epoch=0))  # every batch still referenced
+    kept = inputs(src.iter_batches(100, seed=0, epoch=0))  # every batch still referenced
     streamed, pointers = [], set()
-    for x in src.iter_batches(100, seed=0, epoch=0):
+    for batch in src.iter_batches(100, seed=0, epoch=0):
+        x = batch.input
         pointers.add(x.data_ptr())
         streamed.append(x.clone())  # the batch itself is released
+        del batch, x
     assert all(torch.equal(x, y) for x, y in zip(kept, streamed)) and len(kept) == len(streamed)
     assert len({x.data_ptr() for x in kept}) == len(kept)  # none overwritten while held
     assert len(pointers) <= 2 + 4 + 1  # read-ahead + pool slack: memory reused, not reallocated
-    views = [x[:10] for x in src.iter_batches(100, seed=0, epoch=0)]  # views hold their batch
+    views = [b.input[:10] for b in src.iter_batches(100, seed=0, epoch=0)]  # views hold theirs
     assert all(torch.equal(v, x[:10]) for v, x in zip(views, kept))
 
 
@@ -255,3 +266,56 @@ def test_a_shuffle_buffer_of_zero_tokens_is_refused(cache):
     for bad in (0, -5, 2.5):
         with pytest.raises(CacheInputError, match=r"shuffle_buffer_tokens: must be an integer >= 1"):
             reader.token_source(HOOK, shuffle_buffer_tokens=bad)
+
+
+# -- two hooks: a transcoder's input and target, row-aligned ---------------------------------
+
+MLP_IN, MLP_OUT = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"
+
+
+@pytest.fixture(scope="module")
+def two_hooks(tmp_path_factory):
+    windows = {"train": random_windows(40, seed=5), "val": random_windows(6, seed=6, first_doc=50)}
+    uri, _, _ = build_tiny(tmp_path_factory.mktemp("two") / "cache", windows=windows,
+                           hooks=(MLP_IN, MLP_OUT), dtype="float16")
+    return open_cache(uri)
+
+
+def test_a_target_hook_gives_the_same_tokens_rows_of_both_hooks(two_hooks):
+    reader = two_hooks
+    whole = next(iter(reader.sequence_batches("train", 10_000)))
+    mask = whole.train_mask.bool()
+    pairs = {}
+    for x, y in zip(whole.acts[MLP_IN][mask], whole.acts[MLP_OUT][mask]):
+        key = tuple(x.tolist())  # equal inputs (one token after BOS) have equal outputs
+        assert key not in pairs or torch.equal(pairs[key], y)
+        pairs[key] = y
+    assert len(pairs) > 0.95 * int(mask.sum())  # an input row names its token
+    src = reader.token_source(MLP_IN, target_hook=MLP_OUT, shuffle_buffer_tokens=100)
+    assert (src.d_in, src.d_out, src.target_hook) == (64, 64, MLP_OUT)
+    batches = list(src.iter_batches(37, seed=2, epoch=1))
+    seen = 0
+    for b in batches:
+        assert b.target is not b.input and b.input.shape == b.target.shape
+        for x, y in zip(b.input.float(), b.target):
+            assert torch.equal(pairs[tuple(x.tolist())], y)  # the same token's output row
+        seen += b.input.shape[0]
+    assert seen == src.num_tokens == int(mask.sum())
+    # the input side is exactly the one-hook source's stream (one shuffle, shared)
+    alone = reader.token_source(MLP_IN, shuffle_buffer_tokens=100)
+    assert all(torch.equal(a.input, b.input)
+               for a, b in zip(alone.iter_batches(37, seed=2, epoch=1), batches))
+    # resumable from any batch, both sides; as stored (fp16) too
+    resumed = list(src.iter_batches(37, seed=2, epoch=1, start_batch=3))
+    assert all(torch.equal(a.input, b.input) and torch.equal(a.target, b.target)
+               for a, b in zip(batches[3:], resumed)) and len(resumed) == len(batches) - 3
+    stored = next(iter(reader.token_source(MLP_IN, target_hook=MLP_OUT, dtype=None,
+                                           shuffle_buffer_tokens=100).iter_batches(
+        37, seed=2, epoch=1)))
+    assert stored.input.dtype == stored.target.dtype == torch.float16
+    assert torch.equal(stored.target.float(), batches[0].target)
+    # the target hook itself, or none, is the one-hook source
+    same = reader.token_source(MLP_IN, target_hook=MLP_IN)
+    assert same.target_hook is None and same.d_out == same.d_in
+    with pytest.raises(CacheMismatchError, match="hook 'blocks.1.hook_mlp_out' is not in"):
+        reader.token_source(MLP_IN, target_hook="blocks.1.hook_mlp_out")

@@ -82,9 +82,10 @@ def test_cache_and_train_say_what_they_wrote_and_take_threads(tmp_path, capsys, 
 
         (tmp_path / "train.yaml").write_text(yaml.safe_dump({
             "cache": str(cache), "out_dir": str(tmp_path / "sae"),
-            "sae": {"d_in": 64, "d_sae": 128, "top_k": 8, "hook_layer": 0},
+            "sae": {"d_in": 64, "d_sae": 128, "top_k": 8, "hook_layer": 0,
+                    "calibration_tokens": 256},
             "training": {"num_epochs": 1, "train_batch_tokens": 256, "log_freq": 4,
-                         "init_tokens": 256, "calibration_tokens": 256, "eval_max_tokens": 256,
+                         "init_tokens": 256, "eval_max_tokens": 256,
                          "show_progress": False}}))
         assert main(["train", str(tmp_path / "train.yaml"), "--threads", "1"]) == 0
         last = capsys.readouterr().err.strip().splitlines()[-3:]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from activation_cache import ConfigError, compact_kl, load_model
-from trainer import (BatchTopKSAE, EndToEndObjective, MetricsRecord, SAEConfig, SequenceSource,
+from trainer import (BatchTopKSAE, EndToEndObjective, MetricsRecord, make_sae_config, SequenceSource,
                      build_sae, evaluate_sae_dir, train_sae)
 from trainer.end_to_end import EndToEndDataError
 
@@ -56,14 +56,14 @@ def _batch(reader, split="train", n=8):
 
 def _standard_sae(hook=HOOKS[0], seed=0, d_sae=128) -> "torch.nn.Module":
     layer, name = hook.split(".")[1], hook.split(".")[2]
-    return build_sae(SAEConfig(d_in=D, d_sae=d_sae, architecture="standard",
+    return build_sae(make_sae_config(d_in=D, d_sae=d_sae, architecture="standard",
                                hook_layer=int(layer), hook_name=name), seed=seed)
 
 
 def _identity_sae(hook=HOOKS[0]) -> BatchTopKSAE:
     """BatchTopK with latents +e_i and -e_i and k = d_in: reconstructs every token exactly."""
     layer, name = hook.split(".")[1], hook.split(".")[2]
-    sae = build_sae(SAEConfig(d_in=D, d_sae=2 * D, top_k=D, hook_layer=int(layer),
+    sae = build_sae(make_sae_config(d_in=D, d_sae=2 * D, top_k=D, hook_layer=int(layer),
                               hook_name=name))
     eye = torch.eye(D)
     with torch.no_grad():
@@ -198,7 +198,7 @@ def test_gradients_reach_the_sae_and_not_the_model(model, cache_full):
                                                use_block_mse=True))
     assert not model.training
     assert all(not p.requires_grad for p in model.parameters())
-    sae = build_sae(SAEConfig(d_in=D, d_sae=128, top_k=4, hook_layer=1), seed=0)
+    sae = build_sae(make_sae_config(d_in=D, d_sae=128, top_k=4, hook_layer=1), seed=0)
     out = obj.step(sae, _batch(cache_full))
     out.loss.backward()
     for name, p in sae.named_parameters():  # KL and block-MSE alone train every parameter
@@ -256,9 +256,9 @@ def test_block_mse_layers_are_validated(model, cache_full):
 
 def _train(model, reader, val_reader, *, kl: bool, seed: int = 0):
     cfg = _e2e_config(use_logit_kl=True, logit_kl_weight=10.0 if kl else 0.0, lr=1e-2,
-                      num_epochs=3, batch_size=8, seed=seed, calibrate_threshold=True)
+                      num_epochs=3, batch_size=8, seed=seed)
     torch.manual_seed(seed)
-    sae = build_sae(SAEConfig(d_in=D, d_sae=128, top_k=4, hook_layer=1), seed=seed)
+    sae = build_sae(make_sae_config(d_in=D, d_sae=128, top_k=4, hook_layer=1), seed=seed)
     train = SequenceSource(reader, "train", HOOKS[0])
     val = SequenceSource(val_reader, "val", HOOKS[0], shuffle=False)
     obj = EndToEndObjective(model, cfg)
@@ -317,6 +317,63 @@ def test_evaluate_metrics_against_independent_values(model, cache_full):
     # max_tokens stops after the windows that cover it
     part = obj.evaluate(sae, src, 20)
     assert 20 <= part["eval_tokens"] < m["eval_tokens"]
+
+
+MLP_IN, MLP_OUT = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
+
+
+@pytest.fixture(scope="module")
+def cache_mlp(tmp_path_factory, model):
+    """A transcoder's two hooks (the MLP input and output of block 1), exact logits, the
+    splice residual."""
+    return _build(tmp_path_factory, model, "mlp", n_train=8, n_val=8, store_logits=True,
+                  logits_top_k=None, store_splice_residual=True, hooks=(MLP_IN, MLP_OUT))
+
+
+@pytest.mark.parametrize("arch", ["batchtopk_transcoder", "batchtopk_skip_transcoder"])
+def test_a_transcoder_is_spliced_at_its_output_hook(model, cache_mlp, tmp_path, arch):
+    """The transcoder encodes the cached MLP input and its output replaces the MLP output:
+    evaluation's figures equal an independent route (full forwards with run_with_hooks on
+    hook_mlp_out), and its reconstruction metrics are those of the MLP output; `sae-sweep eval`
+    of the saved transcoder gives the same."""
+    sae = build_sae(make_sae_config(d_in=D, d_sae=64, architecture=arch, top_k=4, hook_layer=1,
+                                    hook_name="ln2.hook_normalized",
+                                    hook_name_out="hook_mlp_out"), seed=0)
+    src = SequenceSource(cache_mlp, "val", MLP_IN, target_hook=MLP_OUT, shuffle=False)
+    obj = EndToEndObjective(model, _e2e_config())
+    obj.initialize(sae, src)
+    with torch.no_grad():
+        for name, p in sae.named_parameters():
+            if name == "W_skip":
+                p.normal_(0, 0.05)
+    sae.eval()
+    m = obj.evaluate(sae, src, None)
+    batch = next(iter(src.batches(1000)))
+    mask, am = batch.train_mask, batch.attention_mask.long()
+    with torch.no_grad():
+        recon, _ = sae(batch.acts[MLP_IN])
+    assert recon.shape == batch.acts[MLP_OUT].shape
+
+    def replace(act, hook):
+        return torch.where(mask[..., None], recon, act)
+
+    spliced = model.run_with_hooks(batch.tokens, attention_mask=am,
+                                   fwd_hooks=[(MLP_OUT, replace)])
+    clean = model(batch.tokens, attention_mask=am)
+    kl = F.kl_div(F.log_softmax(spliced, -1), F.log_softmax(clean, -1), log_target=True,
+                  reduction="none").sum(-1)[mask].mean()
+    assert m["kl_div"] == pytest.approx(float(kl), rel=1e-4) and m["kl_div"] > 1e-4
+    y = batch.acts[MLP_OUT][mask].double()
+    sse = float((recon[mask].double() - y).pow(2).sum())
+    fvu = sse / float((y - y.mean(0)).pow(2).sum())
+    assert m["fvu"] == pytest.approx(fvu, rel=1e-6)
+    # the saved transcoder through `sae-sweep eval`: the same hooks, the same figures
+    sae.save(tmp_path / "tc")
+    record = evaluate_sae_dir(tmp_path / "tc", cache=cache_mlp.uri, split="val",
+                              output_format="json", stream=io.StringIO(), show_progress=False,
+                              model=model)
+    assert record.kl_div == pytest.approx(m["kl_div"], rel=1e-4)
+    assert record.fvu == pytest.approx(m["fvu"], rel=1e-4)
 
 
 def test_evaluate_sae_dir_prints_every_metric(model, cache_full, tmp_path):
@@ -382,7 +439,7 @@ def test_end_to_end_training_resumes_bit_for_bit(model, cache_full, tmp_path):
                       outlier_policy="drop", outlier_norm_multiple=1.5, use_block_mse=True)
 
     def run(out, reporter, resume_from=None, seed=0):
-        sae = build_sae(SAEConfig(d_in=D, d_sae=64, top_k=4, hook_layer=1), seed=seed)
+        sae = build_sae(make_sae_config(d_in=D, d_sae=64, top_k=4, hook_layer=1), seed=seed)
         return train_sae(sae, SequenceSource(cache_full, "train", HOOKS[0]), cfg,
                          val_source=SequenceSource(cache_full, "val", HOOKS[0], shuffle=False),
                          objective=EndToEndObjective(model, cfg), out_dir=out,
@@ -411,7 +468,7 @@ def test_max_tokens_counts_end_to_end_tokens_not_token_batches(model, cache_full
     # train_batch_tokens (which only token-batch training uses).
     train = SequenceSource(cache_full, "train", HOOKS[0])
     cfg = _e2e_config(num_epochs=5, max_tokens=2 * train.num_tokens, train_batch_tokens=4096)
-    sae = build_sae(SAEConfig(d_in=D, d_sae=64, top_k=4, hook_layer=1), seed=0)
+    sae = build_sae(make_sae_config(d_in=D, d_sae=64, top_k=4, hook_layer=1), seed=0)
     result = train_sae(sae, train, cfg, objective=EndToEndObjective(model, cfg),
                        reporter=_StopAtCheckpoint())
     assert result.steps == 12

@@ -9,7 +9,7 @@ import torch
 
 from _e2e_helpers import D, HOOKS, SPEC, build_cache, e2e_config
 from activation_cache import load_model
-from trainer import (SAEConfig, TensorSource, TrainingConfig, build_sae, job_sources, load_sae,
+from trainer import (make_sae_config, TensorSource, TrainingConfig, build_sae, job_sources, load_sae,
                      train_sae)
 from trainer.finetune import PhasedSource, TwoPhaseObjective
 
@@ -47,17 +47,24 @@ class Recorder:
         pass
 
 
+def load_sae_as(sae, **options):
+    """The same trained SAE (weights and buffers) under changed options of its own."""
+    other = build_sae(sae.cfg.replace(**options))
+    other.load_state_dict(sae.state_dict())
+    return other
+
+
 def _two_phase_config(**kw) -> TrainingConfig:
     base = dict(max_tokens=2400, finetune_fraction=0.25, train_batch_tokens=128, batch_size=4,
                 lr=1e-2, finetune_lr=1e-3, log_freq=3, checkpoint_every=3, keep_checkpoints=20,
-                threshold_warmup_steps=2, calibrate_threshold=True, logit_kl_scale="mse",
-                save_best=False)
+                logit_kl_scale="mse", save_best=False)
     base.update(kw)
     return e2e_config(**base)
 
 
 def _sae(seed=0):
-    return build_sae(SAEConfig(d_in=D, d_sae=64, top_k=4, hook_layer=1), seed=seed)
+    return build_sae(make_sae_config(d_in=D, d_sae=64, top_k=4, hook_layer=1,
+                                     threshold_warmup_steps=2), seed=seed)
 
 
 def _run(model, cache, cfg, out, *, resume_from=None, reporter=None):
@@ -69,17 +76,17 @@ def _run(model, cache, cfg, out, *, resume_from=None, reporter=None):
 def test_a_trained_sae_is_continued_not_reinitialised():
     torch.manual_seed(0)
     x = torch.randn(2048, 16) * 3 + 2
-    sae = build_sae(SAEConfig(d_in=16, d_sae=64, top_k=4), seed=0)
-    cfg = TrainingConfig(train_batch_tokens=256, num_epochs=1, log_freq=4, show_progress=False,
-                         threshold_warmup_steps=2)
+    sae = build_sae(make_sae_config(d_in=16, d_sae=64, top_k=4, threshold_warmup_steps=2),
+                    seed=0)
+    cfg = TrainingConfig(train_batch_tokens=256, num_epochs=1, log_freq=4, show_progress=False)
     train_sae(sae, TensorSource(x), cfg, reporter=Recorder())
     kept = {k: v.clone() for k, v in sae.state_dict().items()}
     assert bool(sae.data_initialized) and float(sae.threshold) > 0
     # a second run on shifted data: a fresh SAE would take the new geometric median and scale
     rec = Recorder()
-    train_sae(sae, TensorSource(x * 10 - 5), cfg.replace(lr=1e-12, threshold_beta=0.999999,
-                                                         calibrate_threshold=False),
-              reporter=rec)
+    second = load_sae_as(sae, threshold_beta=0.999999, calibrate_threshold=False)
+    train_sae(second, TensorSource(x * 10 - 5), cfg.replace(lr=1e-12), reporter=rec)
+    sae = second
     assert any("continuing from trained weights" in m for m in rec.messages)
     assert torch.equal(sae.input_scale, kept["input_scale"])
     assert torch.allclose(sae.b_dec, kept["b_dec"], atol=1e-6)
@@ -97,7 +104,7 @@ def test_init_from_a_saved_sae_keeps_its_state(tmp_path):
             g = torch.Generator().manual_seed(1 if split == "train" else 2)
             return TensorSource(torch.randn(512, 16, generator=g) * 4 + 1)
 
-    sae = build_sae(SAEConfig(d_in=16, d_sae=64, top_k=4, hook_layer=2), seed=0)
+    sae = build_sae(make_sae_config(d_in=16, d_sae=64, top_k=4, hook_layer=2), seed=0)
     sae.initialize_from_data(torch.randn(256, 16) * 9 + 3)
     with torch.no_grad():
         sae.threshold.fill_(0.7)
@@ -107,9 +114,9 @@ def test_init_from_a_saved_sae_keeps_its_state(tmp_path):
     job.write_text(f"""
 cache: c
 out_dir: {tmp_path / 'out'}
-sae: {{d_in: 16, d_sae: 64, top_k: 4, hook_layer: 2}}
+sae: {{d_in: 16, d_sae: 64, top_k: 4, hook_layer: 2, calibrate_threshold: false}}
 training: {{max_tokens: 256, train_batch_tokens: 128, lr: 1.0e-12, show_progress: false,
-           calibrate_threshold: false, init_from: {tmp_path / 'start'}}}
+           init_from: {tmp_path / 'start'}}}
 """)
     orig = job_module._open_cache
     job_module._open_cache = lambda uri: Reader()
@@ -166,4 +173,55 @@ def test_two_phase_resume_is_bit_exact(model, cache, tmp_path, stop):
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert [r.loss for r in straight.history] == [r.loss for r in resumed.history]
+    assert straight.final.kl_div == resumed.final.kl_div
+
+
+# -- a transcoder: MLP input -> MLP output, fine-tuned through the splice -------------------
+
+MLP_IN, MLP_OUT = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
+
+
+@pytest.fixture(scope="module")
+def mlp_cache(tmp_path_factory, model):
+    return build_cache(tmp_path_factory, model, "ft-mlp", store_logits=True, logits_top_k=32,
+                       store_splice_residual=True, hooks=(MLP_IN, MLP_OUT))
+
+
+@pytest.mark.parametrize("arch", ["batchtopk_transcoder", "batchtopk_skip_transcoder"])
+def test_a_transcoder_fine_tunes_end_to_end(model, mlp_cache, tmp_path, arch):
+    """Two phases on the tiny model with a transcoder from the MLP input to hook_mlp_out: the
+    local phase fits the MLP output, the fine-tune's KL comes from splicing the transcoder's
+    output in place of the MLP output, and the run resumes bit for bit across the boundary."""
+    cfg = _two_phase_config()
+    sae_cfg = make_sae_config(d_in=D, d_sae=64, architecture=arch, top_k=4, hook_layer=1,
+                              hook_name="ln2.hook_normalized", hook_name_out="hook_mlp_out",
+                              threshold_warmup_steps=2)
+
+    def run(out, **kw):
+        s = job_sources(mlp_cache, cfg, sae_cfg.hook_spec, target_hook=sae_cfg.hook_spec_out,
+                        model=model)
+        assert s.train.tokens.target_hook == MLP_OUT and s.train.sequences.target_hook == MLP_OUT
+        assert s.objective.e2e.site(build_sae(sae_cfg)).hook_name == MLP_OUT
+        return train_sae(build_sae(sae_cfg, seed=0), s.train, cfg, val_source=s.val,
+                         objective=s.objective, out_dir=out, reporter=kw.pop("reporter", None)
+                         or Recorder(), **kw)
+
+    straight = run(tmp_path / "a")
+    s1 = math.ceil(0.75 * 2400 / 128)  # the local phase's steps (as in the SAE case above)
+    local = [r for r in straight.history if r.step < s1]
+    tuned = [r for r in straight.history if r.step >= s1]
+    assert local and tuned and all(r.kl_div is None for r in local)
+    assert all(r.kl_div is not None and math.isfinite(r.kl_div) for r in tuned)
+    assert "kl" in tuned[-1].loss_terms
+    # the reconstruction is of the MLP output (its own scale), not of the input
+    assert float(straight.sae.output_scale) != float(straight.sae.input_scale)
+    # both phases move it the right way on this short budget: the local phase lowers the FVU
+    # of the MLP output, the fine-tune the KL of the spliced model
+    assert straight.final.fvu < local[0].fvu and straight.final.l0 > 0
+    assert tuned[-1].kl_div < tuned[0].kl_div
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", reporter=Recorder(stop_at_checkpoint_step=18))
+    resumed = run(tmp_path / "b", resume_from=tmp_path / "b" / "checkpoints" / "step_00000018")
+    a, b = straight.sae.state_dict(), resumed.sae.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
     assert straight.final.kl_div == resumed.final.kl_div

@@ -131,3 +131,21 @@ def test_train_from_yaml_on_a_real_tiny_cache(tmp_path):
     path.write_text(path.read_text().replace(f"d_in: {d_in},", f"d_in: {d_in + 1},"))
     with pytest.raises(DimensionMismatchError, match=f"d_in is {d_in + 1} .* d_in={d_in}"):
         train_from_yaml(path, out_dir=tmp_path / "run2")
+
+
+def test_a_job_yaml_with_a_threshold_field_under_training_says_where_it_lives(tmp_path):
+    """The BatchTopK threshold's settings are the architecture's: a `sae-sweep train` YAML that
+    names one in its old place (training:) gets one line pointing at sae:."""
+
+    job = tmp_path / "job.yaml"
+    job.write_text("cache: c\nsae: {d_in: 8, d_sae: 32, top_k: 4}\n"
+                   "training: {calibration_tokens: 512}\n")
+    with pytest.raises(ConfigError) as err:
+        TrainJobConfig.from_yaml(job)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{job}: TrainJobConfig.training -> ")
+    assert ("TrainingConfig.calibration_tokens: not a training field: it belongs to the SAE "
+            "config of architecture(s) batchtopk, ") in message
+    assert message.endswith("move it to the `sae:` block (sae.calibration_tokens)")
+    job.write_text("cache: c\nsae: {d_in: 8, d_sae: 32, top_k: 4, calibration_tokens: 512}\n")
+    assert TrainJobConfig.from_yaml(job).sae.calibration_tokens == 512

@@ -63,9 +63,9 @@ def test_redirected_cache_and_train_write_plain_lines(tmp_path):
     (tmp_path / "train.yaml").write_text(yaml.safe_dump({
         "cache": str(tmp_path / "cache"), "out_dir": str(tmp_path / "run"),
         "sae": {"d_in": 64, "d_sae": 256, "architecture": "batchtopk", "top_k": 8,
-                "hook_spec": "blocks.0.hook_resid_post"},
+                "hook_spec": "blocks.0.hook_resid_post", "calibration_tokens": 256},
         "training": {"num_epochs": 3, "train_batch_tokens": 128, "log_freq": 5,
-                     "checkpoint_every": 10, "init_tokens": 256, "calibration_tokens": 256,
+                     "checkpoint_every": 10, "init_tokens": 256,
                      "eval_max_tokens": 512}}))
     train_log = run_redirected(["train", str(tmp_path / "train.yaml"), "--threads", "1"],
                                tmp_path / "train.log", repo)

@@ -13,7 +13,7 @@ import torch
 
 from sweep.cli import main as cli_main
 from sweep.results import SWEEP_FILE, TrialRow, write_results
-from trainer import (OutputFolderError, SAEConfig, atomic_directory, build_sae,
+from trainer import (OutputFolderError, make_sae_config, atomic_directory, build_sae,
                      check_output_folder, export_sae, load_sae)
 from trainer.output_folder import OUTPUT_MARKER, remove_output
 
@@ -36,7 +36,7 @@ def user_folder(path: Path) -> dict[str, bytes]:
 
 def tiny_sae(arch: str = "topk") -> object:
     options = {"top_k": 2} if arch == "topk" else {}
-    sae = build_sae(SAEConfig(d_in=8, d_sae=16, architecture=arch, hook_layer=0, **options),
+    sae = build_sae(make_sae_config(d_in=8, d_sae=16, architecture=arch, hook_layer=0, **options),
                     seed=0)
     sae.initialize_from_data(torch.randn(64, 8))
     return sae.eval()
@@ -234,9 +234,10 @@ def test_cli_export_refuses_a_user_folder_a_file_and_the_current_folder(
 TRAIN_YAML = """
 cache: {cache}
 out_dir: {out}
-sae: {{d_in: 64, d_sae: 128, top_k: 4, hook_spec: blocks.0.hook_resid_post}}
+sae: {{d_in: 64, d_sae: 128, top_k: 4, hook_spec: blocks.0.hook_resid_post,
+      calibration_tokens: 256}}
 training: {{num_epochs: 1, train_batch_tokens: 256, log_freq: 4, checkpoint_every: 4,
-           init_tokens: 256, calibration_tokens: 256, eval_max_tokens: 256,
+           init_tokens: 256, eval_max_tokens: 256,
            show_progress: false}}
 """
 

@@ -1,60 +1,67 @@
 """SAEConfig and TrainingConfig: defaults, derived fields, validation messages, round trips."""
 
 import pytest
+import yaml
 
+import trainer
 from activation_cache import ConfigError, UserError
-from trainer import SAEConfig, TrainingConfig
+from trainer import make_sae_config, sae_config_from_dict, SAEConfig, TrainingConfig
 
 
 def test_hook_spec_is_derived_and_follows_layer_and_name():
-    cfg = SAEConfig(d_in=8, d_sae=32, top_k=4)
+    cfg = make_sae_config(d_in=8, d_sae=32, top_k=4)
     assert cfg.hook_spec == "blocks.9.hook_resid_post"
     moved = cfg.replace(hook_layer=3, hook_name="hook_mlp_out")
     assert moved.hook_spec == "blocks.3.hook_mlp_out"
-    assert SAEConfig(d_in=8, d_sae=32, top_k=4, hook_layer="14").hook_spec == "blocks.14.hook_resid_post"
-    explicit = SAEConfig(d_in=8, d_sae=32, top_k=4, hook_spec="hook_embed")
+    assert make_sae_config(d_in=8, d_sae=32, top_k=4, hook_layer="14").hook_spec == "blocks.14.hook_resid_post"
+    explicit = make_sae_config(d_in=8, d_sae=32, top_k=4, hook_spec="hook_embed")
     assert explicit.hook_spec == "hook_embed"
-    assert SAEConfig.from_dict(explicit.to_dict()).hook_spec == "hook_embed"
+    assert sae_config_from_dict(explicit.to_dict()).hook_spec == "hook_embed"
 
 
 def test_top_k_aux_default_follows_top_k_and_is_settable():
-    assert SAEConfig(d_in=8, d_sae=32, top_k=9).top_k_aux == 4
-    assert SAEConfig(d_in=8, d_sae=32, top_k=1).top_k_aux == 1  # max(1, 1 // 2)
-    assert SAEConfig(d_in=8, d_sae=32, top_k=8).replace(top_k=16).top_k_aux == 8
-    assert SAEConfig(d_in=8, d_sae=32, top_k=8, top_k_aux=20).replace(top_k=16).top_k_aux == 20
-    with pytest.raises(AttributeError, match="top_k_aux belongs to architecture"):
-        SAEConfig(d_in=8, d_sae=32, architecture="standard").top_k_aux
+    assert make_sae_config(d_in=8, d_sae=32, top_k=9).top_k_aux == 4
+    assert make_sae_config(d_in=8, d_sae=32, top_k=1).top_k_aux == 1  # max(1, 1 // 2)
+    assert make_sae_config(d_in=8, d_sae=32, top_k=8).replace(top_k=16).top_k_aux == 8
+    assert make_sae_config(d_in=8, d_sae=32, top_k=8, top_k_aux=20).replace(top_k=16).top_k_aux == 20
+    with pytest.raises(AttributeError, match=r"SAEConfig has no field 'top_k_aux' \(architecture 'standard'\)"):
+        make_sae_config(d_in=8, d_sae=32, architecture="standard").top_k_aux
 
 
 def test_architecture_fields_belong_to_their_architecture():
     # a field of another architecture is refused, naming who owns it
     with pytest.raises(ConfigError, match=r"SAEConfig.top_k: does not apply to architecture "
                                           r"'standard' \(it is a field of batchtopk"):
-        SAEConfig(d_in=8, d_sae=32, architecture="standard", top_k=4)
+        make_sae_config(d_in=8, d_sae=32, architecture="standard", top_k=4)
     with pytest.raises(ConfigError, match=r"SAEConfig.l1_coefficient: does not apply to "
                                           r"architecture 'topk'"):
-        SAEConfig.from_dict({"d_in": 8, "d_sae": 32, "architecture": "topk", "top_k": 4,
+        sae_config_from_dict({"d_in": 8, "d_sae": 32, "architecture": "topk", "top_k": 4,
                              "l1_coefficient": 0.1})
     # each architecture's own fields round-trip flat
     for arch, extra in [("standard", {"l1_coefficient": 0.2}), ("topk", {"top_k": 3}),
                         ("jumprelu", {"l0_coefficient": 0.5, "jumprelu_bandwidth": 0.1}),
                         ("matryoshka_batchtopk", {"top_k": 3, "group_fractions": [0.25, 0.75]})]:
-        cfg = SAEConfig.from_dict({"d_in": 8, "d_sae": 32, "architecture": arch, **extra})
-        assert SAEConfig.from_dict(cfg.to_dict()) == cfg
+        cfg = sae_config_from_dict({"d_in": 8, "d_sae": 32, "architecture": arch, **extra})
+        assert sae_config_from_dict(cfg.to_dict()) == cfg
         for key, value in extra.items():
             assert getattr(cfg, key) == (tuple(value) if isinstance(value, list) else value)
-    # switching architecture drops the fields the new one does not have
-    moved = SAEConfig(d_in=8, d_sae=32, top_k=4).replace(architecture="standard")
-    assert "top_k" not in moved.to_dict() and moved.l1_coefficient == 0.01
+    # replace() keeps the architecture: another one is another config, with its own options
+    with pytest.raises(ConfigError, match="replace\\(\\) keeps the architecture"):
+        make_sae_config(d_in=8, d_sae=32, top_k=4).replace(architecture="standard")
+    # the flat form is the registry's: SAEConfig alone does not know the architectures
+    with pytest.raises(ConfigError, match="trainer.sae_config_from_dict"):
+        SAEConfig.from_dict({"d_in": 8, "d_sae": 32, "top_k": 4})
+    with pytest.raises(ConfigError, match="SAEConfig.options: the fields of architecture"):
+        SAEConfig(d_in=8, d_sae=32, architecture="standard")
     with pytest.raises(ConfigError, match="group_fractions: must sum to 1"):
-        SAEConfig(d_in=8, d_sae=32, architecture="matryoshka_batchtopk", top_k=2,
+        make_sae_config(d_in=8, d_sae=32, architecture="matryoshka_batchtopk", top_k=2,
                   group_fractions=(0.5, 0.25))
 
 
 def test_round_trip_dict_and_yaml():
-    cfg = SAEConfig(d_in=8, d_sae=32, top_k=4, top_k_aux=7, aux_penalty=0.5, dtype="float64")
-    assert SAEConfig.from_dict(cfg.to_dict()) == cfg
-    assert SAEConfig.from_yaml(cfg.to_yaml()) == cfg
+    cfg = make_sae_config(d_in=8, d_sae=32, top_k=4, top_k_aux=7, aux_penalty=0.5, dtype="float64")
+    assert sae_config_from_dict(cfg.to_dict()) == cfg
+    assert sae_config_from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
     tc = TrainingConfig(lr=None, block_mse_layers=(3, 4), use_block_mse=True, max_tokens=10_000)
     assert TrainingConfig.from_dict(tc.to_dict()) == tc
     assert TrainingConfig.from_yaml(tc.to_yaml()).block_mse_layers == (3, 4)
@@ -75,19 +82,19 @@ def test_round_trip_dict_and_yaml():
 ])
 def test_sae_config_validation_names_the_field(kwargs, message):
     with pytest.raises(ConfigError) as err:
-        SAEConfig(**kwargs)
+        make_sae_config(**kwargs)
     assert message in str(err.value)
     assert isinstance(err.value, UserError)
 
 
 def test_unknown_keys_and_use_error_term():
     with pytest.raises(ConfigError, match=r"unknown key 'topk' \(did you mean 'top_k'\?\)"):
-        SAEConfig.from_dict({"d_in": 8, "d_sae": 32, "topk": 4})
+        sae_config_from_dict({"d_in": 8, "d_sae": 32, "topk": 4})
     # ported configs with use_error_term: false load; true is explained and rejected
-    cfg = SAEConfig.from_dict({"d_in": 8, "d_sae": 32, "top_k": 4, "use_error_term": False})
+    cfg = sae_config_from_dict({"d_in": 8, "d_sae": 32, "top_k": 4, "use_error_term": False})
     assert "use_error_term" not in cfg.to_dict()
     with pytest.raises(ConfigError, match="use_error_term: not supported.*hooked SAE wrapper"):
-        SAEConfig.from_dict({"d_in": 8, "d_sae": 32, "top_k": 4, "use_error_term": True})
+        sae_config_from_dict({"d_in": 8, "d_sae": 32, "top_k": 4, "use_error_term": True})
 
 
 def test_training_config_defaults_cover_design_notes_fields():
@@ -99,8 +106,7 @@ def test_training_config_defaults_cover_design_notes_fields():
     for name in notes_fields:
         assert hasattr(tc, name), name
     # the design notes' fields that nothing read are refused with what to use instead
-    for name, hint in [("l1_coefficient", "sae.l1_coefficient"),
-                       ("num_dataloader_workers", "never read"), ("pin_memory", "never read"),
+    for name, hint in [("num_dataloader_workers", "never read"), ("pin_memory", "never read"),
                        ("persistent_workers", "never read"),
                        ("max_text_length", "max_text_length in the cache config")]:
         with pytest.raises(ConfigError, match=f"TrainingConfig.{name}: no longer a field.*{hint}"):
@@ -121,7 +127,6 @@ def test_training_config_defaults_cover_design_notes_fields():
     (dict(outlier_norm_multiple=0.5), "TrainingConfig.outlier_norm_multiple"),
     (dict(b_dec_init="median"), "TrainingConfig.b_dec_init"),
     (dict(best_metric="accuracy"), "TrainingConfig.best_metric: must be a numeric MetricsRecord field"),
-    (dict(threshold_beta=1.0), "TrainingConfig.threshold_beta"),
     (dict(max_tokens=0), "TrainingConfig.max_tokens"),
     (dict(checkpoint_every=True), "TrainingConfig.checkpoint_every: must be an integer"),
     (dict(seed=True), "TrainingConfig.seed: must be an integer"),
@@ -130,6 +135,27 @@ def test_training_config_validation_names_the_field(kwargs, message):
     with pytest.raises(ConfigError) as err:
         TrainingConfig(**kwargs)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("name, value", [("threshold_warmup_steps", 10), ("threshold_beta", 0.99),
+                                         ("calibrate_threshold", False),
+                                         ("calibration_tokens", 512), ("l1_coefficient", 0.1)])
+def test_a_field_of_an_architecture_under_training_says_where_it_lives(name, value):
+    """The threshold's warm-up, EMA rate and calibration moved from TrainingConfig to the
+    options of the architectures with a threshold: one line says so, naming them."""
+    with pytest.raises(ConfigError) as err:
+        TrainingConfig.from_dict({"lr": 1e-3, name: value})
+    message = str(err.value)
+    assert message.startswith(f"TrainingConfig.{name}: not a training field: it belongs to the "
+                              "SAE config of architecture(s) ")
+    assert f"move it to the `sae:` block (sae.{name})" in message and "\n" not in message
+    owners = trainer.field_catalog().owners(name)
+    assert owners and ", ".join(owners) in message
+    # ... and that is where it works
+    arch = owners[0]
+    extra = {"top_k": 4} if "top_k" in trainer.field_catalog().owned[arch] else {}
+    cfg = make_sae_config(d_in=8, d_sae=32, architecture=arch, **{name: value}, **extra)
+    assert getattr(cfg, name) == value
 
 
 def test_training_config_end_to_end_ok_with_kl_and_auto_lr():

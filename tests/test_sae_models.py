@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from trainer import (SAE, BatchTopKSAE, CheckpointMismatchError, DimensionMismatchError, SAEConfig,
-                     StandardSAE, build_sae, load_sae)
+from trainer import (SAE, BatchTopKSAE, CheckpointMismatchError, DimensionMismatchError,
+                     StandardSAE, TrainingProgress, build_sae, load_sae,
+                     make_sae_config)
 from trainer.saes.auxk import auxk_loss
 from trainer.saes.base import geometric_median
 
@@ -26,7 +27,7 @@ def _arch_kwargs(arch):
 
 def _hand_topk_sae(k=2, **kw) -> BatchTopKSAE:
     """d_in=2, d_sae=3: pre = x @ [[1,0,1],[0,1,1]] + [0,0,-0.5] (b_dec = 0, scale 1)."""
-    sae = BatchTopKSAE(SAEConfig(d_in=2, d_sae=3, top_k=k, **kw), seed=0)
+    sae = BatchTopKSAE(make_sae_config(d_in=2, d_sae=3, top_k=k, **kw), seed=0)
     with torch.no_grad():
         sae.W_enc.copy_(torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]))
         sae.b_enc.copy_(torch.tensor([0.0, 0.0, -0.5]))
@@ -60,7 +61,7 @@ def test_batchtopk_training_forward_terms():
     sae = _hand_topk_sae().train()
     out = sae.training_forward(X_HAND)
     x_hat = F_HAND @ sae.W_dec.detach()
-    assert torch.allclose(out.x_hat, x_hat)
+    assert torch.allclose(out.output, x_hat)
     assert torch.allclose(out.reconstruction_loss, (x_hat - X_HAND).pow(2).mean())
     assert torch.allclose(out.terms["mse"], (x_hat - X_HAND).pow(2).mean())
     assert out.fired.tolist() == [True, True, True]
@@ -83,7 +84,7 @@ def test_eval_mode_encodes_each_token_independently_of_its_batch():
     for i in range(2):
         assert torch.equal(sae.encode(X_HAND[i : i + 1]), batch[i : i + 1])
     # and on random data with a bigger SAE
-    big = BatchTopKSAE(SAEConfig(d_in=16, d_sae=64, top_k=4), seed=1)
+    big = BatchTopKSAE(make_sae_config(d_in=16, d_sae=64, top_k=4), seed=1)
     big.threshold.fill_(0.3)
     big.eval()
     x = torch.randn(50, 16)
@@ -95,24 +96,32 @@ def test_eval_mode_encodes_each_token_independently_of_its_batch():
 
 
 def test_threshold_is_an_fp32_ema_of_the_min_selected_activation_after_warmup():
-    sae = _hand_topk_sae()
+    sae = _hand_topk_sae(threshold_warmup_steps=2, threshold_beta=0.5)
     assert sae.threshold.dtype == torch.float32 and float(sae.threshold) == -1.0
     fired = torch.ones(3, dtype=torch.bool)
     two, four = {"min_selected": torch.tensor(2.0)}, {"min_selected": torch.tensor(4.0)}
-    sae.update_training_state(fired, two, update_threshold=False, threshold_beta=0.5)
-    assert float(sae.threshold) == -1.0  # still in warm-up
-    sae.update_training_state(fired, two, update_threshold=True, threshold_beta=0.5)
+    # the rule reads the SAE's own options: warm-up 2 steps (capped at half the run), beta 0.5
+    assert (sae.cfg.threshold_warmup_steps, sae.cfg.threshold_beta) == (2, 0.5)
+    sae.update_training_state(fired, two, TrainingProgress(step=2, total_steps=100))
+    assert float(sae.threshold) == -1.0  # still in warm-up (steps 1 and 2)
+    sae.update_training_state(fired, two, TrainingProgress(step=3, total_steps=100))
     assert float(sae.threshold) == 2.0  # first value is taken as is
-    sae.update_training_state(fired, four, update_threshold=True, threshold_beta=0.5)
+    sae.update_training_state(fired, four, TrainingProgress(step=4, total_steps=100))
     assert float(sae.threshold) == 3.0  # 0.5 * 2 + 0.5 * 4
-    sae.update_training_state(fired, {}, update_threshold=True, threshold_beta=0.5)
+    sae.update_training_state(fired, {}, TrainingProgress(step=5, total_steps=100))
     assert float(sae.threshold) == 3.0  # a step without a forward brings no minimum
+    # the warm-up is capped at half the run: in a 2-step run the EMA starts at step 2
+    capped = _hand_topk_sae(threshold_warmup_steps=2, threshold_beta=0.5)
+    capped.update_training_state(fired, two, TrainingProgress(step=1, total_steps=2))
+    assert float(capped.threshold) == -1.0
+    capped.update_training_state(fired, four, TrainingProgress(step=2, total_steps=2))
+    assert float(capped.threshold) == 4.0
     # the chunks of one step merge to their minimum (end-to-end training's micro-batches)
     assert float(sae.merge_running(two, four)["min_selected"]) == 2.0
 
 
 def test_calibrated_threshold_gives_inference_l0_of_k():
-    sae = BatchTopKSAE(SAEConfig(d_in=16, d_sae=64, top_k=5), seed=2)
+    sae = BatchTopKSAE(make_sae_config(d_in=16, d_sae=64, top_k=5), seed=2)
     x = torch.randn(300, 16)
     message = sae.calibrate(iter([x[:100], x[100:200], x[200:]]), max_tokens=300)
     assert message is not None and float(sae.threshold) > 0
@@ -136,7 +145,7 @@ def test_auxk_hand_case():
     # residual e = [[0, 2], [0, 0]]; dead pre-acts [2.2, -0.6] -> relu [2.2, 0]
     # e_hat = [[1.32, 1.76], [0, 0]]; ||e - e_hat||^2 = [1.8, 0] -> mean 0.9
     # mean(e) = [0, 1]; ||e - mean||^2 = [1, 1] -> mean 1  => aux = 0.9
-    aux = auxk_loss(sae, x, x_recon, sae.pre_activations(x).detach(), dead)
+    aux = auxk_loss(sae, x, x, x_recon, sae.pre_activations(x).detach(), dead)
     assert float(aux.detach()) == pytest.approx(0.9, rel=1e-6)
     aux.backward()
     # gradients reach only the dead latent's encoder column and decoder row
@@ -145,23 +154,23 @@ def test_auxk_hand_case():
 
 
 def test_auxk_is_zero_without_dead_latents_and_scale_free():
-    sae = BatchTopKSAE(SAEConfig(d_in=16, d_sae=64, top_k=4, top_k_aux=8), seed=3)
+    sae = BatchTopKSAE(make_sae_config(d_in=16, d_sae=64, top_k=4, top_k_aux=8), seed=3)
     x = torch.randn(40, 16)
     x_recon = x + 0.3 * torch.randn(40, 16)
     none_dead = torch.zeros(64, dtype=torch.bool)
     pre = sae.pre_activations(x).detach()
-    assert float(auxk_loss(sae, x, x_recon, pre, none_dead)) == 0.0
-    assert float(auxk_loss(sae, x, x_recon, pre)) == 0.0  # fresh counters: nothing dead
+    assert float(auxk_loss(sae, x, x, x_recon, pre, none_dead)) == 0.0
+    assert float(auxk_loss(sae, x, x, x_recon, pre)) == 0.0  # fresh counters: nothing dead
     dead = torch.zeros(64, dtype=torch.bool)
     dead[::3] = True
-    a1 = auxk_loss(sae, x, x_recon, pre, dead)
-    a10 = auxk_loss(sae, 10 * x, 10 * x_recon, 10 * pre, dead)  # b_enc = b_dec = 0: linear
+    a1 = auxk_loss(sae, x, x, x_recon, pre, dead)
+    a10 = auxk_loss(sae, 10 * x, 10 * x, 10 * x_recon, 10 * pre, dead)  # b_enc = b_dec = 0: linear
     assert float(a1.detach()) > 0
     assert float(a10.detach()) == pytest.approx(float(a1.detach()), rel=1e-5)
 
 
 def test_dead_latents_after_n_batches_to_dead():
-    sae = BatchTopKSAE(SAEConfig(d_in=2, d_sae=3, top_k=1, n_batches_to_dead=2), seed=0)
+    sae = BatchTopKSAE(make_sae_config(d_in=2, d_sae=3, top_k=1, n_batches_to_dead=2), seed=0)
     sae.update_inactive_features(torch.tensor([True, False, False]))
     assert sae.num_batches_not_active.tolist() == [0, 1, 1]
     assert sae.dead_mask().tolist() == [False, False, False]
@@ -176,7 +185,7 @@ def test_dead_latents_after_n_batches_to_dead():
 
 
 def test_decoder_gradient_projection_and_renormalisation_hand_case():
-    sae = StandardSAE(SAEConfig(d_in=2, d_sae=2, architecture="standard"), seed=0)
+    sae = StandardSAE(make_sae_config(d_in=2, d_sae=2, architecture="standard"), seed=0)
     with torch.no_grad():
         sae.W_dec.copy_(torch.tensor([[0.6, 0.8], [1.0, 0.0]]))
     sae.W_dec.grad = torch.tensor([[1.0, 0.0], [3.0, 4.0]])
@@ -190,7 +199,7 @@ def test_decoder_gradient_projection_and_renormalisation_hand_case():
 
 
 def test_vanilla_sae_relu_l1_hand_case():
-    sae = StandardSAE(SAEConfig(d_in=2, d_sae=2, architecture="standard"), seed=0)
+    sae = StandardSAE(make_sae_config(d_in=2, d_sae=2, architecture="standard"), seed=0)
     with torch.no_grad():
         sae.W_enc.copy_(torch.eye(2))
         sae.W_dec.copy_(torch.eye(2))
@@ -209,7 +218,7 @@ def test_vanilla_sae_relu_l1_hand_case():
 def test_geometric_median_and_data_initialisation():
     pts = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [100.0, 0.0]]).double()
     assert torch.allclose(geometric_median(pts), torch.tensor([2.0, 0.0]).double(), atol=1e-3)
-    sae = StandardSAE(SAEConfig(d_in=2, d_sae=4, architecture="standard"), seed=0)
+    sae = StandardSAE(make_sae_config(d_in=2, d_sae=4, architecture="standard"), seed=0)
     sae.initialize_from_data(pts.float(), b_dec_init="mean", scale_inputs=False)
     assert torch.allclose(sae.b_dec, torch.tensor([21.2, 0.0]))
     x = torch.randn(500, 2) * 7 + 3
@@ -221,7 +230,7 @@ def test_geometric_median_and_data_initialisation():
 
 @pytest.mark.parametrize("arch", ["batchtopk", "standard"])
 def test_folding_keeps_raw_input_outputs(arch):
-    sae = build_sae(SAEConfig(d_in=16, d_sae=64, architecture=arch, **_arch_kwargs(arch)), seed=4)
+    sae = build_sae(make_sae_config(d_in=16, d_sae=64, architecture=arch, **_arch_kwargs(arch)), seed=4)
     x = torch.randn(64, 16) * 30 + 5
     sae.initialize_from_data(x)
     assert float(sae.input_scale) != 1.0
@@ -239,7 +248,7 @@ def test_folding_keeps_raw_input_outputs(arch):
 
 @pytest.mark.parametrize("arch, klass", [("batchtopk", BatchTopKSAE), ("standard", StandardSAE)])
 def test_save_and_load_rebuild_the_right_class(tmp_path, arch, klass):
-    sae = build_sae(SAEConfig(d_in=16, d_sae=64, architecture=arch, **_arch_kwargs(arch)), seed=5)
+    sae = build_sae(make_sae_config(d_in=16, d_sae=64, architecture=arch, **_arch_kwargs(arch)), seed=5)
     x = torch.randn(32, 16) * 4
     sae.initialize_from_data(x)
     if arch == "batchtopk":
@@ -254,12 +263,12 @@ def test_save_and_load_rebuild_the_right_class(tmp_path, arch, klass):
     loaded.eval()
     assert float(loaded.input_scale) == 1.0  # folded at save
     assert torch.allclose(loaded(x)[0], sae(x)[0], rtol=1e-4, atol=1e-4)
-    same, hist = SAE.load(tmp_path / "s", load_history=True)
+    same, hist = load_sae(tmp_path / "s", load_history=True)
     assert type(same) is klass and hist == history
 
 
 def test_wrong_d_in_and_mismatched_weights_are_clear_errors(tmp_path):
-    sae = build_sae(SAEConfig(d_in=8, d_sae=32, top_k=4), seed=0)
+    sae = build_sae(make_sae_config(d_in=8, d_sae=32, top_k=4), seed=0)
     with pytest.raises(DimensionMismatchError, match=r"width 5.*d_in=8"):
         sae.encode(torch.randn(3, 5))
     sae.save(tmp_path / "s")
@@ -281,8 +290,8 @@ def test_wrong_d_in_and_mismatched_weights_are_clear_errors(tmp_path):
 def test_cuda_device_on_a_cpu_machine(tmp_path):
     from activation_cache import ConfigError
     with pytest.raises(ConfigError, match="SAEConfig.device: 'cuda' but CUDA is not available"):
-        build_sae(SAEConfig(d_in=8, d_sae=32, top_k=4, device="cuda"))
-    sae = build_sae(SAEConfig(d_in=8, d_sae=32, top_k=4), seed=0)
+        build_sae(make_sae_config(d_in=8, d_sae=32, top_k=4, device="cuda"))
+    sae = build_sae(make_sae_config(d_in=8, d_sae=32, top_k=4), seed=0)
     sae.save(tmp_path / "s")
     cfg = json.loads((tmp_path / "s" / "config.json").read_text())
     cfg["device"] = "cuda"  # as if saved on a GPU machine
@@ -291,7 +300,7 @@ def test_cuda_device_on_a_cpu_machine(tmp_path):
 
 
 def test_float64_sae_keeps_its_precision_through_the_scaling():
-    sae = build_sae(SAEConfig(d_in=8, d_sae=32, top_k=4, dtype="float64"), seed=0)
+    sae = build_sae(make_sae_config(d_in=8, d_sae=32, top_k=4, dtype="float64"), seed=0)
     x = torch.randn(16, 8, dtype=torch.float64) * 10
     sae.initialize_from_data(x)
     xs = sae.scale_input(x)

@@ -259,3 +259,80 @@ def test_auxk_without_dead_latents_is_zero(auxk_path):
     pre = (x - b_dec) @ W_enc + b_enc
     aux = auxk_reconstruct(x, W_enc, b_enc, W_dec, b_dec, pre, torch.zeros(6, dtype=torch.bool), 3)
     assert torch.equal(aux.e_hat, torch.zeros(8, 4)) and aux.values.numel() == 0
+
+
+# -- a transcoder's shapes: d_out != d_in, no input centring ---------------------------------
+
+
+def _transcoder_inputs(n, d_in, d_out, d_sae, seed=0):
+    x, W_enc, b_enc, _, _ = make_inputs(n, d_in, d_sae, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    W_dec = torch.randn(d_sae, d_out, generator=g) / d_out**0.5
+    b_dec = 0.1 * torch.randn(d_out, generator=g)
+    return [x, W_enc, b_enc, W_dec, b_dec]
+
+
+@pytest.mark.parametrize("kernel, reference", [
+    (topk_sae_forward, topk_sae_forward_reference),
+    (sparse_ops.topk_per_token_forward, None),
+])
+def test_no_input_centring_and_another_output_width_match_the_dense_definition(kernel,
+                                                                               reference):
+    """b_in=None: pre = x @ W_enc + b_enc (b_dec only the output bias, of width d_out); the
+    fast path's outputs and gradients equal the dense definition, and b_dec's gradient is the
+    output's alone (no centring term)."""
+    inputs = _transcoder_inputs(64, 12, 7, 48)
+    fast_in, ref_in = leaves(inputs), leaves(inputs)
+    x, W_enc, b_enc, W_dec, b_dec = fast_in
+    out = kernel(x, W_enc, b_enc, W_dec, b_dec, 5, b_in=None)
+    rx, rWe, rbe, rWd, rbd = ref_in
+    pre = rx @ rWe + rbe
+    if reference is not None:
+        ref = reference(rx, rWe, rbe, rWd, rbd, 5, b_in=None)
+        ref_hat, ref_values = ref.x_hat, ref.values
+        assert torch.equal(out.latent_idx, ref.latent_idx)
+    else:  # per token: the top k of each row, ReLU'd
+        top = pre.topk(5, dim=1)
+        codes = torch.zeros_like(pre).scatter(1, top.indices, torch.relu(top.values))
+        ref_hat = codes @ rWd + rbd
+        ref_values = codes[codes > 0]
+    torch.testing.assert_close(out.pre_acts, pre.detach(), rtol=1e-5, atol=1e-6)
+    assert out.x_hat.shape == (64, 7)
+    torch.testing.assert_close(out.x_hat, ref_hat, rtol=1e-5, atol=1e-5)
+    target = torch.randn(64, 7)
+    ((out.x_hat - target).pow(2).sum() + 0.3 * out.values.pow(2).sum()).backward()
+    ((ref_hat - target).pow(2).sum() + 0.3 * ref_values.pow(2).sum()).backward()
+    for name, a, b in zip(PARAMS, fast_in, ref_in):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+    # the output bias gets exactly the output's gradient: sum over tokens of d loss / d x_hat
+    torch.testing.assert_close(b_dec.grad, 2 * (out.x_hat - target).sum(0).detach(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_a_decoder_of_another_width_cannot_centre_the_input():
+    inputs = _transcoder_inputs(8, 12, 7, 48)
+    with pytest.raises(ValueError, match="cannot centre the input: pass b_in=None"):
+        topk_sae_forward(*inputs, 2)  # the default centres by b_dec, of the wrong width
+
+
+@pytest.mark.parametrize("k_aux", [3, 40])
+def test_auxk_without_input_centring_matches_the_dense_reference(k_aux, auxk_path):
+    inputs = _transcoder_inputs(32, 12, 7, 48, seed=3)
+    fast_in, ref_in = leaves(inputs), leaves(inputs)
+    dead = torch.zeros(48, dtype=torch.bool)
+    dead[::2] = True
+    with torch.no_grad():
+        pre = inputs[0] @ inputs[1] + inputs[2]
+    fast = auxk_reconstruct(*fast_in, pre, dead, k_aux, b_in=None).e_hat
+    ref = auxk_reconstruct_reference(*ref_in, dead, k_aux, b_in=None)
+    assert fast.shape == (32, 7)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn(32, 7)
+    (fast * g).sum().backward()
+    (ref * g).sum().backward()
+    for name, a, b in zip(PARAMS, fast_in, ref_in):
+        if b.grad is None:
+            assert a.grad is None or not a.grad.any(), name
+            continue
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert fast_in[4].grad is None  # no bias in the AuxK decode, and no centring

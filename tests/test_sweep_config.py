@@ -55,6 +55,66 @@ def test_unknown_keys_are_rejected_with_the_field_named():
         SweepConfig.from_dict(base(search_space={"d_sae": {"type": "int", "low": 8, "hi": 9}}))
 
 
+def test_an_architecture_field_in_its_old_training_place_says_where_it_lives():
+    """The BatchTopK threshold's warm-up, EMA rate and calibration are the architecture's own
+    fields now: fixed under `training:` they get one line naming where they belong; searched
+    (the search space is flat) they go to the SAE config and are drawn only for the
+    architectures that have them."""
+    with pytest.raises(ConfigError) as err:
+        SweepConfig.from_dict(base(training={"threshold_warmup_steps": 30}))
+    import trainer
+
+    owners = ", ".join(trainer.field_catalog().owners("threshold_warmup_steps"))
+    assert owners.startswith("batchtopk, ") and "matryoshka_batchtopk" in owners
+    assert str(err.value) == (
+        "SweepConfig.training.threshold_warmup_steps: is not a training field: it belongs to "
+        f"the SAE config of architecture(s) {owners}; move it to the `sae:` block")
+    fixed = SweepConfig.from_dict(base(sae={"threshold_warmup_steps": 30}))
+    sae_cfg, _ = build_trial_configs(fixed, {"d_sae": 32, "top_k": 4, "lr": 1e-3}, d_in=16)
+    assert sae_cfg.threshold_warmup_steps == 30
+    space = dict(base()["search_space"], threshold_beta={"type": "float", "low": 0.9,
+                                                         "high": 0.999})
+    searched = SweepConfig.from_dict(base(search_space=space))
+    sae_cfg, train_cfg = build_trial_configs(
+        searched, {"d_sae": 32, "top_k": 4, "lr": 1e-3, "threshold_beta": 0.95}, d_in=16)
+    assert sae_cfg.threshold_beta == 0.95 and not hasattr(train_cfg, "threshold_beta")
+    with pytest.raises(ConfigError, match=r"search_space.threshold_beta: only applies to "
+                                          r"architecture\(s\) batchtopk, .*matryoshka_batchtopk, "
+                                          r"which this sweep never uses \(it uses topk\)"):
+        SweepConfig.from_dict(base(search_space=space, sae={"architecture": "topk"}))
+    with pytest.raises(ConfigError, match=r"sae.lr: is a training field"):
+        SweepConfig.from_dict(base(sae={"lr": 1e-3}, search_space={
+            "d_sae": {"type": "int", "low": 16, "high": 64}}))
+
+
+def test_a_transcoder_sweep_names_its_output_hook():
+    tc = {"architecture": {"type": "categorical",
+                           "choices": ["batchtopk_transcoder", "batchtopk_skip_transcoder"]}}
+    space = dict(base()["search_space"], **tc)
+    with pytest.raises(ConfigError, match=r"SweepConfig.hook_out: architecture\(s\) "
+                                          r"batchtopk_transcoder, batchtopk_skip_transcoder are "
+                                          r"transcoders: name the hook they reconstruct"):
+        SweepConfig.from_dict(base(search_space=space))
+    with pytest.raises(ConfigError, match=r"SweepConfig.hook_out: is set \(a transcoder sweep\) "
+                                          r"but architecture\(s\) batchtopk reconstruct"):
+        SweepConfig.from_dict(base(hook_out="blocks.1.hook_mlp_out"))
+    cfg = SweepConfig.from_dict(base(hook="blocks.1.ln2.hook_normalized",
+                                     hook_out="blocks.1.hook_mlp_out", search_space=space))
+    sae, _ = build_trial_configs(cfg, {"d_sae": 32, "top_k": 4, "lr": 1e-3,
+                                       "architecture": "batchtopk_skip_transcoder"},
+                                 d_in=16, d_out=24)
+    assert (sae.architecture, sae.hook_spec, sae.hook_spec_out, sae.d_in, sae.d_out) == (
+        "batchtopk_skip_transcoder", "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out",
+        16, 24)
+    assert (sae.hook_layer, sae.hook_name) == (1, "ln2.hook_normalized")
+    with pytest.raises(ConfigError, match="the width of 'blocks.1.hook_mlp_out' is unknown"):
+        build_trial_configs(cfg, {"d_sae": 32, "top_k": 4, "lr": 1e-3,
+                                  "architecture": "batchtopk_transcoder"}, d_in=16)
+    # the data's fields are the sweep's: an output side cannot be fixed or searched
+    with pytest.raises(ConfigError, match="sae.d_out: is set by the sweep"):
+        SweepConfig.from_dict(base(sae={"d_out": 24}))
+
+
 @pytest.mark.parametrize("spec, message", [
     ({"type": "int", "low": 8}, "ParamSpec.high: a int parameter needs a numeric high"),
     ({"type": "float", "low": 0.0, "high": 1.0, "log": True}, "ParamSpec.low: must be > 0"),
@@ -166,7 +226,11 @@ def test_every_registered_architecture_is_a_sweep_dimension_with_only_its_own_fi
     import trainer
     from sweep.results import TrialRow, rows_to_frame
 
-    archs = trainer.architecture_names()
+    # every architecture that reconstructs its input (a transcoder sweep names its output hook:
+    # test_a_transcoder_sweep_names_its_output_hook)
+    catalog = trainer.field_catalog()
+    archs = [a for a in catalog.architectures if a not in catalog.transcoders]
+    assert len(archs) >= 5
     cfg = SweepConfig.from_dict(base(search_space={
         "architecture": {"type": "categorical", "choices": archs},
         "d_sae": {"type": "int", "low": 32, "high": 64},
@@ -177,7 +241,7 @@ def test_every_registered_architecture_is_a_sweep_dimension_with_only_its_own_fi
     samples = _sample(cfg, d_in=12, n=60, seed=2)
     assert {p["architecture"] for p in samples} == set(archs)
     for p in samples:
-        owned = set(trainer.architecture_fields(p["architecture"]))
+        owned = set(trainer.field_catalog().owned[p["architecture"]])
         for name in ("top_k", "l1_coefficient", "l0_coefficient"):
             assert (name in p) == (name in owned), (p, name)  # drawn iff the arch has it
         sae, _ = build_trial_configs(cfg, p, d_in=12)

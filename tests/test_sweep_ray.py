@@ -113,3 +113,39 @@ def test_rerunning_into_an_existing_experiment_is_refused(finished_sweep):
     cfg, _ = finished_sweep
     with pytest.raises(ExperimentExistsError, match="--resume"):
         run_sweep(cfg)
+
+
+MLP_IN, MLP_OUT = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"
+
+
+def test_a_transcoder_sweep_searches_the_architecture_and_its_fields(local_ray, tmp_path):
+    """Transcoders sweep like any architecture: the two transcoder architectures and their own
+    fields are search dimensions, each trial reads the MLP input and reconstructs the MLP output
+    from a cache holding both, and the winner exports to SAELens's transcoder class with both
+    hooks and a card in its own words."""
+    cache = build_tiny_cache(tmp_path / "mlp", hooks=(MLP_IN, MLP_OUT))
+    data = tiny_sweep(cache, tmp_path / "sweep", num_samples=2, sampler="random", seed=1,
+                      hook=MLP_IN, hook_out=MLP_OUT)
+    data["search_space"].update(
+        architecture={"type": "categorical",
+                      "choices": ["batchtopk_transcoder", "batchtopk_skip_transcoder"]},
+        threshold_beta={"type": "float", "low": 0.99, "high": 0.999})
+    cfg = SweepConfig.from_dict(data)
+    results = run_sweep(cfg)
+    assert (results["status"] == "completed").all() and len(results) == 2
+    assert results["architecture"].isin(["batchtopk_transcoder",
+                                         "batchtopk_skip_transcoder"]).all()
+    assert results["threshold_beta"].between(0.99, 0.999).all()
+    assert results["fvu"].map(math.isfinite).all() and results["test_fvu"].map(math.isfinite).all()
+    out = export_trial(cfg.experiment_path, trial="best", out_dir=tmp_path / "tc",
+                       output_format="saelens")
+    meta = json.loads((out / "cfg.json").read_text())
+    assert meta["architecture"] in ("jumprelu_transcoder", "jumprelu_skip_transcoder")
+    assert meta["metadata"]["hook_name"] == MLP_IN
+    assert meta["metadata"]["hook_name_out"] == MLP_OUT
+    card = (out / "README.md").read_text()
+    assert "decoded to the output hook" in card and "BatchTopK with its learned" not in card
+    from sae_lens import SAE as LensSAE
+
+    lens = LensSAE.load_from_disk(str(out), device="cpu")
+    assert lens.cfg.d_out == 64

@@ -12,7 +12,7 @@ from sweep.searcher import SweepSearcher
 from sweep.sweep_config import ConstraintSpec
 from sweep.trainable import (PROGRESS_FILE, MissingMetricError, RayReporter, TrialDiverged,
                              record_to_metrics)
-from trainer import MetricsRecord, SAEConfig, TensorSource, TrainingConfig, build_sae, train_sae
+from trainer import MetricsRecord, make_sae_config, TensorSource, TrainingConfig, build_sae, train_sae
 
 
 def test_reporter_reports_every_record_with_its_checkpoint_and_flags_the_last(tmp_path):
@@ -22,10 +22,10 @@ def test_reporter_reports_every_record_with_its_checkpoint_and_flags_the_last(tm
     reporter = RayReporter(monitored=("fvu", "l0"), max_tokens=1024, node_id="n1",
                            node_ip="1.2.3.4",
                            report_fn=lambda m, c: calls.append((m, c)))
-    sae = build_sae(SAEConfig(d_in=8, d_sae=16, top_k=2))
+    sae = build_sae(make_sae_config(d_in=8, d_sae=16, top_k=2, calibration_tokens=256))
     cfg = TrainingConfig(max_tokens=1024, train_batch_tokens=128, log_freq=2, checkpoint_every=4,
                          lr_warmup_steps=0, show_progress=False, init_tokens=256,
-                         calibration_tokens=256, eval_max_tokens=256)
+                         eval_max_tokens=256)
     result = train_sae(sae, TensorSource(acts), cfg, val_source=TensorSource(acts[:256]),
                        out_dir=tmp_path / "out", reporter=reporter)
     steps = [m["step"] for m, _ in calls]

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer import (CheckpointMismatchError, ConsoleReporter, DimensionMismatchError,
-                     LocalObjective, NonFiniteActivationError, Objective, SAEConfig, StepOutput,
+from trainer import (CheckpointMismatchError, ConsoleReporter, DimensionMismatchError, TokenBatch,
+                     LocalObjective, NonFiniteActivationError, Objective, make_sae_config, StepOutput,
                      TensorSource, TrainingConfig, TrainingDivergedError, build_sae, load_sae,
                      train_sae)
 from trainer.metrics import MetricsRecord, ReconstructionAccumulator, density_summary
@@ -57,15 +57,23 @@ class ListReporter:
 
 def quiet(**kw) -> TrainingConfig:
     base = dict(num_epochs=2, train_batch_tokens=128, lr=1e-2, log_freq=8, show_progress=False,
-                threshold_warmup_steps=4, checkpoint_every=None)
+                checkpoint_every=None)
     base.update(kw)
     return TrainingConfig(**base)
+
+
+def tiny_sae(**kw):
+    """A tiny BatchTopK config (its threshold EMA starts early, as these short runs need),
+    or another architecture's when ``architecture`` is given."""
+    if kw.get("architecture", "batchtopk") == "batchtopk":
+        kw.setdefault("threshold_warmup_steps", 4)
+    return make_sae_config(d_in=D_IN, d_sae=D_SAE, **kw)
 
 
 @pytest.mark.parametrize("arch", ["batchtopk", "standard"])
 def test_training_learns_the_sparse_dictionary(arch, tmp_path):
     extra = {"top_k": 3} if arch == "batchtopk" else {"l1_coefficient": 0.003}
-    sae = build_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture=arch, **extra), seed=0)
+    sae = build_sae(tiny_sae(architecture=arch, **extra), seed=0)
     rep = ListReporter()
     result = train_sae(sae, TensorSource(sparse_data(4096)), quiet(num_epochs=3),
                        val_source=TensorSource(sparse_data(1024, seed=1)), reporter=rep,
@@ -96,15 +104,16 @@ def test_training_learns_the_sparse_dictionary(arch, tmp_path):
 
 
 def test_threshold_starts_after_its_warm_up():
-    tc = quiet(num_epochs=1, log_freq=4, threshold_warmup_steps=6, calibrate_threshold=False)
-    result = train_sae(build_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, top_k=3), seed=0),
+    tc = quiet(num_epochs=1, log_freq=4)
+    result = train_sae(build_sae(tiny_sae(top_k=3, threshold_warmup_steps=6,
+                                          calibrate_threshold=False), seed=0),
                        TensorSource(sparse_data(2048)), tc, reporter=ListReporter())
     # 16 steps; the EMA is updated from the 7th step on
     assert [(r.step, r.threshold is None) for r in result.history] == [
         (4, True), (8, False), (12, False), (16, False)]
-    capped = quiet(num_epochs=1, log_freq=4, threshold_warmup_steps=1000, calibrate_threshold=False)
-    result = train_sae(build_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, top_k=3), seed=0),
-                       TensorSource(sparse_data(2048)), capped, reporter=ListReporter())
+    capped = tiny_sae(top_k=3, threshold_warmup_steps=1000, calibrate_threshold=False)
+    result = train_sae(build_sae(capped, seed=0), TensorSource(sparse_data(2048)), tc,
+                       reporter=ListReporter())
     assert result.history[-1].threshold is not None  # warm-up capped at half the run
 
 
@@ -116,8 +125,8 @@ def _state(out_dir):
 
 
 def test_resume_is_bit_for_bit(tmp_path):
-    cfg = SAEConfig(d_in=D_IN, d_sae=D_SAE, top_k=3, top_k_aux=4, n_batches_to_dead=2)
-    tc = quiet(num_epochs=2, checkpoint_every=12, log_freq=6, threshold_warmup_steps=5)
+    cfg = tiny_sae(top_k=3, top_k_aux=4, n_batches_to_dead=2, threshold_warmup_steps=5)
+    tc = quiet(num_epochs=2, checkpoint_every=12, log_freq=6)
     train, val = TensorSource(sparse_data(2048)), TensorSource(sparse_data(512, seed=1))
     # 2N... straight through (N = 12 of 32 steps: mid-epoch, with AuxK and the threshold active)
     straight = train_sae(build_sae(cfg, seed=0), train, tc, val_source=val,
@@ -159,7 +168,7 @@ def test_the_first_loss_window_after_a_ctrl_c_resume_is_whole(tmp_path):
             if step == 15:  # between two reports (log_freq 6): the window holds steps 13-15
                 signal.raise_signal(signal.SIGINT)
 
-    cfg = SAEConfig(d_in=D_IN, d_sae=D_SAE, top_k=3)
+    cfg = tiny_sae(top_k=3)
     tc = quiet(num_epochs=2, log_freq=6, checkpoint_every=12)
     train, val = TensorSource(sparse_data(2048)), TensorSource(sparse_data(512, seed=1))
     straight = train_sae(build_sae(cfg, seed=0), train, tc, val_source=val,
@@ -179,7 +188,7 @@ def test_the_first_loss_window_after_a_ctrl_c_resume_is_whole(tmp_path):
 
 
 def test_resuming_a_finished_run_does_nothing(tmp_path):
-    cfg = SAEConfig(d_in=D_IN, d_sae=D_SAE, top_k=3)
+    cfg = tiny_sae(top_k=3)
     tc = quiet(num_epochs=1)
     first = train_sae(build_sae(cfg, seed=0), TensorSource(sparse_data(512)), tc,
                       out_dir=tmp_path, reporter=ListReporter())
@@ -194,7 +203,7 @@ def test_resuming_a_finished_run_does_nothing(tmp_path):
 
 
 def test_checkpoint_from_another_config_names_the_fields(tmp_path):
-    cfg = SAEConfig(d_in=D_IN, d_sae=D_SAE, top_k=3)
+    cfg = tiny_sae(top_k=3)
     tc = quiet(num_epochs=1, checkpoint_every=4)
     train = TensorSource(sparse_data(512))
     train_sae(build_sae(cfg, seed=0), train, tc, out_dir=tmp_path, reporter=ListReporter())
@@ -220,7 +229,7 @@ def test_checkpoint_from_another_config_names_the_fields(tmp_path):
 def test_reporter_gets_every_record_and_checkpoint_and_old_ones_are_pruned(tmp_path):
     tc = quiet(num_epochs=1, checkpoint_every=4, log_freq=3, keep_checkpoints=2)
     rep = ListReporter()
-    result = train_sae(build_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, top_k=3), seed=0),
+    result = train_sae(build_sae(tiny_sae(top_k=3), seed=0),
                        TensorSource(sparse_data(1280)), tc, out_dir=tmp_path, reporter=rep)
     # 10 steps: evaluations at 3, 4 (checkpoint), 6, 8 (checkpoint), 9 and the final one (10)
     assert [r.step for r in rep.records] == [3, 4, 6, 8, 9, 10]
@@ -237,7 +246,7 @@ def test_reporter_gets_every_record_and_checkpoint_and_old_ones_are_pruned(tmp_p
 
 def test_max_tokens_stops_training():
     tc = quiet(num_epochs=10, max_tokens=1000)
-    result = train_sae(build_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, top_k=3), seed=0),
+    result = train_sae(build_sae(tiny_sae(top_k=3), seed=0),
                        TensorSource(sparse_data(512)), tc, reporter=ListReporter())
     assert result.steps == math.ceil(1000 / 128) and result.tokens_seen == 1024
 
@@ -245,7 +254,7 @@ def test_max_tokens_stops_training():
 def test_nan_activations_stop_with_the_step_number_before_training_on_them():
     x = sparse_data(1024)
     x[3 * 128 + 5, 2] = float("nan")  # in the 4th batch (no shuffling)
-    sae = build_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, top_k=3), seed=0)
+    sae = build_sae(tiny_sae(top_k=3), seed=0)
     snapshots = []
 
     class Spy(ListReporter):
@@ -261,13 +270,13 @@ def test_nan_activations_stop_with_the_step_number_before_training_on_them():
 def test_nan_in_the_initialisation_tokens_is_refused():
     x = sparse_data(512)
     x[7, 0] = float("inf")
-    sae = build_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, top_k=3), seed=0)
+    sae = build_sae(tiny_sae(top_k=3), seed=0)
     with pytest.raises(NonFiniteActivationError, match="NaN or inf.*initialisation"):
         train_sae(sae, TensorSource(x), quiet(), reporter=ListReporter())
 
 
 def test_wrong_d_in_names_both_numbers():
-    sae = build_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, top_k=3), seed=0)
+    sae = build_sae(tiny_sae(top_k=3), seed=0)
     with pytest.raises(DimensionMismatchError, match=r"d_in=5 but the SAE has d_in=16"):
         train_sae(sae, TensorSource(torch.randn(100, 5)), quiet(), reporter=ListReporter())
 
@@ -281,7 +290,7 @@ class _NanObjective(Objective):
 
 
 def test_custom_objective_seam_and_divergence_error():
-    sae = build_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, top_k=3), seed=0)
+    sae = build_sae(tiny_sae(top_k=3), seed=0)
     with pytest.raises(TrainingDivergedError, match="step 1: the training loss is nan"):
         train_sae(sae, TensorSource(sparse_data(256)), quiet(), reporter=ListReporter(),
                   objective=_NanObjective(quiet()))
@@ -296,21 +305,31 @@ def test_lr_schedule_hand_case():
 
 def test_outlier_policies_hand_case():
     x = torch.tensor([[3.0, 4.0], [30.0, 40.0], [0.0, 1.0]])  # norms 5, 50, 1
+    y = torch.tensor([[1.0], [2.0], [300.0]])  # a transcoder's target rows (never measured)
     obj = LocalObjective(TrainingConfig(outlier_policy="drop"))
     obj.outlier_cap = 10.0
-    assert torch.equal(obj._apply_outlier_policy(x), x[[0, 2]])
+    kept = obj._apply_outlier_policy(TokenBatch.of(x))
+    assert torch.equal(kept.input, x[[0, 2]]) and kept.autoencodes
+    kept = obj._apply_outlier_policy(TokenBatch(x, y))  # decided on the input, applied to both
+    assert torch.equal(kept.input, x[[0, 2]]) and torch.equal(kept.target, y[[0, 2]])
+    same = TokenBatch.of(x[[0, 2]])
+    assert obj._apply_outlier_policy(same) is same  # nothing to drop: no copy
     obj = LocalObjective(TrainingConfig(outlier_policy="clip"))
     obj.outlier_cap = 10.0
-    assert torch.allclose(obj._apply_outlier_policy(x), torch.tensor([[3.0, 4.0], [6.0, 8.0], [0.0, 1.0]]))
+    clipped = torch.tensor([[3.0, 4.0], [6.0, 8.0], [0.0, 1.0]])
+    out = obj._apply_outlier_policy(TokenBatch.of(x))
+    assert torch.allclose(out.input, clipped) and out.autoencodes  # an SAE's target: clipped
+    out = obj._apply_outlier_policy(TokenBatch(x, y))
+    assert torch.allclose(out.input, clipped) and out.target is y  # a transcoder's: untouched
     # the cap comes from the median norm of the initialisation tokens
     data = sparse_data(1024)
     data[::100] *= 50  # BOS-like rows
     obj = LocalObjective(quiet())
-    sae = build_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, top_k=3), seed=0)
+    sae = build_sae(tiny_sae(top_k=3), seed=0)
     obj.initialize(sae, TensorSource(data))
     median = float(sparse_data(1024).norm(dim=1).median())
     assert obj.outlier_cap == pytest.approx(10 * median, rel=0.05)
-    stats = obj.step(sae, data[:200]).stats
+    stats = obj.step(sae, TokenBatch.of(data[:200])).stats
     assert stats["outlier_fraction"] == pytest.approx(2 / 200)
     # the input scale ignores the outliers: E||x|| = sqrt(d_in) on the ordinary tokens
     assert float((sparse_data(1024) * sae.input_scale).norm(dim=1).mean()) == pytest.approx(4.0, rel=0.05)
@@ -350,7 +369,7 @@ def test_metrics_record_round_trip():
 def test_console_reporter_writes_one_line_per_record(tmp_path):
     import io
     stream = io.StringIO()
-    train_sae(build_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, top_k=3), seed=0),
+    train_sae(build_sae(tiny_sae(top_k=3), seed=0),
               TensorSource(sparse_data(512)), quiet(num_epochs=1, log_freq=2),
               val_source=TensorSource(sparse_data(128, seed=1)),
               reporter=ConsoleReporter(show_progress=False, stream=stream))
@@ -360,13 +379,13 @@ def test_console_reporter_writes_one_line_per_record(tmp_path):
 
 def test_empty_source_is_a_clear_error():
     from trainer import EmptySourceError
-    sae = build_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, top_k=3), seed=0)
+    sae = build_sae(tiny_sae(top_k=3), seed=0)
     with pytest.raises(EmptySourceError, match="yielded no tokens"):
         train_sae(sae, TensorSource(torch.zeros(0, D_IN)), quiet(), reporter=ListReporter())
 
 
 def test_calibration_uses_training_tokens_even_without_validation_tokens():
-    sae = build_sae(SAEConfig(d_in=D_IN, d_sae=D_SAE, top_k=3), seed=0)
+    sae = build_sae(tiny_sae(top_k=3), seed=0)
     reporter = ListReporter()
     train_sae(sae, TensorSource(torch.randn(256, D_IN)), quiet(), reporter=reporter,
               val_source=TensorSource(torch.zeros(0, D_IN)))

@@ -3,27 +3,34 @@
 Public API (everything else in this package is internal):
 
     SAEConfig, TrainingConfig, TrainJobConfig          -- configs (StrictConfig)
-    SAE (abstract base), TrainStepOutput, SAELensFormat -- the architecture seam
+    ArchitectureOptions                                 -- base of an architecture's own fields
+    make_sae_config, sae_config_from_dict               -- flat SAE fields -> SAEConfig (registry)
+    SAE (abstract base), TrainStepOutput, SAELensFormat,
+    TrainingProgress, SAEDescription                    -- the architecture seam
     StandardSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE,
-    MatryoshkaBatchTopKSAE                              -- the registered architectures
+    MatryoshkaBatchTopKSAE, BatchTopKTranscoder,
+    BatchTopKSkipTranscoder                             -- the registered architectures
     SAE_REGISTRY, build_sae, load_sae, register,
-    architecture_names, architecture_fields,
-    searchable_fields, width_capped_fields, common_sae_fields -- the registry (what the sweep asks)
+    architecture_names, describe_sae                    -- the registry
+    field_catalog, FieldCatalog                         -- what the sweep asks: architectures,
+                                                           fields, where a field belongs, metrics
     metric_names                                        -- numeric MetricsRecord fields
     MetricsRecord                                       -- one record per evaluation
-    ActivationSource, TensorSource                      -- where activations come from
+    ActivationSource, TensorSource, TokenBatch          -- where activations come from: batches
+                                                           of (input, target) token rows
     Reporter, ConsoleReporter                           -- the logging seam
     Objective, LocalObjective, StepOutput               -- what a training step computes
     train_sae, TrainResult, train_from_yaml             -- training
     export_sae, export_saelens, load_saelens,
     load_sae_folder, SAELensFormatError                 -- the one export path (SAELens or native +
                                                            card); reading either format back
-    cache_facts, render_model_card, figures_text        -- the README.md card and closing lines
+    cache_facts, render_model_card, figures_text,
+    CARD_METRICS                                        -- the README.md card and closing lines
     check_output_folder, claim_output_folder,
     atomic_directory, OutputFolderError                 -- writers replace only their own outputs
     resolve_device, to_device                           -- auto|cpu|cuda|cuda:N; batches to it
     EndToEndObjective, SequenceSource, evaluate_sae_dir -- the SAE spliced into the live model:
-    end_to_end_sources, load_cache_model                   KL / block-MSE training, CE/KL metrics
+    load_cache_model                                       KL / block-MSE training, CE/KL metrics
     TwoPhaseObjective, PhasedSource                     -- local, then an end-to-end fine-tune
     job_sources, JobSources, evaluate_split             -- a job's objective and split sources
     DimensionMismatchError, NonFiniteActivationError, EmptySourceError,
@@ -31,7 +38,8 @@ Public API (everything else in this package is internal):
 """
 
 from .device import resolve_device, to_device
-from .end_to_end import EndToEndObjective, SequenceSource, end_to_end_sources, load_cache_model
+from .architecture_options import ArchitectureOptions
+from .end_to_end import EndToEndObjective, SequenceSource, load_cache_model
 from .finetune import PhasedSource, TwoPhaseObjective
 from .job_sources import JobSources, job_sources
 from .errors import (CheckpointMismatchError, DimensionMismatchError, EmptySourceError,
@@ -40,49 +48,46 @@ from .eval_job import evaluate_sae_dir, evaluate_split
 from .job import TrainJobConfig, train_from_yaml
 from .metrics import MetricsRecord, numeric_metric_names as metric_names
 from .objective import LocalObjective, Objective, StepOutput
-from .registry import (SAE_REGISTRY, architecture_names, architectures_with_field, build_sae,
-                       load_sae, register, searchable_fields, width_capped_fields)
+from .fields import FieldCatalog, field_catalog
+from .registry import (SAE_REGISTRY, architecture_names, build_sae, describe_sae, load_sae,
+                       make_sae_config, register, sae_config_from_dict)
 from .reporting import ConsoleReporter, Reporter
-from .sae_config import SAEConfig, common_field_names as common_sae_fields
-from .saes import SAE, SAELensFormat, TrainStepOutput
+from .sae_config import SAEConfig
+from .saes import SAE, SAEDescription, SAELensFormat, TrainingProgress, TrainStepOutput
 from .saes.batchtopk import BatchTopKSAE
+from .saes.batchtopk_transcoder import BatchTopKTranscoder
+from .saes.skip_transcoder import BatchTopKSkipTranscoder
 from .saes.jumprelu import JumpReLUSAE
 from .saes.matryoshka import MatryoshkaBatchTopKSAE
 from .saes.standard import StandardSAE
 from .saes.topk import TopKSAE
-from .model_card import cache_facts, figures_text, render_model_card
+from .model_card import CARD_METRICS, cache_facts, figures_text, render_model_card
 from .output_folder import (OutputFolderError, atomic_directory, check_output_folder,
                             claim_output_folder)
 from .saelens_export import (SAELensFormatError, export_sae, export_saelens, load_sae_folder,
                              load_saelens)
-from .sources import ActivationSource, TensorSource
+from .sources import ActivationSource, TensorSource, TokenBatch
 from .training import TrainResult, train_sae
 from .training_config import TrainingConfig
 
-
-def architecture_fields(name: str) -> tuple[str, ...]:
-    """The config fields architecture ``name`` owns (its options)."""
-    from .registry import options_class
-
-    return options_class(name).field_names()
-
 __all__ = [
-    "SAEConfig", "TrainingConfig", "TrainJobConfig",
-    "SAE", "TrainStepOutput", "SAELensFormat",
+    "SAEConfig", "TrainingConfig", "TrainJobConfig", "ArchitectureOptions",
+    "make_sae_config", "sae_config_from_dict",
+    "SAE", "TrainStepOutput", "SAELensFormat", "TrainingProgress", "SAEDescription",
     "StandardSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE", "MatryoshkaBatchTopKSAE",
-    "SAE_REGISTRY", "build_sae", "load_sae", "register", "architecture_names",
-    "architecture_fields", "architectures_with_field", "searchable_fields",
-    "width_capped_fields", "common_sae_fields",
+    "BatchTopKTranscoder", "BatchTopKSkipTranscoder",
+    "SAE_REGISTRY", "build_sae", "load_sae", "register", "architecture_names", "describe_sae",
+    "field_catalog", "FieldCatalog",
     "MetricsRecord", "metric_names",
-    "ActivationSource", "TensorSource",
+    "ActivationSource", "TensorSource", "TokenBatch",
     "Reporter", "ConsoleReporter",
     "Objective", "LocalObjective", "StepOutput",
     "train_sae", "TrainResult", "train_from_yaml",
     "export_sae", "export_saelens", "load_saelens", "load_sae_folder", "SAELensFormatError",
-    "cache_facts", "render_model_card", "figures_text",
+    "cache_facts", "render_model_card", "figures_text", "CARD_METRICS",
     "check_output_folder", "claim_output_folder", "atomic_directory", "OutputFolderError",
     "resolve_device", "to_device",
-    "EndToEndObjective", "SequenceSource", "evaluate_sae_dir", "evaluate_split", "end_to_end_sources",
+    "EndToEndObjective", "SequenceSource", "evaluate_sae_dir", "evaluate_split",
     "load_cache_model", "TwoPhaseObjective", "PhasedSource", "JobSources", "job_sources",
     "DimensionMismatchError", "NonFiniteActivationError", "EmptySourceError",
     "TrainingDivergedError",

@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointMismatchError
 from .output_folder import atomic_directory
-from .saes.base import CONFIG_FILE, WEIGHTS_FILE, SAE, read_sae_config
+from .registry import read_sae_config
+from .saes.base import CONFIG_FILE, WEIGHTS_FILE, SAE
 from .training_config import RESUME_SAFE_FIELDS, TrainingConfig
 
 STATE_TENSORS_FILE = "trainer_state.safetensors"

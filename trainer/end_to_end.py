@@ -9,16 +9,20 @@
    BatchTopK batch): ``reconstruction_loss_weight × reconstruction`` + the architecture's own
    penalties. The chunks' running statistics (e.g. BatchTopK's smallest selected activation)
    are merged with ``sae.merge_running``, so every chunk reaches the threshold EMA.
-2. **The splice**: the reconstruction replaces the hook's activations on train-mask tokens only
-   (padding, BOS and excluded tokens keep their clean values) and the rest of the model runs,
-   restarting at the splice point from the cached residual (trainer/splice.py).
+2. **The splice**: the reconstruction replaces the **output hook**'s activations
+   (``SAEConfig.hook_spec_out``: an SAE's own hook; a transcoder's output, e.g. the MLP output
+   computed from the cached MLP input of the same windows) on train-mask tokens only (padding,
+   BOS and excluded tokens keep their clean values) and the rest of the model runs, restarting
+   at the splice point from the cached residual (trainer/splice.py). The input the SAE encodes
+   is the cached clean value of its input hook, which is what the live pass computes there too
+   (the input hook is upstream of the output hook it replaces).
 3. **End-to-end terms**, averaged over the batch's train-mask tokens:
    ``logit_kl_weight × s × KL(clean ‖ spliced)`` of the next-token distributions at temperature
    ``kl_temperature`` (trainer/logit_kl.py), with the clean side from the cached compact logits,
    or from a clean pass when the cache has none; and ``block_mse_weight × Σ_l MSE_l`` between the
    clean and spliced ``blocks.{l}.hook_resid_post`` for each ``l`` of ``block_mse_layers``
-   (default: every layer after the splice), in the SAE's scaled units (raw × ``input_scale``,
-   like the reconstruction MSE), mean over train-mask tokens and model dimensions; the clean
+   (default: every layer after the splice), in the SAE's scaled output units (raw × its output
+   scale, like the reconstruction MSE), mean over train-mask tokens and model dimensions; the clean
    residuals come from a clean pass started at the same point, without grad.
 
 **Memory.** The live pass runs the batch's sequences in micro-batches (``micro_batch_sequences``,
@@ -36,9 +40,10 @@ reconstruction MSE and the KL measured (without grad) on the first batch this ob
 on, and then kept (it is part of the objective's checkpointed state), so ``logit_kl_weight`` is
 relative to the MSE and carries over between models, layers and SAE widths.
 
-Norm outliers (``TrainingConfig.outlier_policy``, cap from the initialisation tokens as in
-``LocalObjective``): ``drop`` leaves those tokens out of the splice (they keep clean values) and
-out of every loss; ``clip`` clips the SAE's input, while its output still replaces the token.
+Norm outliers (``TrainingConfig.outlier_policy``, cap from the initialisation tokens' input
+norms as in ``LocalObjective``): ``drop`` leaves those tokens out of the splice (they keep clean
+values) and out of every loss; ``clip`` clips the SAE's input, while its output still replaces
+the token.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from .logit_kl import CompactClean, kl_from_logits, next_token_mask, next_token_
 from .objective import (LocalObjective, Objective, StepOutput, noop_step,
                         weighted_sae_loss)
 from .saes.base import SAE
+from .sources import TokenBatch
 from .splice import SpliceSite, splice_site, spliced_forward
 from .training_config import TrainingConfig
 
@@ -75,24 +81,31 @@ class EndToEndDataError(UserError):
 
 
 class SequenceSource:
-    """Whole windows of one split of an activation cache, for one SAE hook.
+    """Whole windows of one split of an activation cache, for one SAE's input hook (and the
+    output hook of a transcoder: ``target_hook``; None: the input hook).
 
     ``reader`` is an ``activation_cache.CacheReader`` (anything with its ``sequence_batches``,
     ``token_source``, ``d_in``, ``num_tokens``, ``num_sequences``, ``hooks``, ``stored_hooks``
     and ``manifest``). ``shuffle`` permutes the window order per (seed, epoch) for training.
     """
 
-    def __init__(self, reader: Any, split: str, hook: str, *, shuffle: bool = True):
-        if hook not in reader.hooks:
-            raise EndToEndDataError(
-                f"cache {getattr(reader, 'uri', '')}: hook {hook!r} is not cached (cached: "
-                f"{', '.join(reader.hooks)})")
+    def __init__(self, reader: Any, split: str, hook: str, *, target_hook: Optional[str] = None,
+                 shuffle: bool = True):
+        target_hook = hook if target_hook is None else target_hook
+        for h in dict.fromkeys((hook, target_hook)):
+            if h not in reader.hooks:
+                raise EndToEndDataError(
+                    f"cache {getattr(reader, 'uri', '')}: hook {h!r} is not cached (cached: "
+                    f"{', '.join(reader.hooks)})")
         splits = reader.manifest.get("splits", {})
         if split not in splits:
             raise EndToEndDataError(f"cache {getattr(reader, 'uri', '')} has no {split!r} split "
                                     f"(it has {', '.join(splits) or 'none'})")
         self.reader, self.split, self.hook, self.shuffle = reader, split, hook, shuffle
+        self.target_hook = target_hook
+        """The hook the SAE reconstructs (and the splice replaces)."""
         self.d_in = int(reader.d_in(hook))
+        self.d_out = int(reader.d_in(target_hook))
         self.num_tokens = int(reader.num_tokens(split))
         self.num_sequences = int(reader.num_sequences(split))
         self.has_logits = reader.manifest.get("logits") is not None
@@ -106,7 +119,7 @@ class SequenceSource:
 
     def token_source(self) -> Any:
         """The same split as shuffled token rows (initialisation, threshold calibration)."""
-        return self.reader.token_source(self.hook, self.split)
+        return self.reader.token_source(self.hook, self.split, target_hook=self.target_hook)
 
     def describe_inputs(self, site: SpliceSite) -> str:
         """Where a spliced pass starts with this cache (for messages)."""
@@ -119,35 +132,42 @@ class SequenceSource:
 
 class _WindowTokens:
     """The train-mask rows of the first ``max_sequences`` windows, in order, as an
-    ActivationSource (so reconstruction metrics use exactly the tokens the splice saw)."""
+    ActivationSource of ``TokenBatch(input, target)`` (so reconstruction metrics use exactly
+    the tokens the splice saw)."""
 
     def __init__(self, source: SequenceSource, batch_size: int, max_sequences: int):
         self.source, self.batch_size, self.max_sequences = source, batch_size, max_sequences
-        self.d_in = source.d_in
+        self.d_in, self.d_out = source.d_in, source.d_out
         self.num_tokens = source.num_tokens
 
     def iter_batches(self, batch_size: int, *, seed: int = 0, epoch: int = 0,
-                     start_batch: int = 0) -> Iterator[Tensor]:
-        carry: list[Tensor] = []
+                     start_batch: int = 0) -> Iterator[TokenBatch]:
+        hooks = list(dict.fromkeys((self.source.hook, self.source.target_hook)))
+        carry: list[list[Tensor]] = [[] for _ in hooks]
         held, seen, skip = 0, 0, start_batch
+
+        def make(rows: list[Tensor]) -> TokenBatch:
+            return TokenBatch(rows[0], rows[-1])
+
         for batch in self.source.batches(self.batch_size):
             if seen >= self.max_sequences:
                 break
             n = min(len(batch), self.max_sequences - seen)
             seen += n
-            rows = batch.acts[self.source.hook][:n][batch.train_mask[:n].bool()]
-            carry.append(rows)
-            held += rows.shape[0]
+            mask = batch.train_mask[:n].bool()
+            for h, hook in enumerate(hooks):
+                carry[h].append(batch.acts[hook][:n][mask])
+            held += int(mask.sum())
             while held >= batch_size:
-                flat = torch.cat(carry)
-                out, rest = flat[:batch_size], flat[batch_size:]
-                carry, held = [rest], rest.shape[0]
+                flats = [torch.cat(c) for c in carry]
+                carry = [[f[batch_size:]] for f in flats]
+                held = flats[0].shape[0] - batch_size
                 if skip:
                     skip -= 1
                 else:
-                    yield out
+                    yield make([f[:batch_size] for f in flats])
         if held and not skip:
-            yield torch.cat(carry)
+            yield make([torch.cat(c) for c in carry])
 
 
 # ------------------------------------------------------------------------------------------
@@ -238,11 +258,12 @@ class EndToEndObjective(Objective):
 
     # -- helpers -----------------------------------------------------------------------------
     def site(self, sae: SAE) -> SpliceSite:
-        return splice_site(str(sae.cfg.hook_spec), int(self.model.cfg.n_layers))
+        """Where the SAE's output is spliced in: its output hook (an SAE: its own hook)."""
+        return splice_site(str(sae.cfg.hook_spec_out), int(self.model.cfg.n_layers))
 
     def describe(self, source: SequenceSource) -> str:
         """One line saying what the end-to-end terms are and where the live passes start."""
-        site = splice_site(source.hook, int(self.model.cfg.n_layers))
+        site = splice_site(source.target_hook, int(self.model.cfg.n_layers))
         parts = []
         if self.config.use_logit_kl:
             clean = ("cached compact clean logits" if source.has_logits
@@ -299,12 +320,17 @@ class EndToEndObjective(Objective):
             mask = mask & (x.norm(dim=-1) <= cap)
         return mask
 
-    def _hook_acts(self, batch: Any, sae: SAE) -> Tensor:
-        hook = str(sae.cfg.hook_spec)
-        if hook not in batch.acts:
-            raise EndToEndDataError(f"the sequence batches hold no activations for the SAE's "
-                                    f"hook {hook!r} (they have {', '.join(batch.acts)})")
-        return batch.acts[hook]
+    def _hook_acts(self, batch: Any, sae: SAE) -> tuple[Tensor, Tensor]:
+        """The windows' activations at the SAE's input hook and at its output hook (the same
+        tensor for an SAE)."""
+        found = []
+        for hook in (str(sae.cfg.hook_spec), str(sae.cfg.hook_spec_out)):
+            if hook not in batch.acts:
+                raise EndToEndDataError(f"the sequence batches hold no activations for the "
+                                        f"SAE's hook {hook!r} (they have "
+                                        f"{', '.join(batch.acts)})")
+            found.append(batch.acts[hook])
+        return found[0], found[1]
 
     # -- the step ----------------------------------------------------------------------------
     def step(self, sae: SAE, batch: Any) -> StepOutput:
@@ -312,20 +338,21 @@ class EndToEndObjective(Objective):
         if not cfg.use_end_to_end:
             raise ValueError("EndToEndObjective needs TrainingConfig.use_end_to_end: true")
         batch = batch.to(self.device)
-        x = self._hook_acts(batch, sae)
+        x, y = self._hook_acts(batch, sae)
         mask = self._mask(batch, x)
         rows = x[mask]
-        if not bool(torch.isfinite(rows).all()):
-            bad = int((~torch.isfinite(rows)).any(dim=-1).sum())
-            raise NonFiniteActivationError(f"{bad} of {rows.shape[0]} train-mask activation rows "
-                                           "contain NaN or inf; not training on them")
+        targets = rows if y is x else y[mask]
+        for what in (rows,) if targets is rows else (rows, targets):
+            if not bool(torch.isfinite(what).all()):
+                bad = int((~torch.isfinite(what)).any(dim=-1).sum())
+                raise NonFiniteActivationError(f"{bad} of {what.shape[0]} train-mask activation "
+                                               "rows contain NaN or inf; not training on them")
         n_tok = rows.shape[0]
         if n_tok == 0:  # nothing to train on in this batch: a no-op step
             return noop_step(sae)
+        pairs = TokenBatch(rows, targets)
         if cfg.outlier_policy == "clip" and self.local.outlier_cap is not None:
-            rows_in = self.local._apply_outlier_policy(rows)
-        else:
-            rows_in = rows
+            pairs = self.local._apply_outlier_policy(pairs)
 
         # 1. the SAE's own terms, chunked by activation_batch_size sequences
         per_seq = mask.sum(1).tolist()
@@ -339,21 +366,22 @@ class EndToEndObjective(Objective):
             n = int(sum(per_seq[a:a + cfg.activation_batch_size]))
             if n == 0:
                 continue
-            out = sae.training_forward(rows_in[start:start + n])
+            chunk = pairs.rows(slice(start, start + n))
+            out = sae.training_forward(chunk.input, chunk.target)
             start += n
             part, part_stats = weighted_sae_loss(cfg, out)
             loss = loss + part * (n / n_tok)
             for key, value in part_stats.items():
                 stats[key] = stats.get(key, 0.0) + value * (n / n_tok)
-            x_hats.append(out.x_hat)
+            x_hats.append(out.output)
             fired = out.fired if fired is None else fired | out.fired
             running = sae.merge_running(running, out.running)
-        x_hat_raw = torch.cat(x_hats).float() / sae.input_scale
+        x_hat_raw = sae.unscale_output(torch.cat(x_hats).float())
         if (cfg.logit_kl_scale == "mse" and cfg.use_logit_kl and self.kl_scale is None):
-            self._measure_kl_scale(sae, batch, x, mask, x_hat_raw, stats, n_tok)
+            self._measure_kl_scale(sae, batch, y, mask, x_hat_raw, stats, n_tok)
 
-        # 2-3. splice and end-to-end terms, micro-batch by micro-batch
-        patch = torch.zeros_like(x).masked_scatter(mask[..., None], x_hat_raw.to(x.dtype))
+        # 2-3. splice and end-to-end terms at the output hook, micro-batch by micro-batch
+        patch = torch.zeros_like(y).masked_scatter(mask[..., None], x_hat_raw.to(y.dtype))
         e2e_value, grad, e2e_stats = self._live_losses(sae, batch, patch.detach(), mask, n_tok)
         stats.update(e2e_stats)
         loss = loss + e2e_value
@@ -380,7 +408,7 @@ class EndToEndObjective(Objective):
         use_kl = cfg.use_logit_kl
         cached = batch.clean_topk_logprobs is not None and cfg.logit_kl_clean == "cached"
         need_clean_logits = use_kl and not cached
-        scale = float(sae.input_scale)
+        scale = float(sae.output_scaling())
         leaf = patch.requires_grad_(torch.is_grad_enabled())
         kl_sum = torch.zeros((), device=patch.device)
         block_sum = torch.zeros((), device=patch.device)
@@ -449,12 +477,12 @@ class EndToEndObjective(Objective):
                            disable=not self.config.show_progress, lines_off_terminal=False)
         for batch in val_source.batches(self.config.batch_size):
             batch = batch.to(self.device)
-            x = self._hook_acts(batch, sae)
+            x, y = self._hook_acts(batch, sae)
             mask = batch.train_mask.bool()
             rows = x[mask]
             if rows.shape[0]:
                 x_hat = sae(rows)[0].float()
-                patch = torch.zeros_like(x).masked_scatter(mask[..., None], x_hat.to(x.dtype))
+                patch = torch.zeros_like(y).masked_scatter(mask[..., None], x_hat.to(y.dtype))
                 self._eval_batch(sae, batch, site, layers, patch, mask, acc)
             n_seq += len(batch)
             n_tok += rows.shape[0]
@@ -473,7 +501,7 @@ class EndToEndObjective(Objective):
     def _eval_batch(self, sae: SAE, batch: Any, site: SpliceSite, layers: list[int],
                     patch: Tensor, mask: Tensor, acc: _Accum) -> None:
         cached = batch.clean_topk_logprobs is not None
-        scale = float(sae.input_scale)
+        scale = float(sae.output_scaling())
         ce_pos_all = next_token_mask(mask, batch.attention_mask)
         for a in range(0, patch.shape[0], self._micro(batch)):
             sl = slice(a, a + self._micro(batch))
@@ -547,14 +575,3 @@ def load_cache_model(reader: Any) -> Any:
     model = load_model(spec)
     reader.check_model(model_identity(model, spec))
     return model
-
-
-def end_to_end_sources(reader: Any, config: TrainingConfig, hook: str, train_split: str,
-                       val_split: Optional[str], *, model: Any = None
-                       ) -> tuple[EndToEndObjective, SequenceSource, Optional[SequenceSource]]:
-    """The objective and sequence sources of an end-to-end job on a cache (``sae-sweep train``
-    with ``use_end_to_end``). Loads the cache's model unless ``model`` is given."""
-    model = model if model is not None else load_cache_model(reader)
-    train = SequenceSource(reader, train_split, hook, shuffle=True)
-    val = SequenceSource(reader, val_split, hook, shuffle=False) if val_split else None
-    return EndToEndObjective(model, config), train, val

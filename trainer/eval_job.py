@@ -95,10 +95,13 @@ def evaluate_sae_dir(sae_dir: str | Path, *, cache: str, split: Optional[str] = 
         if split == "val":
             note = " (the cache has no test split: these are validation figures)"
     hook = str(sae.cfg.hook_spec)
-    source = SequenceSource(reader, split, hook, shuffle=False)
-    if source.d_in != sae.cfg.d_in:
-        raise ConfigError(f"{sae_dir}: the SAE has d_in={sae.cfg.d_in} but the cache "
-                          f"stores {hook} with d_in={source.d_in}")
+    source = SequenceSource(reader, split, hook, target_hook=sae.cfg.hook_spec_out,
+                            shuffle=False)
+    for name, mine, theirs, at in (("d_in", sae.cfg.d_in, source.d_in, hook),
+                                   ("d_out", sae.cfg.d_out, source.d_out, source.target_hook)):
+        if mine != theirs:
+            raise ConfigError(f"{Path(sae_dir) / 'config.json'}: {name}={mine} but the cache "
+                              f"stores {at} with width {theirs}")
     model = model if model is not None else load_cache_model(reader)
     config = TrainingConfig(show_progress=show_progress, eval_max_tokens=max_tokens)
     record = evaluate_split(sae, source, config, split=split,

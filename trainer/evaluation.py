@@ -1,9 +1,11 @@
 """Reconstruction metrics of an SAE on a source of token activations (raw units).
 
-The headline figures use the **shipped encoder**: ``sae.encode``/``sae.decode``, exactly what
-``export`` writes (BatchTopK: the calibrated per-token threshold). When an architecture trains
-with a different, batch-level encoding (``training_encoding_differs``), the same tokens also get
-that encoding's figures under ``*_train`` names, for diagnosis only.
+The headline figures use the **shipped encoder**: ``sae(x)`` (encode, decode and a skip path if
+any), exactly what ``export`` writes (BatchTopK: the calibrated per-token threshold), scored
+against each batch's **target** (an SAE: its input; a transcoder: the output hook's rows).
+When an architecture trains with a different, batch-level encoding
+(``training_encoding_differs``), the same tokens also get that encoding's figures under
+``*_train`` names, for diagnosis only.
 """
 
 from __future__ import annotations
@@ -34,20 +36,20 @@ def evaluate_reconstruction(sae: SAE, source: ActivationSource, *, max_tokens: O
     try:
         for batch in source.iter_batches(batch_tokens, seed=seed, epoch=0):
             if max_tokens is not None:
-                batch = batch[: max_tokens - n_tokens]
-            if batch.shape[0] == 0:
+                batch = batch.rows(slice(0, max_tokens - n_tokens))
+            if batch.input.shape[0] == 0:
                 break
             batch = batch.to(sae.W_enc.device)
-            f = sae.encode(batch)
+            y_hat, f = sae(batch.input)
             active = f > 0
             fire_counts += active.sum(0)
             l0 += float(active.sum())
-            shipped.add(batch, sae.decode(f).float())
+            shipped.add(batch.target, y_hat.float())
             if differs:
-                out = sae.training_forward(batch)
-                train_acc.add(batch, out.x_hat.float() / sae.input_scale)
-                l0_train += float(out.l0) * batch.shape[0]
-            n_tokens += batch.shape[0]
+                out = sae.training_forward(batch.input, batch.target)
+                train_acc.add(batch.target, sae.unscale_output(out.output.float()))
+                l0_train += float(out.l0) * batch.input.shape[0]
+            n_tokens += batch.input.shape[0]
             if max_tokens is not None and n_tokens >= max_tokens:
                 break
     finally:

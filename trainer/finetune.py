@@ -56,6 +56,10 @@ class PhasedSource:
         return self.sequences.d_in
 
     @property
+    def d_out(self) -> int:
+        return self.sequences.d_out
+
+    @property
     def num_tokens(self) -> int:
         return self.sequences.num_tokens
 
@@ -118,7 +122,8 @@ class TwoPhaseObjective(Objective):
                            self.e2e.steps_per_epoch(source.sequences), start_batch - s1, s2)
 
     def batch_tokens(self, batch: Any) -> int:
-        return self.e2e.batch_tokens(batch) if hasattr(batch, "train_mask") else int(batch.shape[0])
+        return (self.e2e.batch_tokens(batch) if hasattr(batch, "train_mask")
+                else self.local.batch_tokens(batch))
 
     def tokens_per_step(self, source: PhasedSource) -> float:
         return float(self.config.max_tokens) / self.planned_steps(source)

@@ -33,7 +33,7 @@ from .job_sources import job_sources
 from .metrics import MetricsRecord
 from .model_card import CARD_METRICS, cache_facts, figures_text, render_model_card
 from .output_folder import check_output_folder, claim_output_folder, remove_output
-from .registry import build_sae, load_sae
+from .registry import build_sae, load_sae, sae_config_from_dict
 from .reporting import ConsoleReporter, Reporter
 from .sae_config import SAEConfig
 from .saelens_export import export_sae
@@ -94,6 +94,16 @@ class TrainJobConfig(StrictConfig):
             del out["hook"]
         return out
 
+    @classmethod
+    def from_dict(cls, data: Any) -> "TrainJobConfig":
+        # the flat `sae:` block names its architecture's fields: the registry reads it
+        if isinstance(data, dict) and isinstance(data.get("sae"), dict):
+            try:
+                data = {**data, "sae": sae_config_from_dict(data["sae"])}
+            except ConfigError as exc:
+                raise ConfigError(f"TrainJobConfig.sae -> {exc}") from None
+        return super().from_dict(data)  # type: ignore[return-value]
+
 
 def _open_cache(uri: str) -> Any:
     return activation_cache.open_cache(uri)
@@ -104,13 +114,14 @@ def _initial_sae(job: "TrainJobConfig", path: str | Path) -> Any:
     against the job's SAE config: architecture, d_in, d_sae and hook must agree)."""
     if job.training.init_from is None:
         return build_sae(job.sae, seed=job.training.seed)
-    sae = load_sae(job.training.init_from)
-    for name in ("architecture", "d_in", "d_sae", "hook_spec"):
-        mine, theirs = getattr(job.sae, name), getattr(sae.cfg, name)
+    saved = load_sae(job.training.init_from).cfg
+    for name in ("architecture", "d_in", "d_sae", "hook_spec", "hook_spec_out", "d_out"):
+        mine, theirs = getattr(job.sae, name), getattr(saved, name)
         if mine != theirs:
             raise ConfigError(f"{path}: training.init_from {job.training.init_from} is an SAE "
                               f"with {name}={theirs!r}, but the job's sae.{name} is {mine!r}")
-    return sae
+    # the saved weights and buffers, under the job's own options (e.g. its threshold rule)
+    return load_sae(job.training.init_from, config=job.sae)
 
 
 def train_from_yaml(path: str | Path, *, out_dir: str | Path | None = None, resume: bool = True,
@@ -135,7 +146,7 @@ def train_from_yaml(path: str | Path, *, out_dir: str | Path | None = None, resu
                             "validation (metrics are training-batch averages)")
     sources = job_sources(reader, job.training, hook, train_split=job.train_split,
                           val_split=job.val_split, test_split=job.test_split,
-                          device=job.sae.torch_device())
+                          device=job.sae.torch_device(), target_hook=job.sae.hook_spec_out)
     objective, train_source, val_source = sources.objective, sources.train, sources.val
     if objective is not None:
         reporter.on_message(objective.describe(train_source))

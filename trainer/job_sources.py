@@ -10,7 +10,9 @@
   (both views of each split).
 
 ``sae-sweep train`` and every sweep trial build their sources here, so both behave the same.
-A split the cache does not hold comes back as None.
+A split the cache does not hold comes back as None. ``target_hook`` is the hook the SAE
+reconstructs (a transcoder's output hook, e.g. ``blocks.6.hook_mlp_out``; None: ``hook``):
+token rows then carry both hooks' rows of the same tokens, whole windows both hooks.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ class JobSources:
 
 def job_sources(reader: Any, config: TrainingConfig, hook: str, *, train_split: str = "train",
                 val_split: Optional[str] = "val", test_split: Optional[str] = "test",
-                model: Any = None, device: Any = None) -> JobSources:
+                model: Any = None, device: Any = None,
+                target_hook: Optional[str] = None) -> JobSources:
     """The objective and the sources of a job on the cache ``reader`` (module docstring).
 
     ``device``: where the SAE trains. On a GPU the training token rows come as the cache
@@ -46,11 +49,17 @@ def job_sources(reader: Any, config: TrainingConfig, hook: str, *, train_split: 
         return split if split is not None and split in splits else None
 
     val_split, test_split = have(val_split), have(test_split)
+    if target_hook == hook:
+        target_hook = None
+
+    def tokens(split: Optional[str], **kw: Any) -> Any:
+        if target_hook is not None:
+            kw["target_hook"] = target_hook
+        return None if split is None else reader.token_source(hook, split, **kw)
+
     if not config.use_end_to_end:
-        def tokens(split: Optional[str]) -> Any:
-            return None if split is None else reader.token_source(hook, split)
-        train = (reader.token_source(hook, train_split, dtype=None, pin_memory=True) if on_gpu
-                 else reader.token_source(hook, train_split))
+        train = (tokens(train_split, dtype=None, pin_memory=True) if on_gpu
+                 else tokens(train_split))
         return JobSources(None, train, tokens(val_split), tokens(test_split))
 
     from .end_to_end import EndToEndObjective, SequenceSource, load_cache_model
@@ -60,7 +69,8 @@ def job_sources(reader: Any, config: TrainingConfig, hook: str, *, train_split: 
         model = model.to(device, print_details=False)  # the live passes run where the SAE trains
 
     def windows(split: Optional[str], shuffle: bool = False) -> Any:
-        return None if split is None else SequenceSource(reader, split, hook, shuffle=shuffle)
+        return None if split is None else SequenceSource(reader, split, hook,
+                                                         target_hook=target_hook, shuffle=shuffle)
 
     if config.finetune_fraction <= 0:
         return JobSources(EndToEndObjective(model, config), windows(train_split, True),
@@ -70,7 +80,7 @@ def job_sources(reader: Any, config: TrainingConfig, hook: str, *, train_split: 
     def both(split: Optional[str], shuffle: bool = False) -> Any:
         if split is None:
             return None
-        return PhasedSource(reader.token_source(hook, split), windows(split, shuffle))
+        return PhasedSource(tokens(split), windows(split, shuffle))
 
     return JobSources(TwoPhaseObjective(model, config), both(train_split, True),
                       both(val_split), windows(test_split))

@@ -31,6 +31,14 @@ from torch import Tensor
 from .errors import CheckpointMismatchError
 
 DENSE_FREQUENCY = 0.1
+_BOOKKEEPING = {"bookkeeping": True}
+"""Field metadata: a counter or timing, not a figure of the SAE (not an objective)."""
+_PROGRESS = {"bookkeeping": True, "training_run": True}
+"""Field metadata: a counter or timing of the training run (not of an evaluation)."""
+_TRAINING_STATE = {"training_run": True}
+"""Field metadata: a figure of the training state, not of the evaluation tokens."""
+_END_TO_END = {"end_to_end": True}
+"""Field metadata: computed only by end-to-end evaluation (the SAE spliced into the model)."""
 DENSITY_BIN_EDGES: tuple[float, ...] = (-8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0)
 
 
@@ -38,21 +46,21 @@ DENSITY_BIN_EDGES: tuple[float, ...] = (-8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0
 class MetricsRecord:
     """Everything known about the SAE at one evaluation point (step)."""
 
-    step: int
+    step: int = field(metadata=_PROGRESS)
     """Optimizer steps taken so far."""
-    tokens_seen: int
+    tokens_seen: int = field(metadata=_PROGRESS)
     """Training tokens consumed so far."""
-    epoch: int = 0
+    epoch: int = field(default=0, metadata=_PROGRESS)
     """Epoch (0-based) the step belongs to."""
-    lr: Optional[float] = None
+    lr: Optional[float] = field(default=None, metadata=_PROGRESS)
     """Learning rate of the last step."""
     # -- training-loss terms, averaged over the steps since the previous record ------------
-    loss: Optional[float] = None
+    loss: Optional[float] = field(default=None, metadata=_TRAINING_STATE)
     """Mean total training loss."""
     loss_terms: dict[str, float] = field(default_factory=dict)
     """Mean of each term/statistic the objective reports (``mse``, ``l1``, ``aux``, ...)."""
     # -- reconstruction on the validation tokens -------------------------------------------
-    eval_tokens: int = 0
+    eval_tokens: int = field(default=0, metadata=_BOOKKEEPING)
     """Number of validation tokens the metrics below were computed on (0: no validation)."""
     eval_split: Optional[str] = None
     """The split the metrics below were computed on (``val`` during training, ``test`` for the
@@ -71,23 +79,23 @@ class MetricsRecord:
     dead_fraction: Optional[float] = None
     dense_fraction: Optional[float] = None
     density_histogram: Optional[list[int]] = None
-    dead_fraction_train: Optional[float] = None
+    dead_fraction_train: Optional[float] = field(default=None, metadata=_TRAINING_STATE)
     """Latents idle for ``n_batches_to_dead`` training batches (the AuxK notion of dead)."""
     threshold: Optional[float] = None
     """The shipped encoder's inference threshold (BatchTopK: theta; JumpReLU: the mean of the
     per-latent thresholds; None for architectures without one)."""
     # -- end-to-end (filled by EndToEndObjective) ----------------------------------------
-    ce_loss_clean: Optional[float] = None
-    ce_loss_spliced: Optional[float] = None
-    ce_loss_zero_ablation: Optional[float] = None
-    ce_loss_delta: Optional[float] = None
-    ce_loss_score: Optional[float] = None
-    kl_div: Optional[float] = None
-    top1_agreement: Optional[float] = None
-    block_mse: Optional[float] = None
+    ce_loss_clean: Optional[float] = field(default=None, metadata=_END_TO_END)
+    ce_loss_spliced: Optional[float] = field(default=None, metadata=_END_TO_END)
+    ce_loss_zero_ablation: Optional[float] = field(default=None, metadata=_END_TO_END)
+    ce_loss_delta: Optional[float] = field(default=None, metadata=_END_TO_END)
+    ce_loss_score: Optional[float] = field(default=None, metadata=_END_TO_END)
+    kl_div: Optional[float] = field(default=None, metadata=_END_TO_END)
+    top1_agreement: Optional[float] = field(default=None, metadata=_END_TO_END)
+    block_mse: Optional[float] = field(default=None, metadata=_END_TO_END)
     # -- timing ----------------------------------------------------------------------------
-    elapsed_s: Optional[float] = None
-    tokens_per_s: Optional[float] = None
+    elapsed_s: Optional[float] = field(default=None, metadata=_PROGRESS)
+    tokens_per_s: Optional[float] = field(default=None, metadata=_PROGRESS)
     """Training throughput since the previous record."""
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,10 +137,28 @@ def numeric_fields() -> tuple[str, ...]:
     return tuple(out)
 
 
+def bookkeeping_metric_names() -> tuple[str, ...]:
+    """MetricsRecord fields that are counters or timings (step, tokens, lr, time), not figures
+    of the SAE."""
+    return tuple(f.name for f in dataclasses.fields(MetricsRecord) if f.metadata.get("bookkeeping"))
+
+
+def evaluation_metric_names() -> tuple[str, ...]:
+    """The numeric MetricsRecord fields an evaluation on held-out tokens fills (everything but
+    the training run's counters, timings and training state)."""
+    skip = {f.name for f in dataclasses.fields(MetricsRecord) if f.metadata.get("training_run")}
+    return tuple(n for n in numeric_fields() if n not in skip)
+
+
+def end_to_end_metric_names() -> tuple[str, ...]:
+    """MetricsRecord fields that only end-to-end evaluation computes (CE, KL, top-1...)."""
+    return tuple(f.name for f in dataclasses.fields(MetricsRecord) if f.metadata.get("end_to_end"))
+
+
 def numeric_metric_names() -> tuple[str, ...]:
     """Names of the MetricsRecord fields that can serve as a 'best' metric or an objective
     (the numeric ones, less the bookkeeping counters)."""
-    skip = {"step", "tokens_seen", "epoch", "eval_tokens", "lr", "elapsed_s", "tokens_per_s"}
+    skip = set(bookkeeping_metric_names())
     return tuple(n for n in numeric_fields() if n not in skip)
 
 

@@ -16,6 +16,8 @@ import logging
 import math
 from typing import Any, Mapping, Optional
 
+from .registry import describe_sae
+
 logger = logging.getLogger("trainer.model_card")
 
 CARD_METRICS = ("fvu", "explained_variance", "l0", "l0_train", "fvu_train", "mse",
@@ -82,7 +84,7 @@ def render_model_card(sae_cfg: Any, *, facts: Optional[Mapping[str, Any]], outpu
         "## Model and data",
         "",
         *_model_lines(facts),
-        f"- hook: `{hook}` (d_in = {getattr(sae_cfg, 'd_in', '?')})",
+        *_hook_lines(sae_cfg),
         *_architecture_lines(sae_cfg),
         f"- {budget}",
         "",
@@ -136,16 +138,29 @@ def figures_text(figures: Mapping[str, Mapping[str, Any]],
 # -- the sections -------------------------------------------------------------------------------
 
 
+def _hook_lines(sae_cfg: Any) -> list[str]:
+    """The hook it reads and, for a transcoder, the hook it writes."""
+    hook, d_in = getattr(sae_cfg, "hook_spec", None), getattr(sae_cfg, "d_in", "?")
+    out = getattr(sae_cfg, "hook_spec_out", None)
+    if out is None or out == hook:
+        return [f"- hook: `{hook}` (d_in = {d_in})"]
+    return [f"- reads `{hook}` (d_in = {d_in}) and reconstructs `{out}` "
+            f"(d_out = {getattr(sae_cfg, 'd_out', '?')})"]
+
+
 def _architecture_lines(sae_cfg: Any) -> list[str]:
-    """What the card says about the architecture (one place, so that each architecture's own
-    description can take its place)."""
-    return [f"- architecture: {getattr(sae_cfg, 'architecture', '?')}, d_sae = "
-            f"{getattr(sae_cfg, 'd_sae', '?')}, top_k = {getattr(sae_cfg, 'top_k', None)}"]
+    """What the card says about the architecture: the architecture's own description (its
+    fields; ``registry.describe_sae``), never another architecture's words."""
+    if not hasattr(sae_cfg, "architecture") or not hasattr(sae_cfg, "options"):
+        return [f"- architecture: {getattr(sae_cfg, 'architecture', '?')}"]
+    return [f"- architecture: {describe_sae(sae_cfg).summary()}"]
 
 
 def _metric_notes(sae_cfg: Any) -> list[str]:
-    return ["`l0` is the inference L0 (BatchTopK with its learned threshold, one token at a "
-            "time); `fvu` = 1 - explained variance."]
+    rule = (describe_sae(sae_cfg).inference if hasattr(sae_cfg, "options")
+            else "the shipped encoder")
+    return [f"`l0` is the inference L0 of the shipped encoder ({rule}); "
+            "`fvu` = 1 - explained variance."]
 
 
 def _model_lines(facts: Mapping[str, Any]) -> list[str]:

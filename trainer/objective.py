@@ -15,9 +15,10 @@ projection/renormalisation, dead tracking, validation cadence, checkpoints and r
 
 ``LocalObjective`` is the default: ``reconstruction_loss_weight`` x the architecture's
 reconstruction term + the architecture's own penalties (its ``TrainStepOutput``: L1, AuxK, L0...
-with its own coefficients), on shuffled token rows from an ActivationSource, with the
-norm-outlier policy applied to training batches. No objective knows which architecture it
-trains: everything architecture-specific comes from ``sae.training_forward``.
+with its own coefficients), on shuffled ``TokenBatch(input, target)`` rows from an
+ActivationSource, with the norm-outlier policy applied to training batches (decided on the
+input's norms; a dropped token leaves input and target). No objective knows which architecture
+it trains: everything architecture-specific comes from ``sae.training_forward(input, target)``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from .errors import EmptySourceError, NonFiniteActivationError
 from .schedule import Schedule
 from .evaluation import evaluate_reconstruction
 from .saes.base import SAE, TrainStepOutput
-from .sources import ActivationSource
+from .sources import ActivationSource, TokenBatch
 from .training_config import TrainingConfig
 
 
@@ -82,7 +83,7 @@ class Objective(ABC):
 
     def batch_tokens(self, batch: Any) -> int:
         """Source tokens a batch consumed (counts toward ``max_tokens``)."""
-        return int(batch.shape[0])
+        return int(batch.input.shape[0])
 
     def tokens_per_step(self, source: Any) -> float:
         """Tokens one step is expected to consume: turns ``max_tokens`` into a step count for
@@ -108,11 +109,12 @@ class Objective(ABC):
         return None
 
     def calibration_batches(self, train_source: Any) -> Iterator[Tensor]:
-        """Raw token batches for calibrating the inference encoding: training tokens in their
-        own order (seed + 1), so no reported or selection metric is computed on them (those use
-        the validation and test splits) and the training order is untouched."""
-        return train_source.iter_batches(self.config.train_batch_tokens,
-                                         seed=self.config.seed + 1, epoch=0)
+        """Raw input rows for calibrating the inference encoding (the encoder reads the input):
+        training tokens in their own order (seed + 1), so no reported or selection metric is
+        computed on them (those use the validation and test splits) and the training order is
+        untouched."""
+        return (b.input for b in train_source.iter_batches(self.config.train_batch_tokens,
+                                                           seed=self.config.seed + 1, epoch=0))
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state saved in checkpoints."""
@@ -141,46 +143,56 @@ class LocalObjective(Objective):
         """Raw-norm cap for the outlier policy (from the initialisation tokens)."""
 
     # -- data ------------------------------------------------------------------------------------
-    def _initial_tokens(self, source: ActivationSource) -> Tensor:
-        chunks, total = [], 0
+    def _initial_tokens(self, source: ActivationSource) -> TokenBatch:
+        inputs, targets, total = [], [], 0
+        autoencodes = True
         for batch in source.iter_batches(self.config.train_batch_tokens, seed=self.config.seed,
                                          epoch=0):
-            chunks.append(batch[: self.config.init_tokens - total])
-            total += chunks[-1].shape[0]
+            take = batch.rows(slice(0, self.config.init_tokens - total))
+            autoencodes = autoencodes and take.autoencodes
+            inputs.append(take.input)
+            targets.append(take.target)
+            total += take.input.shape[0]
             if total >= self.config.init_tokens:
                 break
         if total == 0:
             raise EmptySourceError("the training source yielded no tokens")
-        x = torch.cat(chunks).float()
-        if not torch.isfinite(x).all():
+        x = torch.cat(inputs).float()
+        y = x if autoencodes else torch.cat(targets).float()
+        if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
             raise NonFiniteActivationError(
                 "the training activations contain NaN or inf (found in the first "
                 f"{total} tokens, used for initialisation); fix the cache before training"
             )
-        return x
+        return TokenBatch(x, y)
 
     def initialize(self, sae: SAE, source: Any, *, init_weights: bool = True) -> None:
-        """Outlier cap from the median token norm, then (unless the SAE is already trained)
-        input scale and b_dec from the rest."""
-        x = self._initial_tokens(source)
+        """Outlier cap from the median input norm, then (unless the SAE is already trained)
+        the scales and b_dec from the rest."""
+        batch = self._initial_tokens(source)
         if self.config.outlier_policy != "none":
-            median = float(x.norm(dim=1).median())
+            median = float(batch.input.norm(dim=1).median())
             self.outlier_cap = self.config.outlier_norm_multiple * median if median > 0 else None
             if self.outlier_cap is not None:
-                x = self._apply_outlier_policy(x)
+                batch = self._apply_outlier_policy(batch)
         if init_weights:
-            sae.initialize_from_data(x, b_dec_init=self.config.b_dec_init,
+            sae.initialize_from_data(batch.input, batch.target, b_dec_init=self.config.b_dec_init,
                                      scale_inputs=self.config.scale_inputs)
 
-    def _apply_outlier_policy(self, batch: Tensor, norms: Optional[Tensor] = None) -> Tensor:
+    def _apply_outlier_policy(self, batch: TokenBatch,
+                              norms: Optional[Tensor] = None) -> TokenBatch:
+        """The policy on the input's norms: ``drop`` leaves out a token's input and target
+        rows; ``clip`` clips the input (an SAE's target is its input, so it is clipped too)."""
         if self.outlier_cap is None or self.config.outlier_policy == "none":
             return batch
+        x = batch.input
         if norms is None:
-            norms = batch.norm(dim=1)
+            norms = x.norm(dim=1)
         if self.config.outlier_policy == "drop":
             keep = norms <= self.outlier_cap
-            return batch if bool(keep.all()) else batch[keep]  # no copy in the common case
-        return batch * (self.outlier_cap / norms.clamp_min(self.outlier_cap)).unsqueeze(1)
+            return batch if bool(keep.all()) else batch.rows(keep)  # no copy in the common case
+        clipped = x * (self.outlier_cap / norms.clamp_min(self.outlier_cap)).unsqueeze(1)
+        return TokenBatch(clipped, clipped if batch.autoencodes else batch.target)
 
     def state_dict(self) -> dict[str, Any]:
         return {"outlier_cap": self.outlier_cap}
@@ -189,39 +201,51 @@ class LocalObjective(Objective):
         self.outlier_cap = state.get("outlier_cap")
 
     # -- the step --------------------------------------------------------------------------------
-    def step(self, sae: SAE, batch: Tensor) -> StepOutput:
+    def step(self, sae: SAE, batch: TokenBatch) -> StepOutput:
         # a storage-dtype (fp16/bf16) batch travels as is and is converted on the device
-        batch = to_device(batch, sae.W_enc.device, dtype=torch.float32)
+        x = to_device(batch.input, sae.W_enc.device, dtype=torch.float32)
+        y = x if batch.autoencodes else to_device(batch.target, sae.W_enc.device,
+                                                  dtype=torch.float32)
+        batch = TokenBatch(x, y)
         # one pass over the batch gives the finiteness check (a NaN/inf makes its row's norm
         # NaN/inf) and the norms the outlier policy and the explained-variance stat need
-        norms = batch.float().norm(dim=1)
-        if not bool(torch.isfinite(norms).all()):
-            bad = int((~torch.isfinite(norms)).sum())
+        norms = x.float().norm(dim=1)
+        target_norms = norms if batch.autoencodes else y.float().norm(dim=1)
+        finite = torch.isfinite(norms)
+        if not batch.autoencodes:
+            finite &= torch.isfinite(target_norms)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
             raise NonFiniteActivationError(
-                f"{bad} of {batch.shape[0]} activation rows contain NaN or inf; "
+                f"{bad} of {x.shape[0]} activation rows contain NaN or inf; "
                 "not training on them (check the cache / model dtype)"
             )
-        n_in = batch.shape[0]
+        n_in = x.shape[0]
         if self.outlier_cap is not None and self.config.outlier_policy != "none":
-            batch = self._apply_outlier_policy(batch, norms)
-            if batch.shape[0] != n_in or self.config.outlier_policy == "clip":
-                norms = batch.float().norm(dim=1)
-        if batch.shape[0] == 0:  # every token was an outlier: a no-op step
+            kept = self._apply_outlier_policy(batch, norms)
+            if kept is not batch:
+                batch = kept
+                if batch.autoencodes:
+                    target_norms = batch.target.float().norm(dim=1)
+                elif self.config.outlier_policy == "drop":
+                    target_norms = target_norms[norms <= self.outlier_cap]
+        if batch.input.shape[0] == 0:  # every token was an outlier: a no-op step
             return noop_step(sae, {"outlier_fraction": 1.0})
-        out = sae.training_forward(batch)
+        out = sae.training_forward(batch.input, batch.target)
         cfg = self.config
         loss, stats = weighted_sae_loss(cfg, out)
         with torch.no_grad():
-            # explained variance of the batch without another pass over x - x_hat:
-            # SSE = mse * N * d; total = sum ||x_s||^2 - N ||mean(x_s)||^2 (in float64)
-            xs = out.x_scaled
-            n, d = xs.shape
-            scale2 = sae.input_scale.double() ** 2
-            total = norms.double().pow(2).sum() * scale2 - n * xs.mean(0).double().pow(2).sum()
+            # explained variance of the target without another pass over y - y_hat:
+            # SSE = mse * N * d; total = sum ||y_s||^2 - N ||mean(y_s)||^2 (in float64)
+            ys = out.target_scaled
+            n, d = ys.shape
+            scale2 = sae.output_scaling().double() ** 2
+            total = (target_norms.double().pow(2).sum() * scale2
+                     - n * ys.mean(0).double().pow(2).sum())
             sse = stats["mse"].double() * (n * d)
             stats["explained_variance"] = 1.0 - sse / total.clamp_min(1e-30)
         if cfg.outlier_policy == "drop" and self.outlier_cap is not None:
-            stats["outlier_fraction"] = 1.0 - batch.shape[0] / n_in
+            stats["outlier_fraction"] = 1.0 - batch.input.shape[0] / n_in
         return StepOutput(loss, stats, out.fired, out.running)
 
     # -- evaluation and the end of training --------------------------------------------------------

@@ -1,42 +1,50 @@
-"""SAEConfig: the shape of one sparse autoencoder, and the options its architecture owns.
+"""SAEConfig: the shape of one sparse autoencoder (or transcoder), and the options its
+architecture owns.
 
 A config has two parts:
 
 * the **common fields** every SAE has (``d_in``, ``d_sae``, ``architecture``, dtype, device,
-  the hook, the dead-latent window), declared on :class:`SAEConfig`;
-* the **architecture's own fields** (its loss coefficients, ``top_k``, thresholds, group
-  sizes...), declared by the architecture in its own file as an :class:`ArchitectureOptions`
-  dataclass (``trainer/saes/<name>.py``) and validated there.
+  the input hook and the output hook, the dead-latent window), declared on :class:`SAEConfig`
+  with their defaults (the one place they are written);
+* ``options``: the **architecture's own fields** (its loss coefficients, ``top_k``, its
+  threshold rule, group sizes...), an :class:`~trainer.architecture_options.ArchitectureOptions`
+  dataclass declared by the architecture in its own file (``trainer/saes/<name>.py``).
 
-Both are written flat, in YAML and in Python, exactly as before::
+In YAML (and through :func:`trainer.make_sae_config` in Python) both parts are written flat::
 
     sae: {d_in: 576, d_sae: 4608, architecture: batchtopk, top_k: 32, aux_penalty: 0.03}
-    SAEConfig(d_in=576, d_sae=4608, architecture="standard", l1_coefficient=0.01)
 
-``cfg.top_k`` reads the architecture's field (``cfg.options.top_k``). A field of another
-architecture is refused with the architectures that do have it; an unknown key gets the
-closest known name. ``to_dict`` is flat and leaves derived values out while they still equal
-their derivation (``hook_spec`` from ``hook_layer``/``hook_name``; options may derive theirs, e.g.
+The registry (trainer/registry.py) turns such a flat mapping into an ``SAEConfig`` with the
+options of the architecture it names; this module does not know which architectures exist
+(it imports neither the registry nor any architecture). ``SAEConfig(..., options=...)`` takes
+the options object directly. ``cfg.top_k`` reads the architecture's field
+(``cfg.options.top_k``). ``to_dict`` is flat and leaves derived values out while they still
+equal their derivation (``hook_spec`` from ``hook_layer``/``hook_name``, ``hook_spec_out`` from
+``hook_layer``/``hook_name_out``, ``d_out`` from ``d_in``; options may derive theirs, e.g.
 ``top_k_aux`` from ``top_k``), so ``replace(hook_layer=3)`` re-derives them.
 
-``use_error_term`` from the design notes is not a field: it only matters for SAELens's hooked
-wrapper (splicing ``x - x_hat`` back into the model), which this project does not use.
-``from_dict`` accepts ``use_error_term: false`` from ported configs and rejects ``true``.
+**Input and output.** An SAE reads one hook and reconstructs it: leave ``hook_name_out``,
+``hook_spec_out`` and ``d_out`` unset (they then equal the input's). A transcoder reads one
+hook (e.g. the MLP input ``blocks.6.ln2.hook_normalized``) and reconstructs another
+(``hook_name_out: hook_mlp_out``, width ``d_out``); only architectures whose options say
+``transcodes`` accept an output side different from the input.
+
+``use_error_term`` (SAELens) is not a field: it only matters for SAELens's hooked wrapper
+(splicing ``x - x_hat`` back into the model), which this project does not use; the registry
+accepts ``use_error_term: false`` from ported configs and rejects ``true``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
 from activation_cache import ConfigError, StrictConfig
 
-from . import registry
+from .architecture_options import ArchitectureOptions
 from .device import is_device_spec
 
 DTYPES = {
@@ -48,64 +56,17 @@ DTYPES = {
 
 
 @dataclass
-class ArchitectureOptions(StrictConfig):
-    """Base of an architecture's own config fields (one dataclass per architecture).
-
-    Subclasses declare their fields with docstrings, validate them in ``validate`` (alone) and
-    in :meth:`check` (against the common fields, e.g. ``top_k <= d_sae``), and say how the
-    sweep may search them: every int/float field is searchable; ``width_capped`` maps a field
-    to the offset below ``d_sae`` the define-by-run space caps it at (``top_k`` < d_sae).
-    """
-
-    width_capped: ClassVar[dict[str, int]] = {}
-
-    def check(self, cfg: "SAEConfig") -> None:
-        """Validate against the common fields (``cfg.d_in``, ``cfg.d_sae``...)."""
-
-    def derived_values(self) -> dict[str, Any]:
-        """Fields whose value is derived from others while left unset (``to_dict`` omits them
-        while they still equal this)."""
-        return {}
-
-    def _fail(self, field: str, message: str) -> typing.NoReturn:
-        raise ConfigError(f"SAEConfig.{field}: {message}")
-
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
-
-    @classmethod
-    def searchable_fields(cls) -> tuple[str, ...]:
-        """Fields a sweep may search (numeric scalars)."""
-        hints = typing.get_type_hints(cls)
-        out = []
-        for f in dataclasses.fields(cls):
-            hint = hints.get(f.name)
-            args = set(typing.get_args(hint)) - {type(None)}
-            if hint in (int, float) or (args and args <= {int, float}):
-                out.append(f.name)
-        return tuple(out)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        for name, value in self.derived_values().items():
-            if out.get(name) == value:
-                del out[name]
-        return out
-
-
-@dataclass(init=False)
 class SAEConfig(StrictConfig):
     """Configuration of one SAE: the common fields below plus ``options``, the architecture's
     own fields (see the module docstring and ``trainer/saes/<architecture>.py``)."""
 
     d_in: int
-    """Width of the activations the SAE reads (the model's d_model at ``hook_spec``)."""
+    """Width of the activations the SAE reads (the model's width at ``hook_spec``)."""
     d_sae: int
     """Number of latents (dictionary size); usually 8-64 x d_in."""
-    architecture: str = "batchtopk"
-    """Registered architecture name (``trainer.architecture_names()``): ``standard`` (ReLU +
-    L1), ``topk``, ``batchtopk``, ``jumprelu``, ``matryoshka_batchtopk``."""
+    architecture: str
+    """Registered architecture name (``trainer.field_catalog().architectures``); the flat form
+    defaults to the registry's default architecture (``trainer/saes/__init__.py``)."""
     dtype: str = "float32"
     """Parameter dtype: float32 (default; on CPU bf16 matmuls are ~100x slower), float64,
     bfloat16 or float16. Running statistics and thresholds are always float32."""
@@ -113,40 +74,34 @@ class SAEConfig(StrictConfig):
     """Torch device of the parameters, e.g. ``"cpu"``, ``"cuda"``, ``"cuda:1"``; ``"auto"`` picks
     cuda when available."""
     hook_layer: int = 9
-    """Block index of the hooked activation (used to derive ``hook_spec``)."""
+    """Block index of the hooked activation (used to derive ``hook_spec`` and
+    ``hook_spec_out``)."""
     hook_name: str = "hook_resid_post"
     """transformer_lens hook name within the block (used to derive ``hook_spec``)."""
     hook_spec: Optional[str] = None
-    """Full transformer_lens hook point; derived as ``blocks.{hook_layer}.{hook_name}`` unless
-    given (give it for hooks outside the blocks, e.g. ``hook_embed``)."""
+    """Full transformer_lens hook point of the input; derived as
+    ``blocks.{hook_layer}.{hook_name}`` unless given (give it for hooks outside the blocks,
+    e.g. ``hook_embed``)."""
+    hook_name_out: Optional[str] = None
+    """Transcoders: the hook name within block ``hook_layer`` the SAE reconstructs (e.g.
+    ``hook_mlp_out``); None: the input hook (an SAE)."""
+    hook_spec_out: Optional[str] = None
+    """Full hook point of the output (what the SAE reconstructs and what the end-to-end
+    splice replaces); derived as ``blocks.{hook_layer}.{hook_name_out}`` when
+    ``hook_name_out`` is given, else ``hook_spec``."""
+    d_out: Optional[int] = None
+    """Width of the output hook's activations; None: ``d_in`` (an SAE)."""
     n_batches_to_dead: int = 200
     """A latent that has not fired for this many consecutive training batches counts as dead
     (``dead_fraction_train``; the k-sparse architectures' AuxK loss revives them)."""
     options: Optional[ArchitectureOptions] = None
-    """The architecture's own fields (built from the flat keys; see the module docstring)."""
+    """The architecture's own fields (the registry builds them from the flat keys)."""
 
-    def __init__(self, d_in: int, d_sae: int, architecture: str = "batchtopk",
-                 dtype: str = "float32", device: str = "cpu", hook_layer: int = 9,
-                 hook_name: str = "hook_resid_post", hook_spec: Optional[str] = None,
-                 n_batches_to_dead: int = 200, options: Optional[ArchitectureOptions] = None,
-                 **architecture_fields: Any):
-        self.d_in, self.d_sae, self.architecture = d_in, d_sae, architecture
-        self.dtype, self.device = dtype, device
-        self.hook_layer, self.hook_name, self.hook_spec = hook_layer, hook_name, hook_spec
-        self.n_batches_to_dead = n_batches_to_dead
-        self._check_architecture()
-        klass = registry.options_class(self.architecture)
-        if options is not None and architecture_fields:
-            raise ConfigError("SAEConfig: give the architecture's fields flat or as `options`, "
-                              "not both")
-        if options is None:
-            self._check_keys(architecture_fields, klass)
-            options = klass.from_dict(architecture_fields)
-        elif not isinstance(options, klass):
-            raise ConfigError(f"SAEConfig.options: architecture {self.architecture!r} takes "
-                              f"{klass.__name__}, got {type(options).__name__}")
-        self.options = options
-        self.validate()
+    DATA_FIELDS: ClassVar[tuple[str, ...]] = (
+        "d_in", "d_out", "hook_spec", "hook_layer", "hook_name", "hook_spec_out",
+        "hook_name_out")
+    """Fields that say which activations the SAE reads and writes: set from the cache and the
+    hooks (a sweep sets them itself), never searched."""
 
     # -- architecture fields read through the config ---------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -156,43 +111,24 @@ class SAEConfig(StrictConfig):
         options = self.__dict__.get("options")
         if options is not None and name in options.field_names():
             return getattr(options, name)
-        owners = registry.architectures_with_field(name)
-        if owners:
-            raise AttributeError(
-                f"SAEConfig.{name} belongs to architecture(s) {', '.join(owners)}, not "
-                f"{self.__dict__.get('architecture')!r}")
-        raise AttributeError(f"SAEConfig has no field {name!r}")
+        raise AttributeError(f"SAEConfig has no field {name!r} (architecture "
+                             f"{self.__dict__.get('architecture')!r})")
 
     # -- derived fields -------------------------------------------------------------------
     def derived_hook_spec(self) -> str:
         return f"blocks.{self.hook_layer}.{self.hook_name}"
 
+    def derived_hook_spec_out(self) -> str:
+        if self.hook_name_out is None:
+            return self.hook_spec  # type: ignore[return-value]
+        return f"blocks.{self.hook_layer}.{self.hook_name_out}"
+
+    @property
+    def autoencodes(self) -> bool:
+        """True when the output side is the input (an SAE), False for a transcoder."""
+        return self.hook_spec_out == self.hook_spec and self.d_out == self.d_in
+
     # -- validation -----------------------------------------------------------------------
-    def _check_architecture(self) -> None:
-        names = registry.architecture_names()
-        if self.architecture not in names:
-            close = difflib.get_close_matches(str(self.architecture), names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            self._fail("architecture", f"must be one of {', '.join(names)}, got "
-                                       f"{self.architecture!r}{hint}")
-
-    def _check_keys(self, data: Mapping[str, Any], klass: type[ArchitectureOptions]) -> None:
-        own = set(klass.field_names())
-        common = {f.name for f in dataclasses.fields(self)} - {"options"}
-        for key in data:
-            if key in own:
-                continue
-            owners = registry.architectures_with_field(key)
-            if owners:
-                self._fail(key, f"does not apply to architecture {self.architecture!r} (it is "
-                                f"a field of {', '.join(owners)}); remove it")
-            known = sorted(own | common)
-            close = difflib.get_close_matches(str(key), known + registry.all_option_fields(),
-                                              n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"SAEConfig: unknown key {key!r}{hint}; known keys for "
-                              f"architecture {self.architecture!r}: {', '.join(known)}")
-
     def validate(self) -> None:
         if isinstance(self.hook_layer, str) and self.hook_layer.strip().isdigit():
             self.hook_layer = int(self.hook_layer)  # the design notes stored it as a string
@@ -202,7 +138,8 @@ class SAEConfig(StrictConfig):
                           f"must be an integer, got {value!r}")
         self._require(self.d_in >= 1, "d_in", f"must be >= 1, got {self.d_in}")
         self._require(self.d_sae >= 1, "d_sae", f"must be >= 1, got {self.d_sae}")
-        self._check_architecture()
+        self._require(isinstance(self.architecture, str) and bool(self.architecture),
+                      "architecture", f"must be an architecture name, got {self.architecture!r}")
         self._require(self.dtype in DTYPES, "dtype",
                       f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         self._require(isinstance(self.device, str) and bool(self.device), "device",
@@ -216,8 +153,31 @@ class SAEConfig(StrictConfig):
             self.hook_spec = self.derived_hook_spec()
         self._require(isinstance(self.hook_spec, str) and bool(self.hook_spec), "hook_spec",
                       f"must be a non-empty hook name, got {self.hook_spec!r}")
-        if self.options is not None:
-            self.options.check(self)
+        if self.hook_name_out is not None:
+            self._require(isinstance(self.hook_name_out, str) and bool(self.hook_name_out),
+                          "hook_name_out", f"must be a hook name, got {self.hook_name_out!r}")
+        if self.hook_spec_out is None:
+            self.hook_spec_out = self.derived_hook_spec_out()
+        self._require(isinstance(self.hook_spec_out, str) and bool(self.hook_spec_out),
+                      "hook_spec_out", f"must be a non-empty hook name, got {self.hook_spec_out!r}")
+        if self.d_out is None:
+            self.d_out = self.d_in
+        self._require(isinstance(self.d_out, int) and not isinstance(self.d_out, bool)
+                      and self.d_out >= 1, "d_out", f"must be an integer >= 1, got {self.d_out!r}")
+        if self.options is None:
+            self._fail("options", f"the fields of architecture {self.architecture!r} are missing "
+                                  "(build a flat config with trainer.make_sae_config or "
+                                  "trainer.sae_config_from_dict)")
+        self._require(isinstance(self.options, ArchitectureOptions), "options",
+                      f"must be an ArchitectureOptions, got {type(self.options).__name__}")
+        if not self.autoencodes and not self.options.transcodes:
+            which = ("hook_name_out" if self.hook_name_out is not None else
+                     "hook_spec_out" if self.hook_spec_out != self.hook_spec else "d_out")
+            self._fail(which, f"architecture {self.architecture!r} reconstructs its own input "
+                              f"(output {self.hook_spec_out} d_out={self.d_out} differs from "
+                              f"input {self.hook_spec} d_in={self.d_in}); use a transcoder "
+                              "architecture, or leave the output side unset")
+        self.options.check(self)
 
     # -- helpers --------------------------------------------------------------------------
     def torch_dtype(self) -> torch.dtype:
@@ -231,53 +191,56 @@ class SAEConfig(StrictConfig):
 
         return resolve_device(self.device, field="SAEConfig.device")
 
-    def to_dict(self) -> dict[str, Any]:
+    def common_dict(self) -> dict[str, Any]:
+        """The common fields, leaving derived values out while they equal their derivation."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             if f.name != "options":
                 out[f.name] = getattr(self, f.name)
         if out["hook_spec"] == self.derived_hook_spec():
             del out["hook_spec"]
+        if out["hook_spec_out"] == self.derived_hook_spec_out():
+            del out["hook_spec_out"]
+        if out["hook_name_out"] is None:
+            del out["hook_name_out"]
+        if out["d_out"] == self.d_in:
+            del out["d_out"]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat: the common fields and the architecture's own (what YAML and config.json hold)."""
+        out = self.common_dict()
         if self.options is not None:
             out.update(self.options.to_dict())
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> "SAEConfig":
-        if data is None:
-            data = {}
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"SAEConfig: expected a mapping, got {type(data).__name__}")
-        data = dict(data)
-        if "use_error_term" in data and data.pop("use_error_term"):
-            raise ConfigError(
-                "SAEConfig.use_error_term: not supported, remove it. It only matters for "
-                "SAELens's hooked SAE wrapper (adding x - x_hat back so the model's "
-                "downstream activations stay exact); sae-sweep's end-to-end losses splice "
-                "the reconstruction itself and never use an error term."
-            )
-        if "options" in data:
-            raise ConfigError("SAEConfig: write the architecture's fields flat (e.g. top_k: 32), "
-                              "not under `options`")
-        for key in ("d_in", "d_sae"):
-            if key not in data:
-                raise ConfigError(f"SAEConfig.{key}: required (missing)")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise ConfigError(f"SAEConfig: {exc}") from None
+    def from_dict(cls, data: Any) -> "SAEConfig":
+        raise ConfigError("SAEConfig: a flat mapping of SAE fields is read by the registry "
+                          "(trainer.sae_config_from_dict), which knows the architectures")
 
     def replace(self, **changes: Any) -> "SAEConfig":
-        """A validated copy with some fields changed. Changing ``architecture`` drops the old
-        architecture's fields that the new one does not have."""
-        data = self.to_dict()
-        data.update(changes)
+        """A validated copy with some common fields or own (option) fields changed. Another
+        architecture needs its own options: build it with ``trainer.make_sae_config``."""
         if "architecture" in changes and changes["architecture"] != self.architecture:
-            keep = set(registry.options_class(data["architecture"]).field_names())
-            for name in self.options.field_names() if self.options else ():
-                if name not in keep and name not in changes:
-                    data.pop(name, None)
-        return type(self).from_dict(data)
+            raise ConfigError(f"SAEConfig.architecture: replace() keeps the architecture "
+                              f"({self.architecture!r}); build a {changes['architecture']!r} "
+                              "config with trainer.make_sae_config")
+        own = set(self.options.field_names()) if self.options is not None else set()
+        option_changes = {k: v for k, v in changes.items() if k in own}
+        common = self.common_dict()
+        common.update({k: v for k, v in changes.items() if k not in own})
+        unknown = sorted(set(common) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(f"SAEConfig: unknown field(s) {', '.join(unknown)} for "
+                              f"architecture {self.architecture!r}")
+        options = self.options
+        if options is not None:
+            data = options.to_dict()
+            data.update(option_changes)
+            options = type(options).from_dict(data)
+        common.pop("options", None)
+        return type(self)(**common, options=options)
 
 
 def common_field_names() -> tuple[str, ...]:

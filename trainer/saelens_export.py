@@ -13,7 +13,10 @@ same encode/decode outputs as our shipped encoder. Each architecture says how it
 (``SAE.saelens_format``): ``standard`` -> SAELens ``standard``; ``topk`` -> ``topk`` with ``k``;
 ``jumprelu`` -> ``jumprelu`` with its thresholds; ``batchtopk`` and ``matryoshka_batchtopk`` ->
 ``jumprelu`` with the calibrated global threshold as every latent's threshold (their inference
-form; SAELens saves its own BatchTopK SAEs the same way).
+form; SAELens saves its own BatchTopK SAEs the same way). A transcoder (its options say
+``transcodes``) exports to SAELens's transcoder classes (``cfg.json`` gets ``d_out``,
+``apply_b_dec_to_input: false``, and the metadata both hooks: ``hook_name`` is the input,
+``hook_name_out`` the output).
 
 **Reading.** :func:`load_saelens` loads a SAELens folder (ours or SAELens's own) into the SAE
 class whose inference encoding is the SAELens architecture's: ``standard`` -> ``standard``,
@@ -48,16 +51,6 @@ SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
 SAELENS_FORMAT_VERSION = "6.0.0"
 CARD_FILE = "README.md"
 OUTPUT_FORMATS = ("saelens", "native")
-
-# SAELens architecture -> (our architecture with the same inference encoding, its option fields
-# from SAELens's cfg.json keys). Checked against every architecture's export by the round trip
-# in tests/test_export_saelens.py.
-_SAELENS_READERS: dict[str, tuple[str, dict[str, str]]] = {
-    "standard": ("standard", {}),
-    "topk": ("topk", {"top_k": "k"}),
-    "jumprelu": ("jumprelu", {}),
-}
-
 
 class SAELensFormatError(UserError, ValueError):
     """A SAELens folder we cannot read (architecture or option sae-sweep cannot represent)."""
@@ -134,6 +127,7 @@ def _write_saelens(sae: SAE, folder: Path, *, model_name: Optional[str],
         "sae_lens_version": SAELENS_FORMAT_VERSION,
         "sae_lens_training_version": SAELENS_FORMAT_VERSION,
         "hook_name": sae.hook_spec,
+        **({"hook_name_out": sae.hook_spec_out} if sae.transcodes else {}),
         "exported_by": "sae-sweep",
         "sae_sweep_architecture": sae.architecture,
         **fmt.metadata,
@@ -145,9 +139,10 @@ def _write_saelens(sae: SAE, folder: Path, *, model_name: Optional[str],
         "architecture": fmt.architecture,
         "d_in": sae.cfg.d_in,
         "d_sae": sae.cfg.d_sae,
+        **({"d_out": sae.cfg.d_out} if sae.transcodes else {}),
         "dtype": sae.cfg.dtype,
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": sae.input_bias() is not None,
         "normalize_activations": "none",
         "reshape_activations": "none",
         **fmt.cfg,
@@ -168,8 +163,7 @@ def is_saelens_folder(path: str | Path) -> bool:
 
 def load_saelens(path: str | Path, device: Optional[str] = None) -> SAE:
     """A SAELens folder as our SAE of the same inference encoding (module docstring)."""
-    from .registry import build_sae
-    from .sae_config import SAEConfig
+    from .registry import build_sae, sae_config_from_dict, saelens_readers
 
     path = Path(path)
     cfg_file = path / SAELENS_CFG_FILE
@@ -179,11 +173,15 @@ def load_saelens(path: str | Path, device: Optional[str] = None) -> SAE:
         raise SAELensFormatError(f"{cfg_file}: not a readable JSON file ({exc})") from None
     if not isinstance(cfg, dict):
         raise SAELensFormatError(f"{cfg_file}: expected a JSON object")
-    arch = cfg.get("architecture", "standard")
-    if arch not in _SAELENS_READERS:
+    arch = cfg.get("architecture")
+    readers = saelens_readers()
+    if arch is None:
+        raise SAELensFormatError(f"{cfg_file}: names no architecture (a SAELens 6 cfg.json "
+                                 "has an `architecture` key)")
+    if arch not in readers:
         raise SAELensFormatError(
             f"{cfg_file}: SAELens architecture {arch!r} has no sae-sweep equivalent; sae-sweep "
-            f"reads SAELens {', '.join(sorted(_SAELENS_READERS))} SAEs")
+            f"reads SAELens {', '.join(sorted(readers))} SAEs")
     for key, fine in (("normalize_activations", "none"), ("reshape_activations", "none")):
         if cfg.get(key, "none") not in (fine, None):
             raise SAELensFormatError(f"{cfg_file}: {key} {cfg[key]!r} is not supported by "
@@ -191,7 +189,7 @@ def load_saelens(path: str | Path, device: Optional[str] = None) -> SAE:
     if cfg.get("rescale_acts_by_decoder_norm"):
         raise SAELensFormatError(f"{cfg_file}: rescale_acts_by_decoder_norm is not supported by "
                                  "sae-sweep")
-    ours, option_keys = _SAELENS_READERS[arch]
+    ours, option_keys = readers[arch].architecture, readers[arch].saelens_read_fields
     metadata = cfg.get("metadata") or {}
     hook = metadata.get("hook_name") or cfg.get("hook_name")
     if not hook:
@@ -205,7 +203,7 @@ def load_saelens(path: str | Path, device: Optional[str] = None) -> SAE:
             raise SAELensFormatError(f"{cfg_file}: {arch} needs {key!r}")
         fields[field] = cfg[key]
     try:
-        sae_cfg = SAEConfig.from_dict(fields)
+        sae_cfg = sae_config_from_dict(fields)
     except UserError as exc:
         raise SAELensFormatError(f"{cfg_file}: {exc}") from None
     weights = path / SAELENS_WEIGHTS_FILE

@@ -26,6 +26,13 @@ the candidates. When the estimate is too high (fewer candidates than slots) it r
 finally falls back to all positive pre-activations, so the result never depends on luck.
 Ties at the cut are broken towards the lowest flat index, which makes the selection
 deterministic.
+
+**Input and output sides.** x is [N, d_in], the decoder maps to d_out (``W_dec`` [d_sae, d_out],
+``b_dec`` [d_out]): an SAE has d_out = d_in, a transcoder need not. The input is centred by
+``b_in`` before the encoder: by default (``b_in=TIED``) that is ``b_dec`` itself, as an SAE
+does (its gradient then gathers both uses); a transcoder passes ``b_in=None`` (no centring: no
+subtraction, no extra gradient) or its own input bias. The SAE path runs exactly the operations
+it ran before this option existed.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "TIED",
     "AuxKForward",
     "SparsePattern",
     "TopKForward",
@@ -63,10 +71,29 @@ _SAMPLE_SEED = 0x5AE
 _AUXK_DENSE_DENSITY = 0.05
 
 
+class _Tied:
+    """``b_in=TIED``: the input is centred by ``b_dec`` (an SAE)."""
+
+    def __repr__(self) -> str:
+        return "TIED"
+
+
+TIED = _Tied()
+
+
+def _input_bias(b_in, b_dec: Tensor):
+    """The tensor the input is centred by (None: no centring)."""
+    return b_dec if b_in is TIED else b_in
+
+
+def _centred(x: Tensor, b_in) -> Tensor:
+    return x if b_in is None else x - b_in
+
+
 class TopKForward(NamedTuple):
     """Outputs of one BatchTopK encode/decode over a flat batch of N tokens."""
 
-    x_hat: Tensor  # [N, d_in] reconstruction (in the SAE's input space), differentiable
+    x_hat: Tensor  # [N, d_out] reconstruction (in the SAE's output space), differentiable
     values: Tensor  # [M] selected activations (> 0), differentiable, M <= k * N
     token_idx: Tensor  # [M] int64 token (row) of each selected activation
     latent_idx: Tensor  # [M] int64 latent (column) of each selected activation
@@ -76,7 +103,7 @@ class TopKForward(NamedTuple):
 class AuxKForward:
     """Outputs of the AuxK reconstruction from the dead latents.
 
-    ``e_hat`` [N, d_in] is the reconstruction of the residual (no b_dec), differentiable. The
+    ``e_hat`` [N, d_out] is the reconstruction of the residual (no b_dec), differentiable. The
     selection (``values`` [M_aux] > 0, differentiable; ``token_idx``, ``latent_idx`` [M_aux]
     int64, sorted by token then latent) is materialised only when first asked for, since the
     loss needs only ``e_hat``.
@@ -108,30 +135,37 @@ class AuxKForward:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_shapes(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor) -> None:
+def _check_shapes(x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
+                  b_in=None) -> None:
     if x.dim() != 2:
         raise ValueError(f"x must be a flat batch [N, d_in]; got shape {tuple(x.shape)}")
     d_in, d_sae = W_enc.shape
-    if x.shape[1] != d_in or W_dec.shape != (d_sae, d_in):
+    if x.shape[1] != d_in or W_dec.dim() != 2 or W_dec.shape[0] != d_sae:
         raise ValueError(
             f"shape mismatch: x {tuple(x.shape)}, W_enc {tuple(W_enc.shape)}, "
             f"W_dec {tuple(W_dec.shape)}"
         )
-    if b_enc.shape != (d_sae,) or b_dec.shape != (d_in,):
+    if b_enc.shape != (d_sae,) or b_dec.shape != (W_dec.shape[1],):
         raise ValueError(f"shape mismatch: b_enc {tuple(b_enc.shape)}, b_dec {tuple(b_dec.shape)}")
+    if b_in is not None and b_in.shape != (d_in,):
+        raise ValueError(f"shape mismatch: the input bias {tuple(b_in.shape)} for x "
+                         f"{tuple(x.shape)} (a decoder with d_out != d_in cannot centre the "
+                         "input: pass b_in=None)")
 
 
 def topk_sae_forward_reference(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int, *,
+    b_in=TIED,
 ) -> TopKForward:
     """Dense autograd definition of :func:`topk_sae_forward` (for tests and benchmarks).
 
     Keeps the top ``k * N`` ReLU'd pre-activations of the flat batch (strictly positive only);
     ties at the cut may be broken differently from the fast path.
     """
-    _check_shapes(x, W_enc, b_enc, W_dec, b_dec)
+    b_in = _input_bias(b_in, b_dec)
+    _check_shapes(x, W_enc, b_enc, W_dec, b_dec, b_in)
     n = x.shape[0]
-    pre = (x - b_dec) @ W_enc + b_enc
+    pre = _centred(x, b_in) @ W_enc + b_enc
     acts = torch.relu(pre)
     flat = acts.reshape(-1)
     m = min(k * n, flat.numel())
@@ -153,18 +187,20 @@ def auxk_reconstruct_reference(
     b_dec: Tensor,
     dead_mask: Tensor,
     k_aux: int,
+    *,
+    b_in=TIED,
 ) -> Tensor:
-    """Dense autograd definition of the AuxK reconstruction ``e_hat`` [N, d_in].
+    """Dense autograd definition of the AuxK reconstruction ``e_hat`` [N, d_out].
 
     Per token, the top ``k_aux`` ReLU'd pre-activations among the dead latents, decoded with
     ``W_dec`` and no ``b_dec`` (the residual it reconstructs already excludes ``b_dec``).
     """
-    pre = (x - b_dec) @ W_enc + b_enc
+    pre = _centred(x, _input_bias(b_in, b_dec)) @ W_enc + b_enc
     acts = torch.relu(pre)
     masked = torch.where(dead_mask[None, :], acts, torch.zeros((), dtype=acts.dtype))
     kk = min(k_aux, int(dead_mask.sum()))
     if kk == 0:
-        return torch.zeros_like(x)
+        return x.new_zeros(x.shape[0], W_dec.shape[1])
     top = masked.topk(kk, dim=1)
     sparse = torch.zeros_like(acts).scatter(1, top.indices, top.values)
     return sparse @ W_dec
@@ -344,10 +380,11 @@ def _no_autocast(t: Tensor):
 
 
 class _SelectedEncode(torch.autograd.Function):
-    """values[m] = ((x - b_dec) @ W_enc + b_enc)[t_m, l_m], gradient only at the pairs."""
+    """values[m] = ((x - b_in) @ W_enc + b_enc)[t_m, l_m], gradient only at the pairs (``b_in``
+    None: no centring, no gradient for it)."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, xc, pre_values, pattern):  # type: ignore[override]
+    def forward(ctx, x, W_enc, b_enc, b_in, xc, pre_values, pattern):  # type: ignore[override]
         ctx.pattern = pattern
         ctx.save_for_backward(xc, W_enc)
         return pre_values.to(W_enc.dtype, copy=True)  # bf16 under autocast -> the weights'
@@ -357,18 +394,18 @@ class _SelectedEncode(torch.autograd.Function):
     def backward(ctx, dv):  # type: ignore[override]
         xc, W_enc = ctx.saved_tensors
         p: SparsePattern = ctx.pattern
-        need_x, need_w, need_be, need_bd = ctx.needs_input_grad[:4]
-        dx = dW_enc = db_enc = db_dec = None
+        need_x, need_w, need_be, need_bi = ctx.needs_input_grad[:4]
+        dx = dW_enc = db_enc = db_in = None
         if need_w:
             dW_enc = p.scatter_sum(dv, xc).t()
-        if need_be or need_bd:
+        if need_be or need_bi:
             db = torch.zeros(p.n_latents, dtype=dv.dtype, device=dv.device)
             db.index_add_(0, p.latent_idx, dv)
             db_enc = db if need_be else None
-            db_dec = -(W_enc @ db) if need_bd else None
+            db_in = -(W_enc @ db) if need_bi else None
         if need_x:
             dx = p.gather_sum(dv, W_enc.t().contiguous())
-        return dx, dW_enc, db_enc, db_dec, None, None, None
+        return dx, dW_enc, db_enc, db_in, None, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -395,10 +432,11 @@ class _DeadColumnsDecode(torch.autograd.Function):
     """e_hat = acts @ W_dec[dead] for dense activations over the D dead columns (zero where not
     selected), with every gradient computed over those columns only: d_acts = g @ W_dec[dead]^T
     masked to the selection, dW_dec[dead] = acts^T g, dW_enc[:, dead] = xc^T d_pre,
-    db_enc[dead] = sum d_pre, db_dec = -W_enc[:, dead] @ db_enc[dead]."""
+    db_enc[dead] = sum d_pre, db_in = -W_enc[:, dead] @ db_enc[dead] (the input bias, when the
+    input is centred)."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, W_dec, xc, acts, dead):  # type: ignore[override]
+    def forward(ctx, x, W_enc, b_enc, b_in, W_dec, xc, acts, dead):  # type: ignore[override]
         w_dec_dead = W_dec.index_select(0, dead)
         acts = acts.to(W_dec.dtype)
         ctx.save_for_backward(xc, W_enc, W_dec, acts, dead, w_dec_dead)
@@ -408,27 +446,27 @@ class _DeadColumnsDecode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         xc, W_enc, W_dec, acts, dead, w_dec_dead = ctx.saved_tensors
-        need_x, need_we, need_be, need_bd, need_wd = ctx.needs_input_grad[:5]
-        dx = dW_enc = db_enc = db_dec = dW_dec = None
+        need_x, need_we, need_be, need_bi, need_wd = ctx.needs_input_grad[:5]
+        dx = dW_enc = db_enc = db_in = dW_dec = None
         g = g.contiguous()
         if need_wd:
             dW_dec = torch.zeros_like(W_dec).index_copy_(0, dead, acts.t() @ g)
-        if not (need_x or need_we or need_be or need_bd):
-            return dx, dW_enc, db_enc, db_dec, dW_dec, None, None, None
+        if not (need_x or need_we or need_be or need_bi):
+            return dx, dW_enc, db_enc, db_in, dW_dec, None, None, None
         # selected entries are exactly the positive ones (ReLU'd, zero elsewhere)
         d_pre = (g @ w_dec_dead.t()).mul_(acts > 0)
         if need_we:
             dW_enc = torch.zeros_like(W_enc).index_copy_(1, dead, xc.t() @ d_pre)
-        w_enc_dead = W_enc.index_select(1, dead) if (need_x or need_bd) else None
-        if need_be or need_bd:
+        w_enc_dead = W_enc.index_select(1, dead) if (need_x or need_bi) else None
+        if need_be or need_bi:
             db = d_pre.sum(0)
             if need_be:
                 db_enc = W_enc.new_zeros(W_enc.shape[1]).index_copy_(0, dead, db)
-            if need_bd:
-                db_dec = -(w_enc_dead @ db)
+            if need_bi:
+                db_in = -(w_enc_dead @ db)
         if need_x:
             dx = d_pre @ w_enc_dead.t()
-        return dx, dW_enc, db_enc, db_dec, dW_dec, None, None, None
+        return dx, dW_enc, db_enc, db_in, dW_dec, None, None, None
 
 
 def _encode_decode(
@@ -436,12 +474,12 @@ def _encode_decode(
     W_enc: Tensor,
     b_enc: Tensor,
     W_dec: Tensor,
-    b_dec: Tensor,
+    b_in,
     xc: Tensor,
     pre_values: Tensor,
     pattern: SparsePattern,
 ) -> tuple[Tensor, Tensor]:
-    values = _SelectedEncode.apply(x, W_enc, b_enc, b_dec, xc, pre_values, pattern)
+    values = _SelectedEncode.apply(x, W_enc, b_enc, b_in, xc, pre_values, pattern)
     return values, _SparseDecode.apply(values, W_dec, pattern)
 
 
@@ -451,26 +489,28 @@ def _encode_decode(
 
 
 def topk_sae_forward(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int, *,
+    b_in=TIED,
 ) -> TopKForward:
     """BatchTopK over the whole flat batch: keep the top ``k * N`` ReLU'd pre-activations.
 
-    x: [N, d_in] (already scaled; centring by b_dec happens here), W_enc [d_in, d_sae],
-    b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in]. Ties and zeros: only strictly positive
-    activations are kept, so M can be below k * N; ties at the cut go to the lowest flat index.
-    Outputs are sorted by token, then latent. Same outputs and gradients as
-    :func:`topk_sae_forward_reference`, but only the encoder forward is dense.
+    x: [N, d_in] (already scaled; centring by ``b_in`` happens here: by default b_dec, an SAE;
+    None: none), W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_out], b_dec [d_out]. Ties
+    and zeros: only strictly positive activations are kept, so M can be below k * N; ties at
+    the cut go to the lowest flat index. Outputs are sorted by token, then latent. Same outputs
+    and gradients as :func:`topk_sae_forward_reference`, but only the encoder forward is dense.
     """
-    _check_shapes(x, W_enc, b_enc, W_dec, b_dec)
+    b_in = _input_bias(b_in, b_dec)
+    _check_shapes(x, W_enc, b_enc, W_dec, b_dec, b_in)
     n, d_sae = x.shape[0], W_enc.shape[1]
     with torch.no_grad():
-        xc = x - b_dec
+        xc = _centred(x, b_in)
         pre = torch.addmm(b_enc, xc, W_enc).to(W_enc.dtype)  # bf16 under autocast
         idx, pre_values = _batch_topk(pre, k * n)
         token_idx = torch.div(idx, d_sae, rounding_mode="floor")
         latent_idx = idx - token_idx * d_sae
     pattern = SparsePattern(token_idx, latent_idx, n, d_sae)
-    values, decoded = _encode_decode(x, W_enc, b_enc, W_dec, b_dec, xc, pre_values, pattern)
+    values, decoded = _encode_decode(x, W_enc, b_enc, W_dec, b_in, xc, pre_values, pattern)
     return TopKForward(decoded + b_dec, values, token_idx, latent_idx, pre)
 
 
@@ -483,13 +523,16 @@ def auxk_reconstruct(
     pre_acts: Tensor,
     dead_mask: Tensor,
     k_aux: int,
+    *,
+    b_in=TIED,
 ) -> AuxKForward:
     """AuxK reconstruction from the dead latents, touching only the dead latents.
 
     Per token, the top ``k_aux`` strictly positive pre-activations among the latents where
     ``dead_mask`` [d_sae] (bool) is true are selected from ``pre_acts`` (the detached
     ``TopKForward.pre_acts`` of the same step) and decoded with ``W_dec`` and no ``b_dec``.
-    The selected values are differentiable w.r.t. ``W_enc``, ``b_enc``, ``b_dec`` (and ``x``),
+    The selected values are differentiable w.r.t. ``W_enc``, ``b_enc``, the input bias ``b_in``
+    (``b_dec`` by default; see :func:`topk_sae_forward`) (and ``x``),
     as in the dense definition :func:`auxk_reconstruct_reference`; ``e_hat`` also w.r.t.
     ``W_dec``. With no dead latent, ``e_hat`` is zeros and the selection empty.
 
@@ -498,7 +541,8 @@ def auxk_reconstruct(
     (e.g. the reference k_aux = d_in / 2 with few dead latents) four GEMMs over the dead columns
     only are cheaper than gathers of that many pairs. Both give the same result.
     """
-    _check_shapes(x, W_enc, b_enc, W_dec, b_dec)
+    b_in = _input_bias(b_in, b_dec)
+    _check_shapes(x, W_enc, b_enc, W_dec, b_dec, b_in)
     n, d_sae = pre_acts.shape
     if dead_mask.shape != (d_sae,) or dead_mask.dtype != torch.bool:
         raise ValueError(f"dead_mask must be a bool tensor of shape ({d_sae},)")
@@ -509,9 +553,10 @@ def auxk_reconstruct(
         kk = min(k_aux, dead.numel())
         if kk == 0:
             empty = torch.zeros(0, dtype=torch.long, device=x.device)
-            return AuxKForward(torch.zeros_like(x), lambda: (x.new_zeros(0), empty, empty))
+            return AuxKForward(x.new_zeros(n, W_dec.shape[1]),
+                               lambda: (x.new_zeros(0), empty, empty))
         sub = pre_acts.index_select(1, dead)  # [N, D]
-        xc = x - b_dec
+        xc = _centred(x, b_in)
         if kk < dead.numel():
             top = sub.topk(kk, dim=1, sorted=False)
             cols, vals = top.indices, top.values
@@ -530,32 +575,34 @@ def auxk_reconstruct(
     if kk / dead.numel() >= _AUXK_DENSE_DENSITY:
         with torch.no_grad():
             acts = torch.zeros_like(sub).scatter_(1, cols, vals.clamp(min=0))
-        e_hat = _DeadColumnsDecode.apply(x, W_enc, b_enc, b_dec, W_dec, xc, acts, dead)
+        e_hat = _DeadColumnsDecode.apply(x, W_enc, b_enc, b_in, W_dec, xc, acts, dead)
 
         def selection() -> tuple[Tensor, Tensor, Tensor]:
             token_idx, latent_idx, pre_values = selected_pairs()
             pattern = SparsePattern(token_idx, latent_idx, n, d_sae)
-            values = _SelectedEncode.apply(x, W_enc, b_enc, b_dec, xc, pre_values, pattern)
+            values = _SelectedEncode.apply(x, W_enc, b_enc, b_in, xc, pre_values, pattern)
             return values, token_idx, latent_idx
 
         return AuxKForward(e_hat, selection)
     token_idx, latent_idx, pre_values = selected_pairs()
     pattern = SparsePattern(token_idx, latent_idx, n, d_sae)
-    values, e_hat = _encode_decode(x, W_enc, b_enc, W_dec, b_dec, xc, pre_values, pattern)
+    values, e_hat = _encode_decode(x, W_enc, b_enc, W_dec, b_in, xc, pre_values, pattern)
     return AuxKForward(e_hat, lambda: (values, token_idx, latent_idx))
 
 
 def topk_per_token_forward(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, k: int, *,
+    b_in=TIED,
 ) -> TopKForward:
     """TopK per token (Gao et al.): keep each token's ``k`` largest pre-activations, then ReLU
     (so a token keeps fewer than ``k`` when fewer are positive). Same inputs and outputs as
     :func:`topk_sae_forward`, and the same sparse backward; only the selection differs."""
-    _check_shapes(x, W_enc, b_enc, W_dec, b_dec)
+    b_in = _input_bias(b_in, b_dec)
+    _check_shapes(x, W_enc, b_enc, W_dec, b_dec, b_in)
     n, d_sae = x.shape[0], W_enc.shape[1]
     k = min(int(k), d_sae)
     with torch.no_grad():
-        xc = x - b_dec
+        xc = _centred(x, b_in)
         pre = torch.addmm(b_enc, xc, W_enc).to(W_enc.dtype)  # bf16 under autocast
         top = pre.topk(k, dim=1, sorted=False)
         cols, order = top.indices.sort(dim=1)  # ascending latent within each token
@@ -565,7 +612,7 @@ def topk_per_token_forward(
         latent_idx = cols[keep]
         pre_values = vals[keep]
     pattern = SparsePattern(token_idx, latent_idx, n, d_sae)
-    values, decoded = _encode_decode(x, W_enc, b_enc, W_dec, b_dec, xc, pre_values, pattern)
+    values, decoded = _encode_decode(x, W_enc, b_enc, W_dec, b_in, xc, pre_values, pattern)
     return TopKForward(decoded + b_dec, values, token_idx, latent_idx, pre)
 
 
@@ -574,7 +621,7 @@ def prefix_decodes(
 ) -> list[Tensor]:
     """Reconstructions from nested prefixes of the dictionary (Matryoshka): for each width w
     in ``widths`` (increasing, the last one d_sae), ``b_dec + sum of the selected pairs with
-    latent < w`` [N, d_in], differentiable like ``out.x_hat``. The last entry is ``out.x_hat``
+    latent < w`` [N, d_out], differentiable like ``out.x_hat``. The last entry is ``out.x_hat``
     itself; the others cost one sparse decode in all (each pair is decoded in its own group)."""
     n = out.x_hat.shape[0]
     d_sae = W_dec.shape[0]

@@ -3,11 +3,13 @@
 Per step: check the batch (via the objective), set the scheduled learning rate, forward/backward
 through the objective, project the decoder gradients, clip the gradient norm, Adam step,
 renormalise the decoder rows, update dead-latent counters and the architecture's running
-statistics (a threshold EMA after its warm-up). Every ``log_freq`` steps (and at every
-checkpoint) it evaluates **the model it would ship** on the validation source and reports a
-MetricsRecord: for an architecture that ``needs_calibration`` (BatchTopK) that is a copy
-calibrated on calibration tokens (``Objective.calibration_batches``: training tokens in their
-own order, never the validation or test tokens), and ``OUT/best`` saves that calibrated copy.
+statistics (``sae.update_training_state(fired, running, TrainingProgress(step, total))``: the
+architecture applies its own rule, e.g. a threshold EMA after its own warm-up). Every
+``log_freq`` steps (and at every checkpoint) it evaluates **the model it would ship** on the
+validation source and reports a MetricsRecord: for an SAE that ``needs_calibration`` (a
+property the architecture reads from its own options) that is a copy calibrated on
+calibration tokens (``Objective.calibration_batches``: training tokens in their own order,
+never the validation or test tokens), and ``OUT/best`` saves that calibrated copy.
 Every ``checkpoint_every`` steps it writes a resumable checkpoint. At the end it calibrates the
 SAE itself on the same tokens, evaluates, writes the final checkpoint and saves the SAE
 (folded) to ``OUT/final``.
@@ -44,7 +46,7 @@ from .objective import LocalObjective, Objective
 from .output_folder import atomic_directory, remove_output
 from .reporting import ConsoleReporter, Reporter
 from .schedule import Schedule
-from .saes.base import SAE
+from .saes.base import SAE, TrainingProgress
 from .training_config import TrainingConfig
 
 
@@ -148,11 +150,12 @@ def train_sae(sae: SAE, train_source: Any, config: TrainingConfig, *, val_source
         show_progress=config.show_progress)
     objective = objective if objective is not None else LocalObjective(config)
     for which, source in (("training", train_source), ("validation", val_source)):
-        source_d_in = getattr(source, "d_in", None)
-        if source_d_in is not None and source_d_in != sae.cfg.d_in:
-            raise DimensionMismatchError(
-                f"the {which} activations have d_in={source_d_in} but the SAE has "
-                f"d_in={sae.cfg.d_in} (SAEConfig.d_in; hook {sae.hook_spec})")
+        for side, hook in (("d_in", sae.hook_spec), ("d_out", sae.hook_spec_out)):
+            width = getattr(source, side, None)
+            if width is not None and width != getattr(sae.cfg, side):
+                raise DimensionMismatchError(
+                    f"the {which} activations have {side}={width} but the SAE has "
+                    f"{side}={getattr(sae.cfg, side)} (SAEConfig.{side}; hook {hook})")
     out = Path(out_dir) if out_dir is not None else None
 
     planned = objective.planned_steps(train_source)
@@ -166,7 +169,6 @@ def train_sae(sae: SAE, train_source: Any, config: TrainingConfig, *, val_source
     token_budget = config.max_tokens if planned is None else None
     base_lr = config.resolved_lr(sae.cfg.d_sae)
     schedule = objective.schedule(base_lr, total_steps)
-    threshold_start = min(config.threshold_warmup_steps, total_steps // 2)
     optimizer = make_optimizer(sae, config, base_lr)
 
     if resume_from is not None:
@@ -191,7 +193,7 @@ def train_sae(sae: SAE, train_source: Any, config: TrainingConfig, *, val_source
         return result
 
     loop = _Loop(sae, train_source, val_source, config, objective, optimizer, reporter, out,
-                 state, history)
+                 state, history, total_steps)
     sae.train()
     reporter.on_train_start(total_steps=total_steps, start_step=state.step,
                             description=f"{sae.architecture} d_sae={sae.cfg.d_sae}")
@@ -200,7 +202,7 @@ def train_sae(sae: SAE, train_source: Any, config: TrainingConfig, *, val_source
         while state.step < total_steps and state.epoch < config.num_epochs:
             for batch in objective.iter_batches(train_source, epoch=state.epoch,
                                                 start_batch=state.batch_in_epoch):
-                loop.train_step(batch, schedule.lr(state.step), state.step >= threshold_start)
+                loop.train_step(batch, schedule.lr(state.step))
                 last = state.step >= total_steps or (
                     token_budget is not None and state.tokens_seen >= token_budget)
                 if last:
@@ -270,8 +272,10 @@ class _Loop:
 
     def __init__(self, sae: SAE, train_source: Any, val_source: Any, config: TrainingConfig,
                  objective: Objective, optimizer: torch.optim.Optimizer, reporter: Reporter,
-                 out: Optional[Path], state: TrainerState, history: list[MetricsRecord]):
+                 out: Optional[Path], state: TrainerState, history: list[MetricsRecord],
+                 total_steps: int):
         self.sae, self.train_source, self.val_source = sae, train_source, val_source
+        self.total_steps = total_steps
         self.config, self.objective, self.optimizer = config, objective, optimizer
         self.reporter, self.out, self.state, self.history = reporter, out, state, history
         self.window = _Window()
@@ -280,7 +284,7 @@ class _Loop:
         self.params = [p for p in sae.parameters() if p.requires_grad]
         self.started = time.perf_counter()
 
-    def train_step(self, batch: Any, lr: float, update_threshold: bool) -> None:
+    def train_step(self, batch: Any, lr: float) -> None:
         state, sae = self.state, self.sae
         step_no = state.step + 1
         for group in self.optimizer.param_groups:
@@ -304,8 +308,8 @@ class _Loop:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         self.optimizer.step()
         sae.normalize_decoder()
-        sae.update_training_state(out.fired, out.running, update_threshold=update_threshold,
-                                  threshold_beta=self.config.threshold_beta)
+        sae.update_training_state(out.fired, out.running,
+                                  TrainingProgress(step_no, self.total_steps))
         tokens = self.objective.batch_tokens(batch)
         state.step = step_no
         state.batch_in_epoch += 1
@@ -320,19 +324,19 @@ class _Loop:
         return torch.autocast(device_type=self.sae.W_enc.device.type, dtype=torch.bfloat16)
 
     def calibrate(self, sae: SAE) -> Optional[str]:
-        """Calibrate ``sae``'s inference encoding on the calibration tokens (when it needs it
-        and ``calibrate_threshold`` is on); a message for the reporter."""
-        if not (sae.needs_calibration and self.config.calibrate_threshold):
+        """Calibrate ``sae``'s inference encoding on the calibration tokens (when it needs it:
+        ``sae.needs_calibration``, from its own options); a message for the reporter."""
+        if not sae.needs_calibration:
             return None
         batches = self.objective.calibration_batches(self.train_source)
-        message = sae.calibrate(batches, self.config.calibration_tokens)
+        message = sae.calibrate(batches)
         if message is None:
             return "inference encoding not calibrated: the calibration source has no tokens"
         return f"inference encoding calibrated on training tokens: {message}"
 
     def shipped(self) -> SAE:
         """The model ``export`` would ship now: the SAE itself, or a calibrated copy of it."""
-        if not (self.sae.needs_calibration and self.config.calibrate_threshold):
+        if not self.sae.needs_calibration:
             return self.sae
         copy = self.sae.clone()
         self.calibrate(copy)

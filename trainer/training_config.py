@@ -12,6 +12,7 @@ research-grade trainer needs. Two notes on names kept from the design notes:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
@@ -27,9 +28,9 @@ RESUME_SAFE_FIELDS = frozenset({
     "log_freq", "checkpoint_every", "keep_checkpoints", "save_best", "eval_max_tokens",
     "show_progress",
 })
-# fields that earlier versions accepted, and what to use instead (a YAML naming one is refused)
+# fields that earlier versions accepted, and what to use instead (a YAML naming one is refused;
+# a field that moved to an architecture's options is found in the registry: moved_to_sae)
 REMOVED_FIELDS = {
-    "l1_coefficient": "the L1 weight belongs to the standard SAE: set sae.l1_coefficient",
     "num_dataloader_workers": "it was never read; the cache reader needs no worker processes",
     "persistent_workers": "it was never read; the cache reader needs no worker processes",
     "pin_memory": "it was never read; remove it",
@@ -150,17 +151,6 @@ class TrainingConfig(StrictConfig):
     init_tokens: int = 16384
     """Tokens (from the start of epoch 0) used to estimate b_dec, the input scale and the
     outlier cap."""
-    # -- BatchTopK inference threshold ------------------------------------------------------------
-    threshold_warmup_steps: int = 1000
-    """The fp32 EMA of the smallest selected activation starts after this many steps (earlier
-    minima are meaningless); capped at half the run's steps."""
-    threshold_beta: float = 0.999
-    """EMA decay of the inference threshold."""
-    calibrate_threshold: bool = True
-    """At the end, set the threshold on held-out tokens (the validation source, else the
-    training source) so that the inference L0 equals top_k there."""
-    calibration_tokens: int = 16384
-    """Tokens used for that calibration."""
     # -- logging, validation, checkpoints ----------------------------------------------------------
     log_freq: int = 100
     """Evaluate on the validation source (and report a MetricsRecord) every this many steps."""
@@ -182,8 +172,7 @@ class TrainingConfig(StrictConfig):
 
     def validate(self) -> None:
         positive_ints = ("num_epochs", "batch_size", "train_batch_tokens", "log_freq",
-                         "activation_batch_size", "init_tokens",
-                         "calibration_tokens", "keep_checkpoints")
+                         "activation_batch_size", "init_tokens", "keep_checkpoints")
         for name in positive_ints:
             value = getattr(self, name)
             self._require(_is_int(value) and value >= 1, name,
@@ -193,10 +182,8 @@ class TrainingConfig(StrictConfig):
             if value is not None:
                 self._require(_is_int(value) and value >= 1, name,
                               f"must be an integer >= 1 or null, got {value!r}")
-        for name in ("threshold_warmup_steps", "seed"):
-            value = getattr(self, name)
-            self._require(_is_int(value) and value >= 0, name,
-                          f"must be an integer >= 0, got {value!r}")
+        self._require(_is_int(self.seed) and self.seed >= 0, "seed",
+                      f"must be an integer >= 0, got {self.seed!r}")
         if self.lr_warmup_steps is not None:
             self._require(_is_int(self.lr_warmup_steps) and self.lr_warmup_steps >= 0,
                           "lr_warmup_steps",
@@ -226,7 +213,7 @@ class TrainingConfig(StrictConfig):
         if self.init_from is not None:
             self._require(isinstance(self.init_from, str) and bool(self.init_from), "init_from",
                           f"must be a folder path, got {self.init_from!r}")
-        for name in ("adam_beta1", "adam_beta2", "threshold_beta"):
+        for name in ("adam_beta1", "adam_beta2"):
             value = getattr(self, name)
             self._require(0 <= value < 1, name, f"must be in [0, 1), got {value}")
         self._require(self.adam_eps > 0, "adam_eps", f"must be > 0, got {self.adam_eps}")
@@ -271,6 +258,10 @@ class TrainingConfig(StrictConfig):
             for name, why in REMOVED_FIELDS.items():
                 if name in data:
                     raise ConfigError(f"TrainingConfig.{name}: no longer a field ({why})")
+            for name in data:
+                moved = moved_to_sae(name)
+                if moved:
+                    raise ConfigError(f"TrainingConfig.{name}: {moved}")
         return super().from_dict(data)  # type: ignore[return-value]
 
     def warmup_steps(self, total_steps: int) -> int:
@@ -288,6 +279,21 @@ class TrainingConfig(StrictConfig):
         if self.lr is not None:
             return self.lr
         return 2e-4 / math.sqrt(d_sae / 2**14)
+
+
+def moved_to_sae(name: str) -> Optional[str]:
+    """Where ``name`` lives when it is not a training field but an architecture's own field
+    (e.g. the threshold warm-up, EMA rate and calibration, which moved from ``training:`` to
+    the options of the architectures with a threshold); None otherwise."""
+    from .registry import architectures_with_field
+
+    if name in {f.name for f in dataclasses.fields(TrainingConfig)}:
+        return None
+    owners = architectures_with_field(name)
+    if not owners:
+        return None
+    return (f"not a training field: it belongs to the SAE config of architecture(s) "
+            f"{', '.join(owners)}; move it to the `sae:` block (sae.{name})")
 
 
 def _is_int(value: object) -> bool:

@@ -4,7 +4,7 @@
 
 **AuxK** (Gao et al. 2024): latents idle for ``n_batches_to_dead`` batches are dead. Per token,
 the ``top_k_aux`` largest dead pre-activations (ReLU'd) reconstruct the **detached** residual
-``e = x - x_hat`` through the decoder (no bias):
+``e = target - output`` (an SAE: ``x - x_hat``) through the decoder (no bias):
 ``aux = mean_t ||e_t - e_hat_t||^2 / mean_t ||e_t - mean(e)||^2``. Normalising by the residual's
 variance makes ``aux_penalty`` scale-free (OpenAI / dictionary_learning convention; SAELens's
 unnormalised coefficient is not comparable); it is exactly 0 when nothing is dead. Because the
@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor
 
-from ..sae_config import ArchitectureOptions
+from ..architecture_options import ArchitectureOptions
 from ..sparse_ops import auxk_reconstruct
 
 
@@ -42,9 +42,11 @@ class KSparseOptions(ArchitectureOptions):
     width_capped: ClassVar[dict[str, int]] = {"top_k": 1, "top_k_aux": 0}
 
     def derived_values(self) -> dict[str, Any]:
-        return {"top_k_aux": None if self.top_k is None else max(1, self.top_k // 2)}
+        return {**super().derived_values(),
+                "top_k_aux": None if self.top_k is None else max(1, self.top_k // 2)}
 
     def validate(self) -> None:
+        super().validate()
         if self.top_k is None:
             self._fail("top_k", "is required for the k-sparse architectures (e.g. top_k: 32)")
         self._require(isinstance(self.top_k, int) and not isinstance(self.top_k, bool)
@@ -59,24 +61,26 @@ class KSparseOptions(ArchitectureOptions):
                       "aux_penalty", f"must be >= 0, got {self.aux_penalty!r}")
 
     def check(self, cfg: Any) -> None:
+        super().check(cfg)
         if self.top_k > cfg.d_sae:
             self._fail("top_k", f"must be in [1, d_sae={cfg.d_sae}], got {self.top_k}")
         if self.top_k_aux > cfg.d_sae:
             self._fail("top_k_aux", f"must be in [1, d_sae={cfg.d_sae}], got {self.top_k_aux}")
 
 
-def auxk_loss(sae: Any, x_scaled: Tensor, x_hat: Tensor, pre_acts: Tensor,
-              dead_mask: Optional[Tensor] = None) -> Tensor:
-    """The AuxK loss (module docstring) of scaled inputs [N, d_in], their reconstruction and
-    the detached encoder pre-activations [N, d_sae]; ``dead_mask`` defaults to the SAE's."""
+def auxk_loss(sae: Any, x_scaled: Tensor, target_scaled: Tensor, output: Tensor,
+              pre_acts: Tensor, dead_mask: Optional[Tensor] = None) -> Tensor:
+    """The AuxK loss (module docstring) of scaled inputs [N, d_in], their scaled targets and
+    the reconstruction [N, d_out], and the detached encoder pre-activations [N, d_sae];
+    ``dead_mask`` defaults to the SAE's."""
     if dead_mask is None:
         dead_mask = sae.dead_mask()
     if not bool(dead_mask.any()):
-        return x_scaled.new_zeros(())
-    residual = (x_scaled - x_hat).detach()
+        return target_scaled.new_zeros(())
+    residual = (target_scaled - output).detach()
     recon = auxk_reconstruct(x_scaled, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec,
                              pre_acts.reshape(-1, sae.cfg.d_sae), dead_mask,
-                             int(sae.cfg.top_k_aux)).e_hat
+                             int(sae.cfg.top_k_aux), b_in=sae.input_bias()).e_hat
     err = (residual - recon).pow(2).sum(-1).mean()
     variance = (residual - residual.mean(0)).pow(2).sum(-1).mean()
     return err / variance.clamp_min(torch.finfo(variance.dtype).tiny)

@@ -6,11 +6,14 @@ calibrated fp32 inference threshold (``batchtopk``).
   ``trainer.sparse_ops.topk_sae_forward``. Loss: ``mse + aux_penalty * AuxK`` (saes/auxk.py).
 * **Inference encoding** (what export ships): a JumpReLU with one global threshold theta,
   ``f = relu(pre) * (pre > theta)``, so a token's code does not depend on its batch. theta is
-  an fp32 buffer: an EMA of each step's smallest selected activation (``running["min_selected"]``
-  of the training forward, the minimum over a step's chunks) once the threshold warm-up is over,
-  and :meth:`calibrate` sets it from tokens so that the inference L0 there is ``top_k``.
+  an fp32 buffer: an EMA (decay ``threshold_beta``) of each step's smallest selected activation
+  (``running["min_selected"]`` of the training forward, the minimum over a step's chunks) once
+  ``threshold_warmup_steps`` steps (at most half the run) are done, and :meth:`calibrate` sets
+  it from ``calibration_tokens`` training tokens so that the inference L0 there is ``top_k``.
   Before theta exists (buffer ``threshold`` < 0) inference is a plain ReLU: such an SAE is not
-  ready to ship (``needs_calibration``; the trainer calibrates before it evaluates or saves).
+  ready to ship (with ``calibrate_threshold``, ``needs_calibration`` is true and the trainer
+  calibrates before it evaluates or saves). Those four fields are ``ThresholdOptions``
+  (saes/threshold.py).
 * SAELens export: ``jumprelu`` with theta as every latent's threshold (as SAELens saves its own
   BatchTopK SAEs).
 """
@@ -23,17 +26,19 @@ from typing import ClassVar, Iterable, Optional
 import torch
 from torch import Tensor
 
-from ..registry import register
-from ..sae_config import ArchitectureOptions
+from .registration import register
+from ..architecture_options import ArchitectureOptions
 from ..sparse_ops import topk_sae_forward
 from .auxk import KSparseOptions, auxk_loss
-from .base import SAE, SAELensFormat, TrainStepOutput
+from .base import SAE, SAELensFormat, TrainingProgress, TrainStepOutput
+from .threshold import ThresholdOptions
 
 
 @dataclass
-class BatchTopKOptions(KSparseOptions):
+class BatchTopKOptions(ThresholdOptions, KSparseOptions):
     """Fields of ``batchtopk``: ``top_k`` (mean active latents per token), ``top_k_aux`` and
-    ``aux_penalty`` (see saes/auxk.py)."""
+    ``aux_penalty`` (see saes/auxk.py), and the threshold's warm-up, EMA decay and calibration
+    (saes/threshold.py)."""
 
 
 @register
@@ -43,7 +48,13 @@ class BatchTopKSAE(SAE):
     architecture: ClassVar[str] = "batchtopk"
     Options: ClassVar[type[ArchitectureOptions]] = BatchTopKOptions
     training_encoding_differs: ClassVar[bool] = True
-    needs_calibration: ClassVar[bool] = True
+    inference_rule: ClassVar[str] = (
+        "a JumpReLU with one fp32 threshold for every latent, calibrated on training tokens so "
+        "that the mean L0 there is top_k; each token is encoded on its own")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return bool(self.cfg.calibrate_threshold)
 
     def init_architecture(self) -> None:
         self.register_buffer("threshold", torch.full((), -1.0, dtype=torch.float32,
@@ -65,50 +76,65 @@ class BatchTopKSAE(SAE):
 
     # -- training ------------------------------------------------------------------------------
     def selection(self, xs: Tensor):
-        """The training encoding of scaled tokens [N, d_in] (a ``TopKForward``)."""
-        return topk_sae_forward(xs, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k)
+        """The training encoding of scaled tokens [N, d_in] (a ``TopKForward``; its ``x_hat``
+        is the dictionary's reconstruction in the output space)."""
+        return topk_sae_forward(xs, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k,
+                                b_in=self.input_bias())
 
-    def training_forward(self, x: Tensor) -> TrainStepOutput:
-        xs = self.scale_input(x).reshape(-1, self.cfg.d_in)
+    def training_forward(self, x: Tensor, target: Optional[Tensor] = None) -> TrainStepOutput:
+        xs, ys = self.scaled_pair(x, target)
         out = self.selection(xs)
-        return self._output(xs, out, (out.x_hat - xs).pow(2).mean(), {})
+        output = self._with_skip(xs, out.x_hat)
+        return self._output(xs, ys, out, output, (output - ys).pow(2).mean(), {})
 
-    def _output(self, xs: Tensor, out, reconstruction: Tensor,
+    def _with_skip(self, xs: Tensor, decoded: Tensor) -> Tensor:
+        skip = self.skip_scaled(xs)
+        return decoded if skip is None else decoded + skip
+
+    def _output(self, xs: Tensor, ys: Tensor, out, output: Tensor, reconstruction: Tensor,
                 extra_terms: dict[str, Tensor]) -> TrainStepOutput:
         n = xs.shape[0]
         fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=xs.device)
         fired[out.latent_idx] = True
         values = out.values.detach()
-        aux = auxk_loss(self, xs, out.x_hat, out.pre_acts)
-        mse = (out.x_hat - xs).pow(2).mean().detach()
+        aux = auxk_loss(self, xs, ys, output, out.pre_acts)
+        mse = (output - ys).pow(2).mean().detach()
         running = {"min_selected": values.min().float()} if values.numel() else {}
         return TrainStepOutput(
-            x_scaled=xs, x_hat=out.x_hat, reconstruction_loss=reconstruction,
+            target_scaled=ys, output=output, reconstruction_loss=reconstruction,
             sparsity_loss=self.cfg.aux_penalty * aux,
             terms={"mse": mse, "aux": aux.detach(), **extra_terms},
             fired=fired, l0=torch.tensor(values.numel() / max(n, 1)), running=running)
 
     @torch.no_grad()
-    def update_running_statistics(self, running: dict[str, Tensor], *, update_threshold: bool,
-                                  threshold_beta: float) -> None:
-        """The fp32 EMA of the smallest selected activation (after the threshold warm-up)."""
-        if not update_threshold or "min_selected" not in running:
+    def update_running_statistics(self, running: dict[str, Tensor],
+                                  progress: TrainingProgress) -> None:
+        """The fp32 EMA (decay ``threshold_beta``) of the smallest selected activation, from
+        the step after ``threshold_start`` on (the warm-up, capped at half the run)."""
+        options = self.cfg.options
+        if progress.step <= options.threshold_start(progress.total_steps):
             return
+        if "min_selected" not in running:
+            return
+        beta = float(options.threshold_beta)
         m = running["min_selected"].float().to(self.threshold.device)
-        ema = threshold_beta * self.threshold + (1.0 - threshold_beta) * m
+        ema = beta * self.threshold + (1.0 - beta) * m
         self.threshold.copy_(torch.where(self.threshold < 0, m, ema))
 
     @torch.no_grad()
-    def calibrate(self, batches: Iterable[Tensor], max_tokens: int,
+    def calibrate(self, batches: Iterable[Tensor], max_tokens: Optional[int] = None,
                   chunk_candidates: int = 2) -> Optional[str]:
         """Set theta so that ``top_k`` x n_tokens activations of ``batches`` exceed it (exactly,
         ties aside), i.e. the inference L0 on these tokens is ``top_k``.
 
-        ``batches``: iterable of raw [n, d_in] tensors, consumed up to ``max_tokens`` tokens.
+        ``batches``: iterable of raw [n, d_in] input tensors, consumed up to ``max_tokens``
+        tokens (None: the ``calibration_tokens`` option).
         Each batch contributes its ``chunk_candidates x top_k x n`` largest activations as
         candidates; if a batch might hold more of the global top than that, the pass is
         repeated with 4x more candidates. Returns a description, or None without data.
         """
+        if max_tokens is None:
+            max_tokens = int(self.cfg.calibration_tokens)
         kept: list[Tensor] = []
         total = 0
         for batch in batches:

@@ -34,8 +34,8 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
-from ..registry import register
-from ..sae_config import ArchitectureOptions
+from .registration import register
+from ..architecture_options import ArchitectureOptions
 from .base import SAE, SAELensFormat, TrainStepOutput
 
 
@@ -110,6 +110,9 @@ class JumpReLUSAE(SAE):
 
     architecture: ClassVar[str] = "jumprelu"
     Options: ClassVar[type[ArchitectureOptions]] = JumpReLUOptions
+    saelens_reads: ClassVar[Optional[str]] = "jumprelu"
+    inference_rule: ClassVar[str] = ("a JumpReLU with its learned per-latent thresholds (as in "
+                                     "training)")
 
     def init_architecture(self) -> None:
         # filled with jumprelu_init_threshold by initialize_weights
@@ -133,19 +136,19 @@ class JumpReLUSAE(SAE):
     def inference_threshold(self) -> Optional[float]:
         return float(self.theta().detach().mean())
 
-    def training_forward(self, x: Tensor) -> TrainStepOutput:
-        xs = self.scale_input(x).reshape(-1, self.cfg.d_in)
+    def training_forward(self, x: Tensor, target: Optional[Tensor] = None) -> TrainStepOutput:
+        xs, ys = self.scaled_pair(x, target)
         pre = self.pre_activations(xs)
         theta = self.theta().to(pre.dtype)
         eps = float(self.cfg.jumprelu_bandwidth)
         f = JumpReLUFunction.apply(pre, theta, eps)
         l0_per_token = StepFunction.apply(pre, theta, eps).sum(-1)
         x_hat = f @ self.W_dec + self.b_dec
-        mse = (x_hat - xs).pow(2).mean()
+        mse = (x_hat - ys).pow(2).mean()
         l0 = l0_per_token.mean()
         active = f.detach() > 0
         return TrainStepOutput(
-            x_scaled=xs, x_hat=x_hat, reconstruction_loss=mse,
+            target_scaled=ys, output=x_hat, reconstruction_loss=mse,
             sparsity_loss=self.cfg.l0_coefficient * l0,
             terms={"mse": mse.detach(), "l0_penalty": l0.detach()},
             fired=active.any(0), l0=active.sum(-1).float().mean())

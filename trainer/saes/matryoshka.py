@@ -16,21 +16,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor
 
-from ..registry import register
-from ..sae_config import ArchitectureOptions
+from .registration import register
+from ..architecture_options import ArchitectureOptions
 from ..sparse_ops import prefix_decodes
-from .auxk import KSparseOptions
 from .base import TrainStepOutput
-from .batchtopk import BatchTopKSAE
+from .batchtopk import BatchTopKOptions, BatchTopKSAE
 
 
 @dataclass
-class MatryoshkaOptions(KSparseOptions):
+class MatryoshkaOptions(BatchTopKOptions):
     """Fields of ``matryoshka_batchtopk``: BatchTopK's plus the groups."""
 
     group_fractions: tuple[float, ...] = (0.0625, 0.1875, 0.75)
@@ -73,19 +72,23 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
 
     architecture: ClassVar[str] = "matryoshka_batchtopk"
     Options: ClassVar[type[ArchitectureOptions]] = MatryoshkaOptions
+    inference_rule: ClassVar[str] = (
+        BatchTopKSAE.inference_rule + " (the whole dictionary; its nested prefixes also "
+        "reconstruct on their own)")
 
     @property
     def prefix_widths(self) -> tuple[int, ...]:
         return self.cfg.options.prefix_widths(self.cfg.d_sae)
 
-    def training_forward(self, x: Tensor) -> TrainStepOutput:
-        xs = self.scale_input(x).reshape(-1, self.cfg.d_in)
+    def training_forward(self, x: Tensor, target: Optional[Tensor] = None) -> TrainStepOutput:
+        xs, ys = self.scaled_pair(x, target)
         out = self.selection(xs)
         widths = self.prefix_widths
-        recons = prefix_decodes(out, self.W_dec, self.b_dec, widths)
-        mses = [(r - xs).pow(2).mean() for r in recons]
+        recons = [self._with_skip(xs, r) for r in prefix_decodes(out, self.W_dec, self.b_dec,
+                                                                  widths)]
+        mses = [(r - ys).pow(2).mean() for r in recons]
         terms = {f"mse_prefix_{w}": m.detach() for w, m in zip(widths[:-1], mses[:-1])}
-        return self._output(xs, out, torch.stack(mses).mean(), terms)
+        return self._output(xs, ys, out, recons[-1], torch.stack(mses).mean(), terms)
 
     def saelens_format(self, folded):
         fmt = super().saelens_format(folded)

@@ -10,13 +10,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor
 
-from ..registry import register
-from ..sae_config import ArchitectureOptions
+from .registration import register
+from ..architecture_options import ArchitectureOptions
 from .base import SAE, SAELensFormat, TrainStepOutput
 
 
@@ -41,19 +41,21 @@ class StandardSAE(SAE):
 
     architecture: ClassVar[str] = "standard"
     Options: ClassVar[type[ArchitectureOptions]] = StandardOptions
+    saelens_reads: ClassVar[Optional[str]] = "standard"
+    inference_rule: ClassVar[str] = "a ReLU of the encoder pre-activations (as in training)"
 
     def encode_scaled(self, x_scaled: Tensor) -> Tensor:
         return torch.relu(self.pre_activations(x_scaled))
 
-    def training_forward(self, x: Tensor) -> TrainStepOutput:
-        xs = self.scale_input(x).reshape(-1, self.cfg.d_in)
+    def training_forward(self, x: Tensor, target: Optional[Tensor] = None) -> TrainStepOutput:
+        xs, ys = self.scaled_pair(x, target)
         f = torch.relu(self.pre_activations(xs))
         x_hat = f @ self.W_dec + self.b_dec
         active = f > 0
-        mse = (x_hat - xs).pow(2).mean()
+        mse = (x_hat - ys).pow(2).mean()
         l1 = (f * self.W_dec.norm(dim=1)).sum(-1).mean()
         return TrainStepOutput(
-            x_scaled=xs, x_hat=x_hat, reconstruction_loss=mse,
+            target_scaled=ys, output=x_hat, reconstruction_loss=mse,
             sparsity_loss=self.cfg.l1_coefficient * l1,
             terms={"mse": mse.detach(), "l1": l1.detach()},
             fired=active.any(0), l0=active.sum(-1).float().mean().detach())

@@ -12,13 +12,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor
 
-from ..registry import register
-from ..sae_config import ArchitectureOptions
+from .registration import register
+from ..architecture_options import ArchitectureOptions
 from ..sparse_ops import topk_per_token_forward
 from .auxk import KSparseOptions, auxk_loss
 from .base import SAE, SAELensFormat, TrainStepOutput
@@ -36,6 +36,10 @@ class TopKSAE(SAE):
 
     architecture: ClassVar[str] = "topk"
     Options: ClassVar[type[ArchitectureOptions]] = TopKOptions
+    saelens_reads: ClassVar[Optional[str]] = "topk"
+    saelens_read_fields: ClassVar[dict[str, str]] = {"top_k": "k"}
+    inference_rule: ClassVar[str] = ("as in training: each token keeps its top_k largest "
+                                     "pre-activations (ReLU'd)")
 
     @property
     def k(self) -> int:
@@ -46,15 +50,16 @@ class TopKSAE(SAE):
         top = pre.topk(min(self.k, self.cfg.d_sae), dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
 
-    def training_forward(self, x: Tensor) -> TrainStepOutput:
-        xs = self.scale_input(x).reshape(-1, self.cfg.d_in)
-        out = topk_per_token_forward(xs, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k)
+    def training_forward(self, x: Tensor, target: Optional[Tensor] = None) -> TrainStepOutput:
+        xs, ys = self.scaled_pair(x, target)
+        out = topk_per_token_forward(xs, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.k,
+                                     b_in=self.input_bias())
         fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=xs.device)
         fired[out.latent_idx] = True
-        mse = (out.x_hat - xs).pow(2).mean()
-        aux = auxk_loss(self, xs, out.x_hat, out.pre_acts)
+        mse = (out.x_hat - ys).pow(2).mean()
+        aux = auxk_loss(self, xs, ys, out.x_hat, out.pre_acts)
         return TrainStepOutput(
-            x_scaled=xs, x_hat=out.x_hat, reconstruction_loss=mse,
+            target_scaled=ys, output=out.x_hat, reconstruction_loss=mse,
             sparsity_loss=self.cfg.aux_penalty * aux,
             terms={"mse": mse.detach(), "aux": aux.detach()}, fired=fired,
             l0=torch.tensor(out.values.numel() / max(xs.shape[0], 1)))
