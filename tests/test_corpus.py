@@ -67,8 +67,7 @@ def test_files_folder_glob_and_single_file(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "notes.md").write_text("ignored by the folder pattern")
     docs = load_corpus(CorpusSpec(source="files", paths=[str(tmp_path)]))
-    assert docs == [Document(str(tmp_path / "b.txt"), "bee"),
-                    Document(str(tmp_path / "sub" / "a.txt"), "ay")]
+    assert docs == [Document("b.txt", "bee"), Document("sub/a.txt", "ay")]  # relative ids
     globbed = load_corpus(CorpusSpec(source="files", paths=[str(tmp_path / "*.md")]))
     assert [d.text for d in globbed] == ["ignored by the folder pattern"]
     single = load_corpus(CorpusSpec(source="files", paths=str(tmp_path / "b.txt")))
@@ -98,7 +97,7 @@ def test_jsonl_text_and_id_columns(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text('{"text": "one", "id": "x"}\n\n{"text": "two", "id": 7}\n{"text": ""}\n')
     docs = load_corpus(CorpusSpec(source="jsonl", paths=[str(f)], max_documents=5))
-    assert docs == [Document(f"{f}:1", "one"), Document(f"{f}:3", "two")]
+    assert docs == [Document("d.jsonl:1", "one"), Document("d.jsonl:3", "two")]
     f2 = tmp_path / "e.jsonl"
     f2.write_text('{"body": "one", "id": "x"}\n{"body": "two", "id": 7}\n')
     docs = load_corpus(CorpusSpec(source="jsonl", paths=[str(f2)], text_column="body", id_column="id"))
@@ -121,7 +120,7 @@ def test_parquet_column_and_missing_column(tmp_path):
     f = tmp_path / "d.parquet"
     pq.write_table(pa.table({"content": ["alpha", "beta"], "n": [1, 2]}), f)
     docs = load_corpus(CorpusSpec(source="parquet", paths=[str(tmp_path)], text_column="content"))
-    assert docs == [Document(f"{f}:0", "alpha"), Document(f"{f}:1", "beta")]
+    assert docs == [Document("d.parquet:0", "alpha"), Document("d.parquet:1", "beta")]
     with pytest.raises(CorpusError, match=r"d\.parquet: no column 'text'.*columns are: content, n"):
         load_corpus(CorpusSpec(source="parquet", paths=[str(f)]))
     (tmp_path / "bad.parquet").write_text("not parquet")
@@ -207,3 +206,26 @@ def test_split_rejects_bad_input():
         split_documents(_docs(3), 1.0)
     with pytest.raises(Exception, match="unique"):
         split_documents([Document("a", "x"), Document("a", "y")], 0.5)
+
+
+def test_document_ids_and_the_split_do_not_depend_on_where_the_corpus_lies(tmp_path):
+    """File ids are relative to the folder (or glob root, or a file's own folder) they were
+    found under, so moving the corpus keeps every document on its side of the split."""
+    ids = {}
+    for where in ("a", "b/deeper"):
+        root = tmp_path / where / "corpus"
+        (root / "sub").mkdir(parents=True)
+        for i in range(12):
+            (root / ("sub" if i % 2 else "") / f"doc{i}.txt").write_text(f"text number {i} " * 5)
+        (root / "rows.jsonl").write_text('{"text": "a row of text"}\n{"text": "another row"}\n')
+        folder = load_corpus(CorpusSpec(source="files", paths=[str(root)]))
+        globbed = load_corpus(CorpusSpec(source="files", paths=[str(root / "sub" / "*.txt")]))
+        rows = load_corpus(CorpusSpec(source="jsonl", paths=[str(root / "rows.jsonl")]))
+        split = split_documents(folder, val_fraction=0.25, test_fraction=0.25, seed=0)
+        ids[where] = ([d.doc_id for d in folder], [d.doc_id for d in globbed],
+                      [d.doc_id for d in rows],
+                      [sorted(d.doc_id for d in docs) for docs in split])
+    assert ids["a"] == ids["b/deeper"]
+    folder_ids, glob_ids, row_ids, _ = ids["a"]
+    assert "sub/doc1.txt" in folder_ids and "doc0.txt" in folder_ids
+    assert glob_ids[0] == "doc1.txt" and row_ids == ["rows.jsonl:1", "rows.jsonl:2"]
