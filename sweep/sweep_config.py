@@ -406,6 +406,13 @@ class SweepConfig(StrictConfig):
                           f"unknown TrainingConfig field; known: {', '.join(sorted(train_fields))}")
             self._require(key != "max_tokens", "training.max_tokens",
                           "is set by tokens_per_trial (the budget of every trial); remove it")
+        evaluators = self.training.get("evaluators") or ()
+        if "evaluators" in self.training:
+            self._require(isinstance(evaluators, (list, tuple)), "training.evaluators",
+                          f"must be a list of evaluator names, got {evaluators!r}")
+            import trainer
+
+            trainer.check_evaluator_names(evaluators, where="SweepConfig.training.evaluators")
         for name in self.search_space:
             self._require(name not in cat.data_fields, f"search_space.{name}",
                           "is set by the sweep from the cache and cannot be searched")
@@ -509,6 +516,7 @@ class SweepConfig(StrictConfig):
                           "training.use_block_mse are true")
         # objective metrics must be ones the trials report
         known = reported_metric_names()
+        evaluators = self.training.get("evaluators") or ()
         for name in self.objective.monitored_metrics():
             self._require(name in known, "objective.metric",
                           f"{name!r} is not a reported metric; known: {', '.join(sorted(known))}")
@@ -516,7 +524,18 @@ class SweepConfig(StrictConfig):
                           f"{name!r} is only computed by end-to-end training; set "
                           "training.use_end_to_end (and a cache with clean logits) or use a "
                           "reconstruction metric such as fvu")
+            need = cat.metric_needs_evaluator(name)
+            self._require(need is None or name in cat.end_to_end_metrics or need in evaluators,
+                          "objective.metric",
+                          f"{name!r} is computed by evaluator {need!r}: add it to "
+                          f"training.evaluators (e.g. `evaluators: [{need}]`)")
         # objective/scheduler coherence
+        if self.scheduler.type != "none":
+            asha_metric = self.scheduler.metric or self.objective.metrics[0]
+            self._require(asha_metric not in cat.final_only_metrics, "scheduler.metric",
+                          f"{asha_metric!r} is computed only at the end of a trial, so ASHA "
+                          "cannot compare it between rungs; name another scheduler.metric "
+                          "or set scheduler.type: none")
         if self.objective.is_pareto:
             self._require(self.scheduler.type == "none" or self.scheduler.metric is not None,
                           "scheduler.metric", "with a Pareto objective, name ASHA's metric")

@@ -166,7 +166,8 @@ def train_trial(params: Mapping[str, Any], *, job: Mapping[str, Any]) -> None:
     cache = open_cache(cfg.cache)
     d_out = None if cfg.hook_out is None else int(cache.d_in(cfg.hook_out))
     sae_cfg, train_cfg = build_trial_configs(cfg, params, job["d_in"], d_out)
-    objective, train_source, val_source, test_source = _sources(cache, sae_cfg, train_cfg)
+    objective, train_source, val_source, test_source, evaluators = _sources(cache, sae_cfg,
+                                                                            train_cfg)
 
     ctx = ray.get_runtime_context()
     reporter = RayReporter(monitored=cfg.objective.monitored_metrics(),
@@ -183,7 +184,8 @@ def train_trial(params: Mapping[str, Any], *, job: Mapping[str, Any]) -> None:
             reporter.time_offset = _elapsed_at(resume_dir)
         try:
             result = _train(sae_cfg, train_cfg, train_source, val_source, objective,
-                            out_dir=work, resume_dir=resume_dir, reporter=reporter)
+                            out_dir=work, resume_dir=resume_dir, reporter=reporter,
+                            evaluators=evaluators)
         except Exception as exc:
             if not _is_divergence(exc):
                 raise
@@ -193,17 +195,18 @@ def train_trial(params: Mapping[str, Any], *, job: Mapping[str, Any]) -> None:
         if not reporter.reported_final:
             _report_final(reporter, result, resume_dir)
         if test_source is not None:
-            _report_test(reporter, result, train_cfg, test_source, objective)
+            _report_test(reporter, result, train_cfg, test_source, objective, evaluators)
 
 
 def _report_test(reporter: RayReporter, result: Any, train_cfg: Any, test_source: Any,
-                 objective: Any) -> None:
+                 objective: Any, evaluators: Any = None) -> None:
     """One last report: the final (val) metrics again, plus the shipped SAE's figures on the
     held-out test split as ``test_<metric>`` (what ``best`` shows and the card reports;
     nothing selects on them). The searcher still reads the val objective from it."""
     from trainer import evaluate_split
 
-    record = evaluate_split(result.sae, test_source, train_cfg, split="test", objective=objective)
+    record = evaluate_split(result.sae, test_source, train_cfg, split="test", objective=objective,
+                            evaluators=evaluators)
     metrics = dict(reporter.last_metrics)
     for key in ("final", "node_id", "node_ip"):
         metrics.pop(key, None)
@@ -265,12 +268,14 @@ def _elapsed_at(checkpoint_dir: str) -> float:
 
 
 def _train(sae_cfg: Any, train_cfg: Any, train_source: Any, val_source: Any, objective: Any, *,
-           out_dir: Path, resume_dir: Optional[str], reporter: RayReporter) -> Any:
+           out_dir: Path, resume_dir: Optional[str], reporter: RayReporter,
+           evaluators: Any = None) -> Any:
     from trainer import build_sae, train_sae
 
     sae = build_sae(sae_cfg, seed=train_cfg.seed)  # seeded initial weights: reproducible trials
     return train_sae(sae, train_source, train_cfg, val_source=val_source, out_dir=str(out_dir),
-                     resume_from=resume_dir, reporter=reporter, objective=objective)
+                     resume_from=resume_dir, reporter=reporter, objective=objective,
+                     evaluators=evaluators)
 
 
 def _report_final(reporter: RayReporter, result: Any, resume_dir: Optional[str]) -> None:
@@ -287,8 +292,8 @@ def _report_final(reporter: RayReporter, result: Any, resume_dir: Optional[str])
     reporter.report(metrics, str(checkpoint_dir) if checkpoint_dir else None, final=True)
 
 
-def _sources(cache: Any, sae_cfg: Any, train_cfg: Any) -> tuple[Any, Any, Any, Any]:
-    """``(objective, train_source, val_source, test_source)`` on the shared cache, as
+def _sources(cache: Any, sae_cfg: Any, train_cfg: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """``(objective, train_source, val_source, test_source, evaluators)`` on the shared cache, as
     ``trainer.job_sources`` builds them for this SAE (its input and output hooks) and training
     config (local, end-to-end on the cache's identity-checked model, or the two-phase
     fine-tune). ``test_source`` is None when the cache has no test split (built before they
@@ -297,7 +302,7 @@ def _sources(cache: Any, sae_cfg: Any, train_cfg: Any) -> tuple[Any, Any, Any, A
 
     s = job_sources(cache, train_cfg, sae_cfg.hook_spec, target_hook=sae_cfg.hook_spec_out,
                     device=sae_cfg.torch_device())
-    return s.objective, s.train, s.val, s.test
+    return s.objective, s.train, s.val, s.test, s.evaluators
 
 
 def _is_divergence(exc: BaseException) -> bool:

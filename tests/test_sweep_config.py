@@ -292,3 +292,19 @@ def test_objective_metrics_must_be_reported_and_computable():
     ok = SweepConfig.from_dict(base(training={"use_end_to_end": True},
                                     objective={"metric": ["ce_loss_delta", "l0"]}))
     assert ok.objective.metrics == ("ce_loss_delta", "l0")
+
+
+def test_an_evaluators_metric_needs_its_evaluator_in_the_training_config():
+    with pytest.raises(ConfigError, match="'feature_mcc' is computed by evaluator "
+                                          "'ground_truth': add it to training.evaluators"):
+        SweepConfig.from_dict(base(objective={"metric": "feature_mcc", "mode": "max"}))
+    with pytest.raises(ConfigError, match="training.evaluators: unknown evaluator "
+                                          r"'ground_trut' \(did you mean 'ground_truth'\?\)"):
+        SweepConfig.from_dict(base(training={"evaluators": ["ground_trut"]}))
+    ok = SweepConfig.from_dict(base(training={"evaluators": ["ground_truth"]},
+                                    objective={"metric": ["fvu", "feature_mcc"],
+                                               "mode": ["min", "max"],
+                                               "constraints": [{"metric": "feature_recall_0.9",
+                                                                "min": 0.1}]},
+                                    scheduler={"type": "none"}))
+    assert ok.objective.metrics == ("fvu", "feature_mcc")

@@ -14,7 +14,12 @@ Public API (everything else in this package is internal):
     architecture_names, describe_sae                    -- the registry
     field_catalog, FieldCatalog                         -- what the sweep asks: architectures,
                                                            fields, where a field belongs, metrics
-    metric_names                                        -- numeric MetricsRecord fields
+    metric_names                                        -- what an objective may name: numeric
+                                                           MetricsRecord fields + evaluators'
+    Evaluator, MetricField, EvaluationData,
+    EvaluationContext, EvaluationSuite,
+    register_evaluator, evaluator_names,
+    check_evaluator_names, EvaluatorDataError                                 -- the evaluator seam (trainer/evaluators/)
     MetricsRecord                                       -- one record per evaluation
     ActivationSource, TensorSource, TokenBatch          -- where activations come from: batches
                                                            of (input, target) token rows
@@ -46,7 +51,11 @@ from .errors import (CheckpointMismatchError, DimensionMismatchError, EmptySourc
                      NonFiniteActivationError, TrainingDivergedError)
 from .eval_job import evaluate_sae_dir, evaluate_split
 from .job import TrainJobConfig, train_from_yaml
-from .metrics import MetricsRecord, numeric_metric_names as metric_names
+from .metrics import MetricsRecord
+from .evaluators import (EvaluationContext, EvaluationData, EvaluationSuite, Evaluator,
+                         EvaluatorDataError, MetricField, check_evaluator_names,
+                         evaluator_names,
+                         objective_metric_names as metric_names, register_evaluator)
 from .objective import LocalObjective, Objective, StepOutput
 from .fields import FieldCatalog, field_catalog
 from .registry import (SAE_REGISTRY, architecture_names, build_sae, describe_sae, load_sae,
@@ -79,6 +88,8 @@ __all__ = [
     "SAE_REGISTRY", "build_sae", "load_sae", "register", "architecture_names", "describe_sae",
     "field_catalog", "FieldCatalog",
     "MetricsRecord", "metric_names",
+    "Evaluator", "MetricField", "EvaluationData", "EvaluationContext", "EvaluationSuite",
+    "register_evaluator", "evaluator_names", "check_evaluator_names", "EvaluatorDataError",
     "ActivationSource", "TensorSource", "TokenBatch",
     "Reporter", "ConsoleReporter",
     "Objective", "LocalObjective", "StepOutput",

@@ -58,7 +58,7 @@ from torch import Tensor
 from activation_cache import UserError, progress_bar
 
 from .errors import NonFiniteActivationError
-from .evaluation import evaluate_reconstruction
+from .evaluators.reconstruction import evaluate_reconstruction
 from .logit_kl import CompactClean, kl_from_logits, next_token_mask, next_token_nll
 from .objective import (LocalObjective, Objective, StepOutput, noop_step,
                         weighted_sae_loss)

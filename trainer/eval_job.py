@@ -17,6 +17,7 @@ from typing import IO, Any, Optional
 
 from activation_cache import ConfigError
 
+from .evaluators import EvaluationSuite, apply_figures, declared_fields
 from .end_to_end import EndToEndObjective, SequenceSource, load_cache_model
 from .metrics import MetricsRecord
 from .saelens_export import load_sae_folder
@@ -25,47 +26,35 @@ from .training_config import TrainingConfig
 
 OUTPUT_FORMATS = ("table", "json")
 
-_DESCRIPTIONS = {
-    "eval_tokens": "train-mask tokens evaluated",
-    "mse": "reconstruction MSE (raw units, shipped encoder)",
-    "fvu": "fraction of variance unexplained",
-    "explained_variance": "1 - FVU",
-    "l0": "active latents per token (shipped encoder)",
-    "l0_train": "active latents per token (training encoding)",
-    "fvu_train": "FVU of the training encoding (batch-level)",
-    "dead_fraction": "latents that never fired here",
-    "dense_fraction": "latents firing on > 10% of tokens",
-    "density_histogram": "live latents per decade of firing frequency",
-    "threshold": "inference threshold (mean over latents)",
-    "ce_loss_clean": "next-token CE of the clean model (nats)",
-    "ce_loss_spliced": "... with the SAE spliced in",
-    "ce_loss_zero_ablation": "... with the hook zeroed on the same tokens",
-    "ce_loss_delta": "spliced - clean",
-    "ce_loss_score": "(zero - spliced) / (zero - clean); 1 = lossless",
-    "kl_div": "KL(clean || spliced), nats per token",
-    "top1_agreement": "argmax spliced == argmax clean",
-    "block_mse": "downstream block MSE (scaled units)",
-}
 
 
 def evaluate_split(sae: SAE, source: Any, config: TrainingConfig, *, split: str,
-                   objective: Any = None) -> MetricsRecord:
+                   objective: Any = None, evaluators: Optional[EvaluationSuite] = None
+                   ) -> MetricsRecord:
     """The metrics of ``sae`` -- as it is: pass the model you ship (calibrated) -- on ``source``
-    (a held-out split: ``test`` for reported figures), computed by ``objective.evaluate`` (the
-    default local objective when None; an ``EndToEndObjective`` adds the CE/KL figures) over at
-    most ``config.eval_max_tokens`` tokens. The record's ``eval_split`` names the split."""
+    (a held-out split: ``test`` for reported figures), computed by the job's evaluators
+    (``evaluators``; None: those ``config.evaluators`` names on ``source``'s cache) -- a final
+    evaluation, so every evaluator runs -- over at most ``config.eval_max_tokens`` tokens, with
+    ``objective.evaluate`` as the objective's own pass (the default local objective when None;
+    an ``EndToEndObjective`` adds the CE/KL figures). The record's ``eval_split`` names the
+    split."""
     from .objective import LocalObjective
 
     objective = objective if objective is not None else LocalObjective(config)
+    if evaluators is None:
+        evaluators = EvaluationSuite.build(config, reader=getattr(source, "reader", None),
+                                           hook=sae.cfg.hook_spec,
+                                           target_hook=sae.cfg.hook_spec_out,
+                                           objective=objective)
     was_training = sae.training
     sae.eval()
     try:
-        metrics = objective.evaluate(sae, source, config.eval_max_tokens)
+        metrics, seconds = evaluators.evaluate(
+            sae, source, split=split, max_tokens=config.eval_max_tokens, final=True,
+            objective_pass=lambda: objective.evaluate(sae, source, config.eval_max_tokens))
     finally:
         sae.train(was_training)
-    record = MetricsRecord(step=0, tokens_seen=0)
-    for key, value in metrics.items():
-        setattr(record, key, value)
+    record = apply_figures(MetricsRecord(step=0, tokens_seen=0), metrics, seconds)
     record.threshold = sae.inference_threshold()
     record.eval_split = split
     return record
@@ -103,9 +92,13 @@ def evaluate_sae_dir(sae_dir: str | Path, *, cache: str, split: Optional[str] = 
             raise ConfigError(f"{Path(sae_dir) / 'config.json'}: {name}={mine} but the cache "
                               f"stores {at} with width {theirs}")
     model = model if model is not None else load_cache_model(reader)
-    config = TrainingConfig(show_progress=show_progress, eval_max_tokens=max_tokens)
-    record = evaluate_split(sae, source, config, split=split,
-                            objective=EndToEndObjective(model, config))
+    config = TrainingConfig(show_progress=show_progress, eval_max_tokens=max_tokens,
+                            use_end_to_end=True)  # the CE/KL evaluator runs
+    objective = EndToEndObjective(model, config)
+    suite = EvaluationSuite.build(config, reader=reader, hook=hook,
+                                  target_hook=sae.cfg.hook_spec_out, objective=objective)
+    record = evaluate_split(sae, source, config, split=split, objective=objective,
+                            evaluators=suite)
     out = stream if stream is not None else sys.stdout
     out.write(format_metrics(record, output_format,
                              header=f"{sae_dir} on {cache} [{split}]{note}"))
@@ -113,9 +106,20 @@ def evaluate_sae_dir(sae_dir: str | Path, *, cache: str, split: Optional[str] = 
     return record
 
 
+def metric_descriptions() -> dict[str, str]:
+    """What ``sae-sweep eval`` shows: every evaluator's fields and the shipped threshold, with
+    their descriptions."""
+    out = {name: f.description for name, f in declared_fields().items()}
+    out["threshold"] = "inference threshold (mean over latents)"
+    return out
+
+
 def format_metrics(record: MetricsRecord, output_format: str, *, header: str = "") -> str:
-    """The evaluation metrics of ``record`` as an aligned table or a JSON object."""
-    values = {name: getattr(record, name) for name in _DESCRIPTIONS}
+    """The evaluation metrics of ``record`` as an aligned table or a JSON object (an
+    evaluator's fields the record lacks are left out; the rest shown ``-`` when None)."""
+    descriptions = metric_descriptions()
+    values = {name: record.get(name) for name in descriptions
+              if hasattr(record, name) or name in record.extra}
     if output_format == "json":
         return json.dumps(values, indent=2) + "\n"
     lines = [header] if header else []
@@ -127,5 +131,5 @@ def format_metrics(record: MetricsRecord, output_format: str, *, header: str = "
             shown = f"{value:.6g}"
         else:
             shown = str(value)
-        lines.append(f"{name:<{width}}  {shown:>12}  {_DESCRIPTIONS[name]}")
+        lines.append(f"{name:<{width}}  {shown:>12}  {descriptions[name]}")
     return "\n".join(lines) + "\n"

@@ -3,8 +3,9 @@
 One call, one plain, picklable answer (:class:`FieldCatalog`): which architectures exist and
 which is the default, which fields each owns, which of them a sweep may search and which the
 define-by-run space caps by the width, the common SAE fields and those the data sets, the
-training fields, which config a field belongs to, and the metric names (all of them, the
-bookkeeping ones, the end-to-end ones). The sweep keeps no copy of any of it: it asks here, so
+training fields, which config a field belongs to, the evaluators and the metric names (all of
+them, the bookkeeping ones, the end-to-end ones; which evaluator adds each, its description and
+which direction is better). The sweep keeps no copy of any of it: it asks here, so
 a new architecture (one file under ``trainer/saes/``) or a new metric needs nothing in the sweep.
 """
 
@@ -14,9 +15,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
+from . import evaluators as evaluator_registry
 from . import registry
 from .metrics import (bookkeeping_metric_names, end_to_end_metric_names,
-                      evaluation_metric_names, numeric_fields, numeric_metric_names)
+                      evaluation_metric_names, numeric_fields)
 from .sae_config import SAEConfig, common_field_names
 from .training_config import TrainingConfig
 
@@ -56,6 +58,24 @@ class FieldCatalog:
     """The figures an evaluation on held-out tokens fills (not the training run's)."""
     end_to_end_metrics: tuple[str, ...]
     """Figures only end-to-end evaluation computes."""
+    evaluators: tuple[str, ...] = ()
+    """Every registered evaluator (trainer/evaluators/), reconstruction first."""
+    metric_evaluator: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Field -> the evaluator that adds it."""
+    metric_better: Mapping[str, Optional[str]] = dataclasses.field(default_factory=dict)
+    """Field -> ``"lower"`` / ``"higher"`` (which is better) or None."""
+    metric_descriptions: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Field -> one line saying what it measures."""
+    default_evaluators: tuple[str, ...] = ()
+    """Evaluators every job runs without naming them (reconstruction)."""
+    final_only_metrics: tuple[str, ...] = ()
+    """Fields absent from intermediate records (their evaluator runs at final evaluations)."""
+
+    def metric_needs_evaluator(self, metric: str) -> Optional[str]:
+        """The evaluator a job must run for ``metric`` to be reported, when it is not one of
+        ``default_evaluators`` (None: always reported or not an evaluator's field)."""
+        name = self.metric_evaluator.get(metric)
+        return None if name is None or name in self.default_evaluators else name
 
     # -- derived answers ---------------------------------------------------------------------
     @property
@@ -93,6 +113,8 @@ class FieldCatalog:
 def field_catalog() -> FieldCatalog:
     """What the trainer says about its architectures, fields and metrics (module docstring)."""
     names = tuple(registry.architecture_names())
+    declared = evaluator_registry.declared_fields()
+    extra = evaluator_registry.extra_metric_names()
     return FieldCatalog(
         architectures=names,
         default_architecture=registry.default_architecture(),
@@ -103,9 +125,15 @@ def field_catalog() -> FieldCatalog:
         common_sae_fields=common_field_names(),
         data_fields=SAEConfig.DATA_FIELDS,
         training_fields=tuple(f.name for f in dataclasses.fields(TrainingConfig)),
-        metrics=numeric_fields(),
-        objective_metrics=numeric_metric_names(),
+        metrics=numeric_fields() + extra,
+        objective_metrics=evaluator_registry.objective_metric_names(),
         bookkeeping_metrics=bookkeeping_metric_names(),
-        evaluation_metrics=evaluation_metric_names(),
+        evaluation_metrics=evaluation_metric_names() + extra,
         end_to_end_metrics=end_to_end_metric_names(),
+        evaluators=tuple(evaluator_registry.evaluator_names()),
+        metric_evaluator={f: evaluator_registry.field_evaluator(f) for f in declared},
+        metric_better={f: m.better for f, m in declared.items()},
+        metric_descriptions={f: m.description for f, m in declared.items()},
+        default_evaluators=evaluator_registry.resolve_evaluators(TrainingConfig()),
+        final_only_metrics=evaluator_registry.final_only_metric_names(),
     )

@@ -161,13 +161,14 @@ def train_from_yaml(path: str | Path, *, out_dir: str | Path | None = None, resu
     job.to_yaml(out / "job.yaml")
     sae = _initial_sae(job, path)
     result = train_sae(sae, train_source, job.training, val_source=val_source, out_dir=out,
-                       resume_from=resume_from, reporter=reporter, objective=objective)
+                       resume_from=resume_from, reporter=reporter, objective=objective,
+                       evaluators=sources.evaluators)
     figures = {}
     if result.final is not None:
         figures[result.final.eval_split or "val"] = result.final
     if sources.test is not None:
         test = evaluate_split(result.sae, sources.test, job.training, split="test",
-                              objective=objective)
+                              objective=objective, evaluators=sources.evaluators)
         result.extra["test"] = test
         figures["test"] = test
     written = [d for d in (result.final_dir, result.best_dir) if d is not None]

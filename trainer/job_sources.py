@@ -10,6 +10,9 @@
   (both views of each split).
 
 ``sae-sweep train`` and every sweep trial build their sources here, so both behave the same.
+The evaluators ``config.evaluators`` names are prepared here too (``JobSources.evaluators``),
+so an evaluator whose data the cache lacks is a one-line error before the model loads or
+training starts.
 A split the cache does not hold comes back as None. ``target_hook`` is the hook the SAE
 reconstructs (a transcoder's output hook, e.g. ``blocks.6.hook_mlp_out``; None: ``hook``):
 token rows then carry both hooks' rows of the same tokens, whole windows both hooks.
@@ -32,6 +35,9 @@ class JobSources:
     train: Any
     val: Optional[Any]
     test: Optional[Any]
+    evaluators: Any = None
+    """The job's ``EvaluationSuite`` (trainer/evaluators/): ``config.evaluators`` prepared on
+    this cache -- pass it to ``train_sae`` and ``evaluate_split``."""
 
 
 def job_sources(reader: Any, config: TrainingConfig, hook: str, *, train_split: str = "train",
@@ -51,6 +57,13 @@ def job_sources(reader: Any, config: TrainingConfig, hook: str, *, train_split: 
     val_split, test_split = have(val_split), have(test_split)
     if target_hook == hook:
         target_hook = None
+    from .evaluators import EvaluationSuite
+
+    def suite(objective: Any) -> Any:
+        return EvaluationSuite.build(config, reader=reader, hook=hook, target_hook=target_hook,
+                                     objective=objective)
+
+    suite(None)  # checks the evaluators' data before anything is loaded
 
     def tokens(split: Optional[str], **kw: Any) -> Any:
         if target_hook is not None:
@@ -60,7 +73,7 @@ def job_sources(reader: Any, config: TrainingConfig, hook: str, *, train_split: 
     if not config.use_end_to_end:
         train = (tokens(train_split, dtype=None, pin_memory=True) if on_gpu
                  else tokens(train_split))
-        return JobSources(None, train, tokens(val_split), tokens(test_split))
+        return JobSources(None, train, tokens(val_split), tokens(test_split), suite(None))
 
     from .end_to_end import EndToEndObjective, SequenceSource, load_cache_model
 
@@ -73,8 +86,9 @@ def job_sources(reader: Any, config: TrainingConfig, hook: str, *, train_split: 
                                                          target_hook=target_hook, shuffle=shuffle)
 
     if config.finetune_fraction <= 0:
-        return JobSources(EndToEndObjective(model, config), windows(train_split, True),
-                          windows(val_split), windows(test_split))
+        objective = EndToEndObjective(model, config)
+        return JobSources(objective, windows(train_split, True), windows(val_split),
+                          windows(test_split), suite(objective))
     from .finetune import PhasedSource, TwoPhaseObjective
 
     def both(split: Optional[str], shuffle: bool = False) -> Any:
@@ -82,5 +96,6 @@ def job_sources(reader: Any, config: TrainingConfig, hook: str, *, train_split: 
             return None
         return PhasedSource(tokens(split), windows(split, shuffle))
 
-    return JobSources(TwoPhaseObjective(model, config), both(train_split, True),
-                      both(val_split), windows(test_split))
+    objective = TwoPhaseObjective(model, config)
+    return JobSources(objective, both(train_split, True), both(val_split), windows(test_split),
+                      suite(objective))

@@ -16,6 +16,11 @@ Definitions (SAEBench / SAELens conventions):
   firing frequency, bins ``DENSITY_BIN_EDGES`` (log10; the first bin also takes anything lower).
 
 The end-to-end fields are filled by ``EndToEndObjective`` (None otherwise).
+
+Which evaluator adds which field, its description and its direction are declared by the
+evaluators (trainer/evaluators/): the typed fields below are those of ``reconstruction`` and
+``end_to_end``; a field another evaluator declares (``feature_mcc``, ...) lives in ``extra``
+(``record.get(name)``, ``record.set_metric(name, value)``; ``scalars()`` lists it by name).
 """
 
 from __future__ import annotations
@@ -93,6 +98,12 @@ class MetricsRecord:
     kl_div: Optional[float] = field(default=None, metadata=_END_TO_END)
     top1_agreement: Optional[float] = field(default=None, metadata=_END_TO_END)
     block_mse: Optional[float] = field(default=None, metadata=_END_TO_END)
+    # -- figures of the other evaluators (trainer/evaluators/) ------------------------------
+    extra: dict[str, float] = field(default_factory=dict)
+    """Figures declared by evaluators that have no typed field here, by field name."""
+    evaluator_seconds: dict[str, float] = field(default_factory=dict)
+    """Seconds each evaluator took at this evaluation (reported as
+    ``evaluator_seconds/<name>``)."""
     # -- timing ----------------------------------------------------------------------------
     elapsed_s: Optional[float] = field(default=None, metadata=_PROGRESS)
     tokens_per_s: Optional[float] = field(default=None, metadata=_PROGRESS)
@@ -112,6 +123,23 @@ class MetricsRecord:
             )
         return cls(**dict(data))
 
+    def get(self, name: str) -> Any:
+        """The value of field ``name``: a typed field, else an evaluator's figure in ``extra``
+        (None when absent)."""
+        if name in _TYPED:
+            return getattr(self, name)
+        return self.extra.get(name)
+
+    def set_metric(self, name: str, value: Any) -> None:
+        """Set field ``name``: a typed field, else ``extra[name]`` (callers pass only fields
+        an evaluator declares: trainer.evaluators checks)."""
+        if name in _TYPED:
+            setattr(self, name, value)
+        elif value is None:
+            self.extra.pop(name, None)
+        else:
+            self.extra[name] = float(value)
+
     def scalars(self) -> dict[str, float]:
         """Flat ``name -> number`` view (loss terms as ``loss/<name>``), Nones left out."""
         out: dict[str, float] = {}
@@ -123,7 +151,16 @@ class MetricsRecord:
                 out[f.name] = value
         for name, value in self.loss_terms.items():
             out[f"loss/{name}"] = value
+        for name, value in self.extra.items():
+            if value is not None:
+                out[name] = value
+        for name, value in self.evaluator_seconds.items():
+            out[f"evaluator_seconds/{name}"] = value
         return out
+
+
+_TYPED = frozenset(f.name for f in dataclasses.fields(MetricsRecord))
+"""MetricsRecord's typed fields (anything else an evaluator declares lives in ``extra``)."""
 
 
 def numeric_fields() -> tuple[str, ...]:

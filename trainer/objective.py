@@ -33,7 +33,7 @@ from torch import Tensor
 from .device import to_device
 from .errors import EmptySourceError, NonFiniteActivationError
 from .schedule import Schedule
-from .evaluation import evaluate_reconstruction
+from .evaluators.reconstruction import evaluate_reconstruction
 from .saes.base import SAE, TrainStepOutput
 from .sources import ActivationSource, TokenBatch
 from .training_config import TrainingConfig

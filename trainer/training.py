@@ -40,6 +40,7 @@ import torch
 
 from .checkpoint import (CHECKPOINTS_DIR, TrainerState, checkpoint_name, list_checkpoints,
                          load_checkpoint, save_checkpoint)
+from .evaluators import EvaluationSuite, apply_figures
 from .errors import DimensionMismatchError, NonFiniteActivationError, TrainingDivergedError
 from .metrics import MetricsRecord
 from .objective import LocalObjective, Objective
@@ -141,14 +142,23 @@ class _Window:
 def train_sae(sae: SAE, train_source: Any, config: TrainingConfig, *, val_source: Any = None,
               out_dir: str | Path | None = None, resume_from: str | Path | None = None,
               reporter: Optional[Reporter] = None,
-              objective: Optional[Objective] = None) -> TrainResult:
+              objective: Optional[Objective] = None,
+              evaluators: Optional[EvaluationSuite] = None) -> TrainResult:
     """Train ``sae`` on ``train_source`` (an ActivationSource, or what ``objective`` consumes).
 
     See the module docstring for what happens per step, the output layout and resuming.
+    ``evaluators``: the job's evaluation suite (trainer/evaluators/; ``job_sources`` builds it);
+    None: the suite ``config.evaluators`` names, prepared on the training source's cache
+    (``train_source.reader``, if any) -- before the first step.
     """
     reporter = reporter if reporter is not None else ConsoleReporter(
         show_progress=config.show_progress)
     objective = objective if objective is not None else LocalObjective(config)
+    if evaluators is None:
+        evaluators = EvaluationSuite.build(config, reader=getattr(train_source, "reader", None),
+                                           hook=sae.cfg.hook_spec,
+                                           target_hook=sae.cfg.hook_spec_out,
+                                           objective=objective)
     for which, source in (("training", train_source), ("validation", val_source)):
         for side, hook in (("d_in", sae.hook_spec), ("d_out", sae.hook_spec_out)):
             width = getattr(source, side, None)
@@ -193,7 +203,7 @@ def train_sae(sae: SAE, train_source: Any, config: TrainingConfig, *, val_source
         return result
 
     loop = _Loop(sae, train_source, val_source, config, objective, optimizer, reporter, out,
-                 state, history, total_steps)
+                 state, history, total_steps, evaluators)
     sae.train()
     reporter.on_train_start(total_steps=total_steps, start_step=state.step,
                             description=f"{sae.architecture} d_sae={sae.cfg.d_sae}")
@@ -273,9 +283,10 @@ class _Loop:
     def __init__(self, sae: SAE, train_source: Any, val_source: Any, config: TrainingConfig,
                  objective: Objective, optimizer: torch.optim.Optimizer, reporter: Reporter,
                  out: Optional[Path], state: TrainerState, history: list[MetricsRecord],
-                 total_steps: int):
+                 total_steps: int, evaluators: EvaluationSuite):
         self.sae, self.train_source, self.val_source = sae, train_source, val_source
         self.total_steps = total_steps
+        self.evaluators = evaluators
         self.config, self.objective, self.optimizer = config, objective, optimizer
         self.reporter, self.out, self.state, self.history = reporter, out, state, history
         self.window = _Window()
@@ -356,8 +367,13 @@ class _Loop:
         was_training = model.training
         model.eval()
         metrics: dict[str, Any] = {}
+        seconds: dict[str, float] = {}
         if self.val_source is not None:
-            metrics = self.objective.evaluate(model, self.val_source, self.config.eval_max_tokens)
+            val, budget = self.val_source, self.config.eval_max_tokens
+            metrics, seconds = self.evaluators.evaluate(
+                model, val, split=getattr(val, "split", None) or "val", max_tokens=budget,
+                final=self.state.finished,
+                objective_pass=lambda: self.objective.evaluate(model, val, budget))
             metrics.setdefault("eval_split", getattr(self.val_source, "split", None) or "val")
         elif terms:  # no held-out data: training-window averages
             metrics = {k: terms[k] for k in ("mse", "explained_variance") if k in terms}
@@ -367,10 +383,7 @@ class _Loop:
                 metrics["l0_train"] = terms["l0"]
             metrics["eval_split"] = "train"
         model.train(was_training)
-        for key, value in metrics.items():
-            if not hasattr(record, key):
-                raise KeyError(f"objective.evaluate returned unknown metric {key!r}")
-            setattr(record, key, value)
+        apply_figures(record, metrics, seconds)
         record.dead_fraction_train = float(sae.dead_mask().float().mean())
         record.threshold = model.inference_threshold()
         self.window.reset()
@@ -388,7 +401,7 @@ class _Loop:
         return path
 
     def _maybe_save_best(self, record: MetricsRecord, model: SAE) -> None:
-        value = getattr(record, self.config.best_metric)
+        value = record.get(self.config.best_metric)
         if value is None or not math.isfinite(value):
             return
         best = self.state.best_value

@@ -19,14 +19,14 @@ from typing import Any, Mapping, Optional
 
 from activation_cache import ConfigError, StrictConfig
 
-from .metrics import numeric_metric_names
+from .evaluators import check_evaluator_names, objective_metric_names
 
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 OUTLIER_POLICIES = ("drop", "clip", "none")
 # fields that may change between a checkpoint and its resumption without changing the math
 RESUME_SAFE_FIELDS = frozenset({
     "log_freq", "checkpoint_every", "keep_checkpoints", "save_best", "eval_max_tokens",
-    "show_progress",
+    "show_progress", "evaluators",
 })
 # fields that earlier versions accepted, and what to use instead (a YAML naming one is refused;
 # a field that moved to an architecture's options is found in the registry: moved_to_sae)
@@ -169,6 +169,11 @@ class TrainingConfig(StrictConfig):
     """``max`` or ``min``: which direction of ``best_metric`` is better."""
     show_progress: bool = True
     """Show the console progress bar (the default reporter)."""
+    evaluators: Optional[tuple[str, ...]] = None
+    """Evaluators to run besides those every job runs (``reconstruction``; ``end_to_end`` with
+    ``use_end_to_end``), e.g. ``[ground_truth]`` (trainer/evaluators/: each adds its figures to
+    every validation record and to the reported test figures). An evaluator whose data the cache
+    lacks is refused before training."""
 
     def validate(self) -> None:
         positive_ints = ("num_epochs", "batch_size", "train_batch_tokens", "log_freq",
@@ -245,7 +250,11 @@ class TrainingConfig(StrictConfig):
                       f"got {self.outlier_norm_multiple}")
         self._require(self.b_dec_init in B_DEC_INITS, "b_dec_init",
                       f"must be one of {', '.join(B_DEC_INITS)}, got {self.b_dec_init!r}")
-        names = numeric_metric_names()
+        if self.evaluators is not None:
+            self._require(isinstance(self.evaluators, (list, tuple)), "evaluators",
+                          f"must be a list of evaluator names, got {self.evaluators!r}")
+            check_evaluator_names(self.evaluators)
+        names = objective_metric_names()
         self._require(self.best_metric in names, "best_metric",
                       f"must be a numeric MetricsRecord field ({', '.join(names)}), "
                       f"got {self.best_metric!r}")

@@ -1,4 +1,5 @@
-"""Reconstruction metrics of an SAE on a source of token activations (raw units).
+"""The ``reconstruction`` evaluator: reconstruction metrics of the shipped encoder on a split's
+token activations (raw units). It runs for every job.
 
 The headline figures use the **shipped encoder**: ``sae(x)`` (encode, decode and a skip path if
 any), exactly what ``export`` writes (BatchTopK: the calibrated per-token threshold), scored
@@ -14,9 +15,11 @@ from typing import Any, Optional
 
 import torch
 
-from .metrics import ReconstructionAccumulator, density_summary
-from .saes.base import SAE
-from .sources import ActivationSource
+from ..metrics import ReconstructionAccumulator, density_summary
+from ..saes.base import SAE
+from ..sources import ActivationSource
+from .base import EvaluationContext, Evaluator, MetricField
+from .registration import register_evaluator
 
 
 @torch.no_grad()
@@ -68,3 +71,41 @@ def evaluate_reconstruction(sae: SAE, source: ActivationSource, *, max_tokens: O
         metrics["l0_train"] = metrics["l0"]
     metrics.update(density_summary(fire_counts.cpu(), n_tokens))
     return metrics
+
+
+@register_evaluator
+class ReconstructionEvaluator(Evaluator):
+    """Reconstruction of the split's tokens by the shipped encoder (module docstring).
+
+    Its figures come from the objective's own evaluation pass (``ctx.objective_figures()``):
+    :func:`evaluate_reconstruction` on the split's token rows (the local objective), or on the
+    train-mask rows of exactly the windows the end-to-end pass spliced (an end-to-end
+    objective), so both evaluators of an end-to-end job score the same tokens."""
+
+    name = "reconstruction"
+    description = "reconstruction of the split's tokens by the shipped encoder"
+    needs = ("tokens",)
+    order = 0
+    fields = (
+        MetricField("eval_tokens", "train-mask tokens evaluated", bookkeeping=True),
+        MetricField("mse", "reconstruction MSE (raw units, shipped encoder)", "lower"),
+        MetricField("fvu", "fraction of variance unexplained", "lower"),
+        MetricField("explained_variance", "1 - FVU", "higher"),
+        MetricField("l0", "active latents per token (shipped encoder)"),
+        MetricField("l0_train", "active latents per token (training encoding)"),
+        MetricField("mse_train", "MSE of the training encoding (batch-level)", "lower"),
+        MetricField("fvu_train", "FVU of the training encoding (batch-level)", "lower"),
+        MetricField("explained_variance_train", "1 - fvu_train", "higher"),
+        MetricField("dead_fraction", "latents that never fired here", "lower"),
+        MetricField("dense_fraction", "latents firing on > 10% of tokens", "lower"),
+        MetricField("density_histogram", "live latents per decade of firing frequency",
+                    numeric=False),
+    )
+
+    @classmethod
+    def enabled_by_default(cls, config: object) -> bool:
+        return True
+
+    def evaluate(self, sae: SAE, ctx: EvaluationContext) -> dict[str, Any]:
+        mine = set(self.field_names())
+        return {k: v for k, v in ctx.objective_figures().items() if k in mine}
