@@ -13,6 +13,10 @@ Public API (everything else in this package is internal):
     WindowedTextDataset, train_mask_for, WindowError
                                            -- tokenize once into windows with attention/train masks
     CacheConfig, build_cache               -- build (or resume) a sharded, verified activation cache
+    SyntheticSpec, HierarchySpec, GroundTruth
+                                           -- a synthetic cache: activations from known sparse
+                                              features (`synthetic:`), its truth
+                                              (CacheReader.ground_truth())
     open_cache, CacheReader, SequenceBatch, CacheTokenSource, TokenBatch
                                            -- read it: shuffled token batches (input, target),
                                               whole windows
@@ -32,6 +36,7 @@ from .hook_names import (BlockHook, HookNameError, block_hook_name, check_hook_n
                          parse_block_hook, resolve_hook)
 from .windowed import WindowedTextDataset, WindowError, train_mask_for
 from .cache_config import CacheConfig
+from .synthetic import GroundTruth, HierarchySpec, SyntheticSpec
 from .cache_errors import (CacheError, CacheExistsError, CacheInputError, CacheMismatchError,
                            CorruptCacheError)
 from .builder import build_cache
@@ -46,6 +51,7 @@ __all__ += ["resolve_hook", "check_hook_name", "parse_block_hook", "block_hook_n
             "HookNameError"]
 __all__ += ["CorpusSpec", "Document", "load_corpus", "split_documents", "CorpusError"]
 __all__ += ["WindowedTextDataset", "train_mask_for", "WindowError"]
+__all__ += ["SyntheticSpec", "HierarchySpec", "GroundTruth"]
 __all__ += ["CacheConfig", "build_cache", "open_cache", "CacheReader", "SequenceBatch",
             "CacheTokenSource", "TokenBatch", "compact_logprobs", "compact_kl", "CacheError",
             "CacheExistsError", "CorruptCacheError", "CacheMismatchError", "CacheInputError"]

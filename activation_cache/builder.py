@@ -37,6 +37,7 @@ path for a local Ray, an object store URI on a cluster); the driver then merges 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import queue
@@ -52,11 +53,13 @@ from .cache_errors import CacheError, CacheExistsError, CacheInputError, Corrupt
 from .corpus import load_corpus, split_documents
 from .hook_names import HookNameError, check_hook_name
 from .manifest import (FORMAT, MANIFEST, SPLITS, VERSION, WINDOW_ORDER, canonical_json,
-                       describe_window_order, read_manifest, write_manifest)
+                       config_digest, describe_window_order, read_manifest, write_manifest)
 from .model_loading import config_hook_names, load_model
 from .model_spec import model_identity
 from .progress import progress_bar
-from .shard_writer import TORCH_DTYPES, Layout, ShardWriter, Unit, Windows, make_layout
+from .shard_writer import (TORCH_DTYPES, Layout, ShardWriter, SyntheticShardWriter, Unit,
+                           Windows, make_layout)
+from .synthetic import GROUND_TRUTH_FILE, ground_truth
 from .storage import TEMP_MARKER, Storage
 from .window_sampling import prefix_for_budget, rank_order, split_budgets
 from .windowed import WindowedTextDataset
@@ -108,6 +111,8 @@ def build_cache(cfg: CacheConfig, *, overwrite: bool = False, num_workers: int =
         log.log(logging.INFO if manifest["version"] == VERSION else logging.WARNING,
                 "%s (already complete, nothing to do)", describe_cache(manifest, storage.uri))
         return storage.uri  # checked before loading the model: a finished cache is instant
+    if cfg.synthetic is not None:  # generated activations: no model, no corpus
+        return build_synthetic(cfg, storage=storage, overwrite=overwrite)
     # what can be checked without the model is checked before it loads (seconds, not minutes)
     documents = load_corpus(cfg.corpus)
     check_hooks_from_config(cfg)
@@ -124,7 +129,7 @@ CACHE_FOLDERS = ("shards/", "index/", "parts/")
 
 def is_cache_file(rel: str) -> bool:
     """Whether ``rel`` (relative to a cache root) is a name a build writes."""
-    if rel in (MANIFEST, BUILD_FILE):
+    if rel in (MANIFEST, BUILD_FILE, GROUND_TRUTH_FILE):
         return True
     return any(rel.startswith(p) and "/" not in rel[len(p):] for p in CACHE_FOLDERS)
 
@@ -271,6 +276,72 @@ def build_from_windows(cfg: CacheConfig, model, identity: dict, windows: dict[st
     return storage.uri
 
 
+def build_synthetic(cfg: CacheConfig, *, storage: Storage | None = None,
+                    overwrite: bool = False) -> str:
+    """Build (or resume) a synthetic cache (``cfg.synthetic``; activation_cache/synthetic.py):
+    the same files, checks, resume and manifest as a model's cache, with activations generated
+    from known sparse features, no logits, and the truth in ``ground_truth.safetensors``
+    (sha256 in the manifest's ``synthetic`` entry)."""
+    from safetensors.torch import save
+
+    storage = storage or Storage(cfg.output)
+    if _check_existing(cfg, storage, overwrite):
+        return storage.uri
+    started = time.time()
+    spec, hook, seq_len = cfg.synthetic, cfg.hooks[0], cfg.max_text_length
+    truth = ground_truth(spec, hook)
+    n_windows = -(-spec.num_tokens // seq_len)
+    n_val = int(round(n_windows * cfg.val_fraction))
+    n_test = int(round(n_windows * cfg.test_fraction))
+    n_train = n_windows - n_val - n_test
+    if n_train < 1:
+        raise CacheInputError(
+            f"CacheConfig.synthetic.num_tokens: {spec.num_tokens} tokens make {n_windows} "
+            f"window(s) of {seq_len}, none left for training after val/test; raise num_tokens")
+    windows, start = {}, 0
+    for split, n in zip(SPLITS, (n_train, n_val, n_test)):
+        if n == 0 and split != "train":
+            continue
+        windows[split] = Windows(np.zeros((n, seq_len), dtype=np.int64),
+                                 np.ones((n, seq_len), dtype=bool),
+                                 np.arange(start, start + n, dtype=np.int64))
+        start += n
+    layout = Layout(hooks=[hook], stored_hooks=[hook], splice_hooks={}, d_in={hook: spec.d},
+                    seq_len=seq_len, act_dtype=cfg.dtype, stop_at_layer=None, logits_k=None,
+                    d_vocab=0, bos_token_id=None, pad_token_id=None, exclude_bos=False,
+                    exclude_token_ids=[], config_sha256=config_digest(cfg.to_dict()))
+    identity = {"name": "synthetic", "source": "synthetic", "d_model": spec.d, "n_layers": 0,
+                "hook_names": [hook]}
+    if not storage.exists(BUILD_FILE):
+        storage.write_atomic(BUILD_FILE, json.dumps(
+            {"format": FORMAT, "version": VERSION, "config": cfg.to_dict(), "model": identity},
+            indent=1).encode())
+    storage.remove_temporaries(owned=is_cache_file)
+    units = plan_units(windows, windows_per_shard(cfg, layout))
+    todo = [u for u in units if not _committed(storage, u, layout)]
+    if len(todo) < len(units):
+        log.info("resuming: %d of %d shards already committed", len(units) - len(todo),
+                 len(units))
+    total = n_windows * seq_len
+    remaining = sum((u.stop - u.start) * seq_len for u in todo)
+    with progress_bar(total, initial=total - remaining, unit="tok", unit_scale=True,
+                      desc="generating activations", emit=log.info) as bar:
+        _run_local(SyntheticShardWriter(spec, truth, layout, storage), windows, todo, bar)
+    data = save(truth.tensors(), metadata={"hook": hook})
+    storage.write_atomic(GROUND_TRUTH_FILE, data)
+    records = [_read_record(storage, u) for u in units]
+    manifest = _manifest(cfg, identity, layout, windows, records, storage)
+    manifest["synthetic"] = {
+        "hook": hook, "spec": spec.to_dict(),
+        "ground_truth": {"file": GROUND_TRUTH_FILE, "bytes": len(data),
+                         "sha256": hashlib.sha256(data).hexdigest()}}
+    manifest["total_bytes"] += len(data)
+    manifest["build_seconds"] = round(time.time() - started, 3)
+    write_manifest(storage, manifest)
+    log.info("%s", describe_cache(manifest, storage.uri, tokens_built=remaining))
+    return storage.uri
+
+
 def describe_cache(manifest: dict, uri: str, *, tokens_built: int | None = None) -> str:
     """What a cache holds, one short line each: where and its size; tokens, windows, documents
     and shards per split; the hooks; the build time (with ``tokens_built``, the tokens this run
@@ -287,6 +358,12 @@ def describe_cache(manifest: dict, uri: str, *, tokens_built: int | None = None)
     for hook in manifest.get("hooks", []):
         lines.append(f"  {hook} (d {manifest['d_in'][hook]}) as {manifest.get('act_dtype')}"
                      + (f" + {', '.join(extras)}" if extras else ""))
+    synthetic = manifest.get("synthetic")
+    if synthetic:
+        spec = synthetic["spec"]
+        lines.append(f"  synthetic: {spec['n_features']} known features in {spec['d']} "
+                     f"dimensions, ~{spec['mean_active']:g} active per token (seed "
+                     f"{spec['seed']}); ground truth in {synthetic['ground_truth']['file']}")
     seconds = manifest.get("build_seconds")
     speed = (f" ({tokens_built:,} tokens, {tokens_built / seconds:,.0f} tokens/s)"
              if seconds and tokens_built else "")

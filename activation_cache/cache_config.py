@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from .corpus import CorpusSpec
 from .model_spec import ModelSpec
 from .strict_config import StrictConfig, is_int
+from .synthetic import SyntheticSpec
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -90,6 +91,12 @@ class CacheConfig(StrictConfig):
     by a hash of seed, document id and window number: deterministic, and stable when documents
     are added). null: all."""
 
+    synthetic: SyntheticSpec | None = None
+    """Generate the activations from known sparse features instead of running a model
+    (activation_cache/synthetic.py): no model, no corpus, no logits; one hook (its name is
+    free, e.g. ``synthetic``); ``max_text_length`` tokens per window, ``val_fraction`` /
+    ``test_fraction`` of the windows held out, the truth stored with the cache."""
+
     def validate(self) -> None:
         self._require(isinstance(self.output, str) and self.output.strip() != "", "output",
                       "must be a folder path or a URI, got an empty value")
@@ -132,6 +139,18 @@ class CacheConfig(StrictConfig):
         if self.max_tokens is not None:
             self._require(is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
                           f"must be an integer >= 1 or null, got {self.max_tokens!r}")
+        if self.synthetic is not None:
+            self._require(len(self.hooks) == 1, "hooks",
+                          "a synthetic cache stores one hook; name it, e.g. [synthetic]")
+            self._require(self.max_tokens is None, "max_tokens",
+                          "a synthetic cache generates synthetic.num_tokens; remove max_tokens")
+            self._require(not self.store_logits and not self.store_splice_residual,
+                          "store_logits", "a synthetic cache runs no model, so it has no "
+                          "logits nor splice residuals; remove them")
+            self._require(self.model == ModelSpec(), "model",
+                          "a synthetic cache runs no model; remove `model:`")
+            self._require(self.corpus == CorpusSpec(), "corpus",
+                          "a synthetic cache reads no text; remove `corpus:`")
 
     @property
     def splice_residual(self) -> bool:

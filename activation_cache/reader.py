@@ -66,6 +66,7 @@ from torch import Tensor
 
 from .cache_errors import CacheInputError, CacheMismatchError, CorruptCacheError
 from .manifest import MANIFEST, SPLITS, act_key, canonical_json, read_manifest
+from .synthetic import GroundTruth
 from .read_ahead import read_ahead
 from .shard_file import _ST_DTYPES, map_array, read_header, read_tensor
 from .storage import Storage
@@ -167,6 +168,27 @@ class CacheReader:
                 f"(differs in {', '.join(diff)}: cache has "
                 f"{ {k: mine.get(k) for k in diff[:3]} }, given { {k: identity.get(k) for k in diff[:3]} })"
             )
+
+    @property
+    def has_ground_truth(self) -> bool:
+        """Whether the cache is synthetic and holds the truth behind its activations."""
+        return bool(self.manifest.get("synthetic"))
+
+    def ground_truth(self) -> GroundTruth | None:
+        """The truth behind a synthetic cache (activation_cache/synthetic.py): feature
+        directions [n_features, d], frequencies, parents, hook and spec; None for a model's
+        cache. The file's sha256 is checked (unless opened with verify=False)."""
+        info = self.manifest.get("synthetic")
+        if not info:
+            return None
+        entry = info["ground_truth"]
+        data = self.storage.read_bytes(entry["file"])
+        self._check_digest(data, entry["sha256"], entry["file"], "ground truth")
+        from safetensors.torch import load
+
+        t = load(data)
+        return GroundTruth(directions=t["directions"], frequencies=t["frequencies"],
+                           parents=t["parents"], hook=info["hook"], spec=dict(info["spec"]))
 
     def index(self, split: str | None = None) -> pd.DataFrame:
         """The per-token index (split, shard, row, sequence, position, token_id, train_mask,

@@ -29,6 +29,7 @@ from .manifest import act_key, config_digest
 from .hook_names import HookNameError, active_hook_names, check_hook_name, parse_block_hook
 from .shard_file import encode_shard
 from .storage import Storage
+from .synthetic import GroundTruth, SyntheticSpec, generate_window
 from .windowed import train_mask_for
 
 FULL_LOGPROBS_MAX_VOCAB = 8192
@@ -177,17 +178,10 @@ class ShardWriter:
 
     def compute(self, unit: Unit, w: Windows,
                 on_batch: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
-        """The shard's tensors (CPU), running the model batch by batch."""
+        """The shard's tensors (CPU): its activations (``activations``) and its windows'
+        tokens, masks, sequence numbers and document ids."""
         lay = self.layout
-        parts: dict[str, list[torch.Tensor]] = {}
-        for a in range(0, len(w), self.batch_size):
-            b = min(len(w), a + self.batch_size)
-            out = self.forward(torch.from_numpy(w.tokens[a:b]), torch.from_numpy(w.attention_mask[a:b]))
-            for k, v in out.items():
-                parts.setdefault(k, []).append(v)
-            if on_batch is not None:
-                on_batch(int(w.attention_mask[a:b].sum()))
-        tensors = {k: torch.cat(v) for k, v in parts.items()}
+        tensors = self.activations(w, on_batch)
         tokens, am = torch.from_numpy(w.tokens), torch.from_numpy(w.attention_mask)
         tensors["tokens"] = tokens.to(torch.int32)
         tensors["attention_mask"] = am
@@ -197,6 +191,20 @@ class ShardWriter:
         tensors["sequence"] = torch.arange(unit.start, unit.stop, dtype=torch.int64)
         tensors["doc_id"] = torch.from_numpy(w.doc_id.astype(np.int64))
         return tensors
+
+    def activations(self, w: Windows, on_batch: Callable[[int], None] | None = None
+                    ) -> dict[str, torch.Tensor]:
+        """The stored activations (and compact logits) of windows ``w``, running the model
+        batch by batch."""
+        parts: dict[str, list[torch.Tensor]] = {}
+        for a in range(0, len(w), self.batch_size):
+            b = min(len(w), a + self.batch_size)
+            out = self.forward(torch.from_numpy(w.tokens[a:b]), torch.from_numpy(w.attention_mask[a:b]))
+            for k, v in out.items():
+                parts.setdefault(k, []).append(v)
+            if on_batch is not None:
+                on_batch(int(w.attention_mask[a:b].sum()))
+        return {k: torch.cat(v) for k, v in parts.items()}
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -248,6 +256,28 @@ class ShardWriter:
 
     def build(self, unit: Unit, w: Windows) -> dict:
         return self.commit(unit, self.compute(unit, w))
+
+
+class SyntheticShardWriter(ShardWriter):
+    """A ShardWriter whose activations are generated from known sparse features
+    (activation_cache/synthetic.py) instead of computed by a model: a window's activations
+    depend only on the spec and its global window number (its ``doc_id``)."""
+
+    def __init__(self, spec: SyntheticSpec, truth: GroundTruth, layout: Layout,
+                 storage: Storage):
+        self.spec, self.truth = spec, truth
+        self.model, self.layout, self.storage = None, layout, storage
+        self.batch_size, self.device = 1, "cpu"
+
+    def activations(self, w: Windows, on_batch: Callable[[int], None] | None = None
+                    ) -> dict[str, torch.Tensor]:
+        rows = []
+        for i, window in enumerate(w.doc_id):
+            rows.append(generate_window(self.spec, self.truth, int(window), w.tokens.shape[1]))
+            if on_batch is not None:
+                on_batch(int(w.attention_mask[i].sum()))
+        acts = torch.stack(rows) if rows else torch.zeros(0, w.tokens.shape[1], self.spec.d)
+        return {act_key(self.layout.hooks[0]): acts.to(TORCH_DTYPES[self.layout.act_dtype])}
 
 
 def _index_bytes(unit: Unit, t: dict[str, torch.Tensor]) -> bytes:
