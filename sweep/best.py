@@ -62,6 +62,25 @@ SHOWN_STATUSES = RANKED_STATUSES + UNRANKED_STATUSES
 TABLE_WIDTH = 120
 _OTHER_METRICS = ("fvu", "l0", "explained_variance", "dead_fraction", "ce_loss_delta", "kl_div",
                   "ce_loss_score")
+"""Metrics shown after the ranked ones, then every other evaluator's fields
+(``plugin_metrics()``) where the table has them."""
+
+
+def plugin_metrics() -> tuple[str, ...]:
+    """The numeric fields of evaluators beyond reconstruction and end-to-end
+    (``feature_mcc``, probing...): the trainer's catalog, not a list of ours."""
+    from .sweep_config import catalog
+
+    return tuple(catalog().plugin_metrics)
+
+
+def default_mode(metric: str) -> str:
+    """``min`` or ``max`` for a metric no objective names: the direction its evaluator declares
+    (``test_<m>`` as ``m``), else ``min``."""
+    from .sweep_config import catalog
+
+    base = metric[len("test_"):] if metric.startswith("test_") else metric
+    return "max" if catalog().metric_better.get(base) == "higher" else "min"
 
 
 class QueryError(UserError, ValueError):
@@ -183,7 +202,8 @@ def select_trials(
         metric = obj_metrics[0]
         mode = mode or obj_modes[0]
     elif mode is None:
-        mode = obj_modes[obj_metrics.index(metric)] if metric in obj_metrics else "min"
+        mode = (obj_modes[obj_metrics.index(metric)] if metric in obj_metrics
+                else default_mode(metric))
     if pareto:
         if len(obj_metrics) > 1 and metric == obj_metrics[0]:
             metrics, modes = list(obj_metrics), list(obj_modes)
@@ -601,6 +621,7 @@ def _display_columns(frame: pd.DataFrame, ranked: Sequence[str],
     order = ["trial_id", "status", "architecture", "feasible", *ranked, *bound,
              *(f"test_{m}" for m in [*base, *bound]), *params,
              *(m for m in _OTHER_METRICS), *(f"test_{m}" for m in _OTHER_METRICS),
+             *plugin_metrics(), *(f"test_{m}" for m in plugin_metrics()),
              "tokens_seen", "train_seconds", "checkpoint_path"]
     columns = []
     for c in order:

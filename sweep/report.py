@@ -5,6 +5,8 @@
   Pareto front of the completed ones drawn as a staircase, the best trial (by the sweep's
   objective and constraints, as ``best`` and ``export --trial best`` choose it) highlighted;
 * ``pareto_l0_ce_loss_delta.png`` -- the same against ce_loss_delta, when trials computed it;
+* ``pareto_l0_<metric>.png`` -- the same against each other evaluator's field the trials
+  report (``feature_mcc``, probing...; the front in the direction its evaluator declares);
 * ``training_curves.png`` -- fvu (and L0) against training tokens for the ``top`` best trials.
 """
 
@@ -16,7 +18,8 @@ from typing import Optional
 
 import pandas as pd
 
-from .best import RANKED_STATUSES, SHOWN_STATUSES, pareto_front, select_best
+from .best import (RANKED_STATUSES, SHOWN_STATUSES, default_mode, pareto_front, plugin_metrics,
+                   select_best)
 from .results import load_history, load_results, load_sweep_info
 
 logger = logging.getLogger("sweep.report")
@@ -37,7 +40,7 @@ def write_report(experiment_dir: str | Path, *, out_dir: Optional[str | Path] = 
     best_id = str(best.iloc[0]["trial_id"]) if len(best) else None
     finished = report_trials(results)
     written = []
-    for metric in ("fvu", "ce_loss_delta"):
+    for metric in ("fvu", "ce_loss_delta", *plugin_metrics()):
         if metric in finished.columns and "l0" in finished.columns and finished[metric].notna().any():
             written.append(_pareto_plot(finished, metric, best_id, out / f"pareto_l0_{metric}.png"))
     try:
@@ -67,7 +70,7 @@ def _pareto_plot(frame: pd.DataFrame, metric: str, best_id: Optional[str], path:
     data = frame[frame[metric].notna() & frame["l0"].notna()]
     done = data[data["status"].isin(RANKED_STATUSES)]
     short = data[~data["status"].isin(RANKED_STATUSES)]
-    front = pareto_front(done, ["l0", metric], ["min", "min"]).sort_values("l0")
+    front = pareto_front(done, ["l0", metric], ["min", default_mode(metric)]).sort_values("l0")
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     ax.scatter(done["l0"], done[metric], s=28, color="0.6", label="completed trials")
     if len(short):

@@ -36,7 +36,7 @@ def toy_evaluator():
 
         def evaluate(self, sae: Any, ctx: Any) -> dict[str, Any]:
             calls.append((ctx.split, ctx.final))
-            return {"decoder_norm_mean": float(sae.W_dec.norm(dim=1).mean())}
+            return {"decoder_norm_mean": float(sae.W_dec.detach().norm(dim=1).mean())}
 
     @register_evaluator
     class ToyFinal(Evaluator):
@@ -121,7 +121,7 @@ def test_a_plug_in_evaluator_reaches_records_catalog_and_best_metric(toy_evaluat
     assert len(records) >= 2
     for r in records:
         assert r.get("decoder_norm_mean") == pytest.approx(
-            float(result.sae.W_dec.norm(dim=1).mean()), rel=0.5)
+            float(result.sae.W_dec.detach().norm(dim=1).mean()), rel=0.5)
         assert r.scalars()["decoder_norm_mean"] == r.extra["decoder_norm_mean"]
         assert "evaluator_seconds/toy" in r.scalars()
         assert r.fvu is not None  # reconstruction always runs
@@ -134,7 +134,7 @@ def test_a_plug_in_evaluator_reaches_records_catalog_and_best_metric(toy_evaluat
     test = evaluate_split(result.sae, TensorSource(data(256, 2)), cfg, split="test")
     assert test.eval_split == "test" and test.get("toy_final_value") == 1.0
     assert test.get("decoder_norm_mean") == pytest.approx(
-        float(result.sae.W_dec.norm(dim=1).mean()))
+        float(result.sae.W_dec.detach().norm(dim=1).mean()))
     assert ("test", True) in toy_evaluator
 
 
@@ -189,3 +189,48 @@ def test_data_an_evaluator_needs_is_checked_before_training():
         train_sae(sae(), TensorSource(data()), quiet(evaluators=("end_to_end",)),
                   reporter=Reporter())
     assert steps == []
+
+
+# -- best, the card and the report show an evaluator's fields -------------------------------------
+
+
+def test_best_card_and_report_show_evaluator_fields(tmp_path):
+    import json
+
+    from sweep import print_best, write_report
+    from sweep.best import default_mode, select_trials
+    from sweep.results import SWEEP_FILE, TrialRow, write_results
+    from trainer import CARD_METRICS, render_model_card
+
+    assert default_mode("feature_mcc") == "max" and default_mode("test_feature_mcc") == "max"
+    assert default_mode("fvu") == "min" and default_mode("l0") == "min"
+    rows = []
+    for tid, fvu, l0, mcc in (("a", 0.2, 20.0, 0.5), ("b", 0.1, 40.0, 0.4), ("c", 0.3, 30.0, 0.9)):
+        rows.append(TrialRow(trial_id=tid, status="completed", params={"lr": 1e-3},
+                             metrics={"fvu": fvu, "l0": l0, "feature_mcc": mcc,
+                                      "test_feature_mcc": mcc - 0.01,
+                                      "feature_recall_0.9": mcc / 2},
+                             tokens_seen=100))
+    write_results(rows, tmp_path)
+    (tmp_path / SWEEP_FILE).write_text(json.dumps(
+        {"config": {"objective": {"metric": "fvu", "mode": "min", "constraints": []}}}))
+    frame = print_best(tmp_path)
+    assert list(frame["trial_id"]) == ["b", "a", "c"]
+    assert "feature_mcc" in frame.columns and "test_feature_mcc" in frame.columns
+    # ranking on the evaluator's field goes its declared way (higher is better)
+    from sweep.results import load_results
+
+    chosen = select_trials(load_results(tmp_path), metric="feature_mcc")
+    assert list(chosen.ranked["trial_id"]) == ["c", "a", "b"]
+    # the card
+    assert "feature_mcc" in CARD_METRICS and "feature_recall_0.9" in CARD_METRICS
+    cfg = make_sae_config(d_in=D_IN, d_sae=D_SAE, architecture="standard")
+    card = render_model_card(cfg, facts={}, output_format="native", origin="a test",
+                             budget="none", parameters_title="p", parameters={},
+                             figures={"val": {"fvu": 0.1, "feature_mcc": 0.75},
+                                      "test": {"fvu": 0.11, "feature_mcc": 0.74}})
+    assert "| feature_mcc | 0.75 | 0.74 |" in card
+    assert "`feature_mcc`: mean over true features" in card
+    # the report plots L0 against it, with the front in its direction
+    plots = write_report(tmp_path, out_dir=tmp_path / "report")
+    assert (tmp_path / "report" / "pareto_l0_feature_mcc.png") in plots

@@ -68,6 +68,9 @@ class FieldCatalog:
     """Field -> one line saying what it measures."""
     default_evaluators: tuple[str, ...] = ()
     """Evaluators every job runs without naming them (reconstruction)."""
+    plugin_metrics: tuple[str, ...] = ()
+    """Numeric fields of evaluators that have no typed MetricsRecord field (``feature_mcc``,
+    probing...): what ``best``, the card and ``report`` add when a table has them."""
     final_only_metrics: tuple[str, ...] = ()
     """Fields absent from intermediate records (their evaluator runs at final evaluations)."""
 
@@ -136,4 +139,5 @@ def field_catalog() -> FieldCatalog:
         metric_descriptions={f: m.description for f, m in declared.items()},
         default_evaluators=evaluator_registry.resolve_evaluators(TrainingConfig()),
         final_only_metrics=evaluator_registry.final_only_metric_names(),
+        plugin_metrics=extra,
     )

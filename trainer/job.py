@@ -181,7 +181,7 @@ def train_from_yaml(path: str | Path, *, out_dir: str | Path | None = None, resu
 
 
 def _figure_values(record: MetricsRecord) -> dict[str, Any]:
-    return {k: getattr(record, k, None) for k in CARD_METRICS}
+    return {k: record.get(k) for k in CARD_METRICS}
 
 
 def training_card(job: TrainJobConfig, path: str | Path, result: TrainResult,

@@ -14,16 +14,20 @@ from __future__ import annotations
 import json
 import logging
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from .registry import describe_sae
+from .evaluators import declared_fields, extra_metric_names
 
 logger = logging.getLogger("trainer.model_card")
 
-CARD_METRICS = ("fvu", "explained_variance", "l0", "l0_train", "fvu_train", "mse",
-                "dead_fraction", "dense_fraction", "kl_div", "ce_loss_delta", "ce_loss_score",
-                "top1_agreement")
-"""The figures a card shows (those the record has), in this order."""
+BASE_CARD_METRICS = ("fvu", "explained_variance", "l0", "l0_train", "fvu_train", "mse",
+                     "dead_fraction", "dense_fraction", "kl_div", "ce_loss_delta",
+                     "ce_loss_score", "top1_agreement")
+CARD_METRICS = BASE_CARD_METRICS + tuple(n for n in extra_metric_names()
+                                         if n not in BASE_CARD_METRICS)
+"""The figures a card shows (those the record has), in this order: reconstruction and
+end-to-end ones, then every other evaluator's numeric fields (trainer/evaluators/)."""
 
 SPLIT_ROLES = {
     "train": "training (and the calibration of an inference threshold, where the architecture "
@@ -52,7 +56,8 @@ def cache_facts(cache: Any, manifest: Optional[Mapping[str, Any]] = None) -> dic
             logger.debug("cannot read the cache %s for the model card: %s", cache, exc)
             return {}
     cfg = manifest.get("config") or {}
-    return {"uri": str(cache) if cache else None, "model_spec": cfg.get("model") or {},
+    synthetic = manifest.get("synthetic")
+    return {"synthetic": synthetic["spec"] if synthetic else None, "uri": str(cache) if cache else None, "model_spec": cfg.get("model") or {},
             "identity": manifest.get("model") or {}, "corpus": cfg.get("corpus") or {},
             "splits": manifest.get("splits") or {},
             "context_size": cfg.get("max_text_length"), "prepend_bos": cfg.get("prepend_bos"),
@@ -107,7 +112,7 @@ def render_model_card(sae_cfg: Any, *, facts: Optional[Mapping[str, Any]], outpu
                   *[f"| {k} | " + " | ".join(_fmt(figures[s].get(k)) for s in splits) + " |"
                     for k in names], ""]
     lines += [
-        *_metric_notes(sae_cfg),
+        *_metric_notes(sae_cfg, names),
         "",
         "## Full SAE config",
         "",
@@ -156,16 +161,31 @@ def _architecture_lines(sae_cfg: Any) -> list[str]:
     return [f"- architecture: {describe_sae(sae_cfg).summary()}"]
 
 
-def _metric_notes(sae_cfg: Any) -> list[str]:
+def _metric_notes(sae_cfg: Any, names: Sequence[str] = ()) -> list[str]:
     rule = (describe_sae(sae_cfg).inference if hasattr(sae_cfg, "options")
             else "the shipped encoder")
+    fields = declared_fields()
+    notes = [f"`{n}`: {fields[n].description}." for n in names
+             if n in fields and n not in BASE_CARD_METRICS]
     return [f"`l0` is the inference L0 of the shipped encoder ({rule}); "
-            "`fvu` = 1 - explained variance."]
+            "`fvu` = 1 - explained variance." + "".join(f" {t}" for t in notes)]
 
 
 def _model_lines(facts: Mapping[str, Any]) -> list[str]:
     if not facts or not facts.get("identity"):
         return ["- model and data: the cache is not readable any more; see its manifest.json"]
+    if facts.get("synthetic"):
+        spec = facts["synthetic"]
+        return [
+            f"- data: **synthetic** activations (no model): {spec.get('n_features')} known "
+            f"sparse features in {spec.get('d')} dimensions, ~{spec.get('mean_active')} active "
+            f"per token (power-law exponent {spec.get('frequency_exponent')}, noise "
+            f"{spec.get('noise_std')}, seed {spec.get('seed')}); the truth is stored with the "
+            "cache (`feature_mcc` measures its recovery)",
+            f"- windows of {facts.get('context_size')} tokens; val_fraction "
+            f"{facts.get('val_fraction')}, test_fraction {facts.get('test_fraction')} of them",
+            f"- activation cache: `{facts.get('uri')}` (stored as {facts.get('act_dtype')})",
+        ]
     spec, ident, corpus, splits = (facts["model_spec"], facts["identity"], facts["corpus"],
                                    facts["splits"])
     given = ", ".join(f"{k}: {v}" for k, v in spec.items()
