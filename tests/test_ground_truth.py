@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from activation_cache import (CacheConfig, ConfigError, CorruptCacheError, ModelSpec,
+from activation_cache import (CacheConfig, ConfigError, CorruptCacheError, ModelSpec, UserError,
                               SyntheticSpec, build_cache, open_cache)
 from activation_cache.synthetic import (frequencies, generate_window, generate_window_codes,
                                         ground_truth)
@@ -239,3 +239,25 @@ def test_ground_truth_on_a_cache_without_truth_is_one_line_before_training():
 
     with pytest.raises(EvaluatorDataError, match="runs/cache-real holds no ground truth"):
         job_sources(ModelCache(), TrainingConfig(evaluators=("ground_truth",)), "h")
+
+
+def test_eval_command_on_a_synthetic_cache_reports_recovery_and_e2e_is_refused(tmp_path):
+    import io
+
+    from trainer import evaluate_sae_dir, load_cache_model
+
+    reader = synthetic_cache(tmp_path)
+    truth = reader.ground_truth().directions
+    sae = build_sae(make_sae_config(d_in=12, d_sae=40, architecture="topk", top_k=3,
+                                    hook_spec="synthetic"), seed=1)
+    with torch.no_grad():
+        sae.W_dec[:32] = truth  # a decoder that holds every true feature
+    sae.save(tmp_path / "sae")
+    out = io.StringIO()
+    record = evaluate_sae_dir(tmp_path / "sae", cache=str(tmp_path / "cache"), stream=out,
+                              show_progress=False)
+    assert record.eval_split == "test" and record.get("feature_mcc") == pytest.approx(1.0)
+    text = out.getvalue()
+    assert "feature_mcc" in text and "feature_recall_0.9" in text and "fvu" in text
+    with pytest.raises(UserError, match="is synthetic"):
+        load_cache_model(reader)

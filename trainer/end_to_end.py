@@ -567,6 +567,10 @@ def load_cache_model(reader: Any) -> Any:
     same model (identity and fingerprint), so the splice never runs against another model."""
     from activation_cache import ModelSpec, load_model, model_identity
 
+    if reader.manifest.get("synthetic"):
+        raise EndToEndDataError(f"cache {getattr(reader, 'uri', '')} is synthetic (generated "
+                                "activations, no model): end-to-end training and CE/KL need a "
+                                "model's cache")
     spec_dict = reader.manifest.get("config", {}).get("model")
     if spec_dict is None:
         raise EndToEndDataError(f"cache {getattr(reader, 'uri', '')}: its manifest records no "

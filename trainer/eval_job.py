@@ -1,4 +1,5 @@
-"""``sae-sweep eval``: every metric of a saved SAE on a cache split, spliced into its model.
+"""``sae-sweep eval``: every metric of a saved SAE on a cache split, spliced into its model
+(on a synthetic cache, which has no model: reconstruction and the ground truth's recovery).
 
 ``evaluate_sae_dir`` loads the SAE (a native folder -- ``config.json`` + ``weights.safetensors`` --
 or a SAELens export -- ``cfg.json`` + ``sae_weights.safetensors``: ``load_sae_folder``), the cache,
@@ -91,14 +92,21 @@ def evaluate_sae_dir(sae_dir: str | Path, *, cache: str, split: Optional[str] = 
         if mine != theirs:
             raise ConfigError(f"{Path(sae_dir) / 'config.json'}: {name}={mine} but the cache "
                               f"stores {at} with width {theirs}")
-    model = model if model is not None else load_cache_model(reader)
-    config = TrainingConfig(show_progress=show_progress, eval_max_tokens=max_tokens,
-                            use_end_to_end=True)  # the CE/KL evaluator runs
-    objective = EndToEndObjective(model, config)
-    suite = EvaluationSuite.build(config, reader=reader, hook=hook,
-                                  target_hook=sae.cfg.hook_spec_out, objective=objective)
-    record = evaluate_split(sae, source, config, split=split, objective=objective,
-                            evaluators=suite)
+    if getattr(reader, "has_ground_truth", False):
+        # a synthetic cache: no model to splice into; the truth's recovery instead
+        config = TrainingConfig(show_progress=show_progress, eval_max_tokens=max_tokens,
+                                evaluators=("ground_truth",))
+        tokens = reader.token_source(hook, split, target_hook=sae.cfg.hook_spec_out)
+        record = evaluate_split(sae, tokens, config, split=split)
+    else:
+        model = model if model is not None else load_cache_model(reader)
+        config = TrainingConfig(show_progress=show_progress, eval_max_tokens=max_tokens,
+                                use_end_to_end=True)  # the CE/KL evaluator runs
+        objective = EndToEndObjective(model, config)
+        suite = EvaluationSuite.build(config, reader=reader, hook=hook,
+                                      target_hook=sae.cfg.hook_spec_out, objective=objective)
+        record = evaluate_split(sae, source, config, split=split, objective=objective,
+                                evaluators=suite)
     out = stream if stream is not None else sys.stdout
     out.write(format_metrics(record, output_format,
                              header=f"{sae_dir} on {cache} [{split}]{note}"))
