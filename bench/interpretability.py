@@ -139,6 +139,9 @@ def synthetic_part(args: argparse.Namespace) -> None:
         rho, n = spearman(rows["test_fvu"], rows["test_feature_mcc"])
         print(f"Spearman(test fvu, test feature_mcc), {label}: {rho:+.3f} (n={n}; negative = "
               "lower FVU goes with better recovery)")
+        rho_l0, _ = spearman(rows["test_l0"], rows["test_feature_mcc"])
+        print(f"  (Spearman(test l0, test feature_mcc), {label}: {rho_l0:+.3f}: how much of it is "
+              "the L0 budget)")
     if len(band):
         fvu_best = band.loc[band["fvu"].idxmin()]
         mcc_best = band.loc[band["feature_mcc"].idxmax()]
