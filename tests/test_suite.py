@@ -1,0 +1,130 @@
+"""Suites (issue 16): several hooks in one sweep, each with its own search.
+
+* ``expand_hook_pattern``: lists, layer ranges, steps, brace lists, globs, friendly names; and
+  the one-line errors (a missing hook with "did you mean", an empty range, a glob matching
+  nothing, a hook twice);
+* the config: ``hook`` or ``hooks``, never both nor neither;
+* :class:`SuiteSearcher` routes: each hook's searcher sees only its own trials and results,
+  trials go least-started first, every hook gets its own ``num_samples``, and its state pickles;
+* a real suite on the tiny cache (two hooks): a ``hook`` column, one Optuna study per hook with
+  its own trials, ``expansion_factor`` scaled by each hook's width, ``best --per-hook`` and a
+  release that loads in sae_lens for every hook.
+"""
+
+import io
+import pickle
+
+import optuna
+import pytest
+
+from activation_cache import ConfigError, HookNameError, expand_hook_pattern
+from sweep import SweepConfig
+from sweep.suite import SuiteSearcher
+from sweep_helpers import tiny_sweep
+
+NAMES = [f"blocks.{i}.hook_resid_post" for i in range(0, 30, 2)] + [
+    "blocks.6.hook_mlp_out", "blocks.6.ln2.hook_normalized"]
+
+
+def test_layer_ranges_lists_and_globs_expand_in_order():
+    assert expand_hook_pattern("blocks.{0..8..4}.hook_resid_post", NAMES) == [
+        "blocks.0.hook_resid_post", "blocks.4.hook_resid_post", "blocks.8.hook_resid_post"]
+    assert expand_hook_pattern("blocks.{20,6}.hook_resid_post", NAMES) == [
+        "blocks.20.hook_resid_post", "blocks.6.hook_resid_post"]
+    with pytest.raises(HookNameError, match="blocks.3.hook_resid_post"):
+        expand_hook_pattern("blocks.{2..4}.hook_resid_post", NAMES)  # inclusive: 2, 3, 4
+    globbed = expand_hook_pattern("blocks.*.hook_resid_post", NAMES)
+    assert globbed[:3] == ["blocks.0.hook_resid_post", "blocks.2.hook_resid_post",
+                           "blocks.4.hook_resid_post"]  # by layer, not as strings (10 < 2)
+    assert len(globbed) == 15
+    assert expand_hook_pattern(["blocks.6.hook_mlp_out", "resid_post.12"], NAMES,
+                               n_layers=30) == ["blocks.6.hook_mlp_out", "blocks.12.hook_resid_post"]
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("blocks.{0..29..3}.hook_resid_post", ["not there", "blocks.3.hook_resid_post"]),
+    ("blocks.{8..2}.hook_resid_post", ["empty range"]),
+    ("blocks.{a-b}.hook_resid_post", ["cannot read"]),
+    ("blocks.*.hook_attn_out", ["matches no hook"]),
+    ("blocks.6.hook_resid_pots", ["did you mean blocks.6.hook_resid_post"]),
+    (["blocks.6.hook_mlp_out", "blocks.{6,8}.hook_mlp_out"], ["not there"]),
+    (["blocks.6.hook_mlp_out", "blocks.6.hook_mlp_out"], ["listed twice"]),
+    ([], ["non-empty list"]),
+])
+def test_bad_patterns_are_one_line_errors(spec, words):
+    with pytest.raises(HookNameError) as err:
+        expand_hook_pattern(spec, NAMES, field="SweepConfig.hooks")
+    text = str(err.value)
+    assert "\n" not in text and text.startswith("SweepConfig.hooks")
+    for word in words:
+        assert word in text
+
+
+def test_a_sweep_takes_hook_or_hooks(tmp_path):
+    data = tiny_sweep("cache", tmp_path / "exp")
+    SweepConfig.from_dict(data)  # one hook keeps working
+    suite = dict(data, hooks=["a", "b"])
+    with pytest.raises(ConfigError, match="not both"):
+        SweepConfig.from_dict(suite)
+    suite.pop("hook")
+    assert SweepConfig.from_dict(suite).is_suite
+    with pytest.raises(ConfigError, match="is missing"):
+        SweepConfig.from_dict({k: v for k, v in data.items() if k != "hook"})
+
+
+class _Recorder:
+    """A stand-in hook searcher: records what it is told; suggests a numbered config."""
+
+    def __init__(self, name):
+        self.name, self.suggested, self.results, self.completed = name, [], [], []
+
+    def suggest(self, trial_id):
+        self.suggested.append(trial_id)
+        return {"lr": len(self.suggested)}
+
+    def on_trial_result(self, trial_id, result):
+        self.results.append(trial_id)
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        self.completed.append((trial_id, result["fvu"]))
+
+
+def test_the_suite_searcher_keeps_each_hooks_evidence_apart():
+    subs = {"A": _Recorder("A"), "B": _Recorder("B")}
+    suite = SuiteSearcher(subs, {"A": 2, "B": 3}, metric="fvu", mode="min")
+    given = [(f"t{i}", suite.suggest(f"t{i}")) for i in range(6)]
+    hooks = [p["hook"] if isinstance(p, dict) else p for _, p in given]
+    assert hooks[:5] == ["A", "B", "A", "B", "B"]  # least started first, then B's last one
+    assert given[5][1] == SuiteSearcher.FINISHED  # each hook got exactly its num_samples
+    for tid, params in given[:5]:
+        suite.on_trial_result(tid, {"fvu": 0.5})
+        suite.on_trial_complete(tid, {"fvu": 0.1 if params["hook"] == "A" else 0.9})
+    assert subs["A"].suggested == ["t0", "t2"] and subs["B"].suggested == ["t1", "t3", "t4"]
+    assert [v for _, v in subs["A"].completed] == [0.1, 0.1]
+    assert [v for _, v in subs["B"].completed] == [0.9, 0.9, 0.9]
+    assert subs["A"].results == ["t0", "t2"]
+    clone = pickle.loads(pickle.dumps(suite))  # Tune saves the searcher with the experiment
+    assert clone.owner == suite.owner and clone.started == {"A": 2, "B": 3}
+
+
+def test_real_optuna_studies_of_a_suite_do_not_mix(tmp_path):
+    from sweep.searcher import SweepSearcher
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    def space(trial):
+        trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+
+    subs = {h: SweepSearcher(space=space, metric="fvu", mode="min", study_name=f"s.{h}",
+                             storage=optuna.storages.RDBStorage(storage),
+                             sampler=optuna.samplers.TPESampler(seed=0))
+            for h in ("A", "B")}
+    suite = SuiteSearcher(subs, {"A": 2, "B": 2}, metric="fvu", mode="min")
+    for i in range(4):
+        params = suite.suggest(f"t{i}")
+        suite.on_trial_complete(f"t{i}", {"fvu": 0.1 if params["hook"] == "A" else 0.7})
+    for hook, value in (("A", 0.1), ("B", 0.7)):
+        study = optuna.load_study(study_name=f"s.{hook}", storage=storage)
+        assert [t.value for t in study.trials] == [value, value]
+        assert sorted(t.user_attrs["ray_trial_id"] for t in study.trials) == (
+            ["t0", "t2"] if hook == "A" else ["t1", "t3"])
