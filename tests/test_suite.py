@@ -128,3 +128,97 @@ def test_real_optuna_studies_of_a_suite_do_not_mix(tmp_path):
         assert [t.value for t in study.trials] == [value, value]
         assert sorted(t.user_attrs["ray_trial_id"] for t in study.trials) == (
             ["t0", "t2"] if hook == "A" else ["t1", "t3"])
+
+
+# -- a real suite on the tiny cache ------------------------------------------------------------
+
+HOOKS = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
+
+
+@pytest.fixture(scope="module")
+def suite_run(tmp_path_factory):
+    from sweep import run_sweep
+    from sweep_helpers import build_tiny_cache
+
+    root = tmp_path_factory.mktemp("suite")
+    cache = build_tiny_cache(root / "cache", hooks=HOOKS)
+    data = tiny_sweep(cache, root / "exp", num_samples=2, tokens_per_trial=2048)
+    data.pop("hook")
+    data["hooks"] = "blocks.{0..1}.hook_resid_post"
+    data["search_space"] = {"expansion_factor": {"type": "categorical", "choices": [2, 4]},
+                            "top_k": {"type": "int", "low": 4, "high": 16, "log": True}}
+    data["objective"] = {"metric": "fvu", "mode": "min", "constraints": [{"metric": "l0", "max": 64}]}
+    results = run_sweep(SweepConfig.from_dict(data))
+    return root, data, results
+
+
+@pytest.mark.slow
+def test_a_suite_searches_each_hook_on_its_own(suite_run):
+    root, data, results = suite_run
+    cfg = SweepConfig.from_dict(data)
+    assert sorted(results["hook"]) == sorted(HOOKS * 2)  # num_samples per hook
+    assert (results["status"] == "completed").all()
+    assert set(results["d_sae"]) <= {128, 256}  # expansion_factor x d_in 64 of each hook
+    for hook in HOOKS:
+        study = optuna.load_study(study_name=f"{cfg.study_name}.{hook}",
+                                  storage=cfg.optuna_storage_url())
+        ids = set(results[results["hook"] == hook]["trial_id"])
+        assert {t.user_attrs["ray_trial_id"] for t in study.trials} == ids
+        assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+
+
+@pytest.mark.slow
+def test_best_per_hook_prints_every_hooks_winner_with_test_figures(suite_run):
+    from sweep.best import select_best
+    from sweep.suite_results import print_per_hook
+
+    root, data, results = suite_run
+    out = io.StringIO()
+    winners = print_per_hook(root / "exp", stream=out)
+    text = out.getvalue()
+    assert "test fvu" in text and "l0 <= 64" in text
+    for hook in HOOKS:
+        part = results[results["hook"] == hook]
+        expected = select_best(part, objective=data["objective"], top=1).iloc[0]["trial_id"]
+        assert winners.set_index("hook").loc[hook, "trial_id"] == expected
+        assert expected in text
+    out = io.StringIO()
+    print_per_hook(root / "exp", hook="blocks.1.*", stream=out)
+    assert "blocks.1.hook_resid_post" in out.getvalue()
+    assert "blocks.0.hook_resid_post" not in out.getvalue()
+
+
+@pytest.mark.slow
+def test_the_release_loads_in_sae_lens_for_every_hook(suite_run):
+    import torch
+    import yaml
+    from sae_lens import SAE
+
+    from trainer import OutputFolderError, load_sae
+    from sweep.release import export_release
+
+    root, data, results = suite_run
+    out = export_release(root / "exp", out_dir=root / "release")
+    index = yaml.safe_load((out / "release.yaml").read_text())["release"]
+    assert [e["id"] for e in index["saes"]] == list(HOOKS)
+    assert index["model"] and index["sae_sweep"]["data"]["splits"]
+    x = torch.randn(5, 64)
+    for entry in index["saes"]:
+        folder = out / entry["path"]
+        sae = SAE.load_from_disk(str(folder), device="cpu")
+        assert sae.cfg.metadata.hook_name == entry["id"]
+        row = results.set_index("trial_id").loc[entry["trial_id"]]
+        ours = load_sae(row["checkpoint_path"])
+        with torch.no_grad():  # the same encoder as the trial's
+            assert torch.allclose(sae.encode(x), ours.encode(x), atol=1e-4)
+        assert entry["l0"] == pytest.approx(row["l0"])
+    card = (out / "README.md").read_text()
+    assert all(h in card for h in HOOKS) and "winners_by_layer.png" in card
+    assert (out / "winners_by_layer.png").is_file()
+    export_release(root / "exp", out_dir=out)  # an earlier release is replaced
+    mine = root / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(OutputFolderError):
+        export_release(root / "exp", out_dir=mine)
+    assert (mine / "notes.txt").read_text() == "keep"
