@@ -120,7 +120,7 @@ def run_sweep(config_path: str | Path | SweepConfig, *, address: Optional[str] =
             from .suite import hook_config, resolve_hooks, suite_widths
 
             cfg = resolve_hooks(cfg)
-            widths = suite_widths(cfg)
+            widths = suite_widths(cfg, cache_width)
             for hook, width in widths.items():
                 check_space(hook_config(cfg, hook), width)
             d_in = next(iter(widths.values()))
@@ -360,7 +360,7 @@ def _tune_config(cfg: SweepConfig, d_in: int, widths: Optional[dict[str, int]] =
     if cfg.is_suite:
         from .suite import suite_tune_config
 
-        return suite_tune_config(cfg, widths or {})
+        return suite_tune_config(cfg, widths or {}, make_searcher)
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter

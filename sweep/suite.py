@@ -68,10 +68,9 @@ def hook_config(cfg: SweepConfig, hook: str) -> SweepConfig:
     return cfg.replace(hook=hook, hooks=None, study_name=f"{cfg.study_name}.{hook}")
 
 
-def suite_widths(cfg: SweepConfig) -> dict[str, int]:
-    """Each hook's width in the cache, checked like a one-hook sweep's (:func:`cache_width`)."""
-    from .driver import cache_width
-
+def suite_widths(cfg: SweepConfig, cache_width: Any) -> dict[str, int]:
+    """Each hook's width in the cache, checked like a one-hook sweep's (``cache_width``: the
+    driver's check of one hook)."""
     return {hook: cache_width(hook_config(cfg, hook)) for hook in suite_hooks(cfg)}
 
 
@@ -178,13 +177,12 @@ class HookGroupedScheduler(FIFOScheduler):
             for h, g in self.groups.items())
 
 
-def suite_tune_config(cfg: SweepConfig, widths: dict[str, int]) -> Any:
-    """The TuneConfig of a suite: one searcher per hook behind one SuiteSearcher, one
-    concurrency limit, per-hook ASHA, ``num_samples`` per hook, the one time budget."""
+def suite_tune_config(cfg: SweepConfig, widths: dict[str, int], make_searcher: Any) -> Any:
+    """The TuneConfig of a suite: one searcher per hook (``make_searcher(one-hook config,
+    d_in)``, the driver's) behind one SuiteSearcher, one concurrency limit, per-hook ASHA,
+    ``num_samples`` per hook, the one time budget."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
-
-    from .driver import make_searcher
 
     hooks = suite_hooks(cfg)
     searchers = {h: make_searcher(hook_config(cfg, h), widths[h]) for h in hooks}
