@@ -222,3 +222,21 @@ def test_the_release_loads_in_sae_lens_for_every_hook(suite_run):
     with pytest.raises(OutputFolderError):
         export_release(root / "exp", out_dir=mine)
     assert (mine / "notes.txt").read_text() == "keep"
+
+
+@pytest.mark.slow
+def test_the_cli_commands_of_a_suite(suite_run, capsys):
+    from sweep.cli import main
+
+    root, data, results = suite_run
+    exp = str(root / "exp")
+    assert main(["best", exp, "--per-hook"]) == 0
+    assert "winner per hook" in capsys.readouterr().out
+    assert main(["best", exp, "--hook", "blocks.0.*", "--format", "csv"]) == 0
+    shown = capsys.readouterr().out
+    assert "blocks.0.hook_resid_post" in shown and "blocks.1.hook_resid_post" not in shown
+    assert main(["best", exp, "--hook", "blocks.7.hook_resid_post"]) == 2  # one line, exit 2
+    assert main(["export", exp, "--release", str(root / "cli-release")]) == 0
+    assert (root / "cli-release" / "release.yaml").is_file()
+    assert main(["report", exp, "--out", str(root / "report")]) == 0
+    assert (root / "report" / "winners_by_layer.png").is_file()
