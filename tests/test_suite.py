@@ -240,3 +240,13 @@ def test_the_cli_commands_of_a_suite(suite_run, capsys):
     assert (root / "cli-release" / "release.yaml").is_file()
     assert main(["report", exp, "--out", str(root / "report")]) == 0
     assert (root / "report" / "winners_by_layer.png").is_file()
+
+
+@pytest.mark.slow
+def test_a_suites_closing_summary_is_per_hook(suite_run):
+    from sweep import summarize_sweep
+
+    root, data, results = suite_run
+    text = summarize_sweep(root / "exp")
+    assert "winner per hook" in text and "--per-hook" in text and "--release" in text
+    assert all(h in text for h in HOOKS)
