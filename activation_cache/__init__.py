@@ -8,6 +8,7 @@ Public API (everything else in this package is internal):
     resolve_hook, check_hook_name, parse_block_hook, block_hook_name, BlockHook, HookNameError
                                            -- the hook-name grammar (blocks.{L}.{point}, friendly
                                               names, checks with "did you mean" suggestions)
+    expand_hook_pattern                    -- several hooks: lists, {0..29..4} ranges, globs
     CorpusSpec, Document, load_corpus, split_documents, CorpusError
                                            -- which text; deterministic train/val split by document
     WindowedTextDataset, train_mask_for, WindowError
@@ -33,7 +34,7 @@ from .corpus import CorpusError, CorpusSpec, Document, load_corpus, split_docume
 from .model_spec import ModelLoadError, ModelSpec, model_identity
 from .model_loading import load_model
 from .hook_names import (BlockHook, HookNameError, block_hook_name, check_hook_name,
-                         parse_block_hook, resolve_hook)
+                         expand_hook_pattern, parse_block_hook, resolve_hook)
 from .windowed import WindowedTextDataset, WindowError, train_mask_for
 from .cache_config import CacheConfig
 from .synthetic import GroundTruth, HierarchySpec, SyntheticSpec
@@ -48,7 +49,7 @@ __all__ = ["UserError", "ConfigError", "StrictConfig", "progress_bar", "LineProg
            "is_terminal"]
 __all__ += ["ModelSpec", "load_model", "model_identity", "ModelLoadError"]
 __all__ += ["resolve_hook", "check_hook_name", "parse_block_hook", "block_hook_name", "BlockHook",
-            "HookNameError"]
+            "HookNameError", "expand_hook_pattern"]
 __all__ += ["CorpusSpec", "Document", "load_corpus", "split_documents", "CorpusError"]
 __all__ += ["WindowedTextDataset", "train_mask_for", "WindowError"]
 __all__ += ["SyntheticSpec", "HierarchySpec", "GroundTruth"]

@@ -252,3 +252,112 @@ def _unknown_hook_message(hook: str, names: Any, layer_kind: tuple[int, str] | N
     if guesses:
         msg += f"; did you mean {' or '.join(guesses[:2])}?"
     return f"{msg} ({_valid_names_text(names, n_layers)})"
+
+
+# -- several hooks at once: lists, layer ranges and globs --------------------------------------
+
+_BRACES = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"^\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*(?:\.\.\s*(\d+)\s*)?$")
+_GLOB_CHARS = set("*?[")
+
+
+def expand_hook_pattern(spec: Any, names: Any, *, n_layers: int | None = None,
+                        field: str = "hooks") -> list[str]:
+    """The hook names ``spec`` stands for, each one of ``names`` (e.g. the hooks a cache
+    stores), in the order written, without repeats.
+
+    ``spec`` is a name or a list of them; each may be
+
+    * an exact name (``blocks.6.hook_resid_post``) or a friendly one (``resid_post.6``; needs
+      ``n_layers``);
+    * a brace pattern: ``{A..B}`` (inclusive layer range), ``{A..B..S}`` (step ``S``) or
+      ``{a,b,c}``, e.g. ``blocks.{0..29..4}.hook_resid_post``; every name it makes must be in
+      ``names`` (the error lists the missing ones and what there is);
+    * a glob (``*``, ``?``, ``[...]``), e.g. ``blocks.*.hook_resid_post``, matched against
+      ``names`` (sorted by layer); it must match at least one.
+
+    Raises :class:`HookNameError` (one line naming ``field``) for an empty spec, a malformed
+    brace, a name that is not there ("did you mean ..."), a glob that matches nothing, or a
+    hook listed twice."""
+    import fnmatch
+
+    names = list(names)
+    entries = [spec] if isinstance(spec, str) else spec
+    if not isinstance(entries, (list, tuple)) or not entries or not all(
+            isinstance(e, str) and e.strip() for e in entries):
+        raise HookNameError(f"{field}: expected a hook name, a pattern such as "
+                            f"blocks.{{0..29..4}}.hook_resid_post or a non-empty list of them, "
+                            f"got {spec!r}")
+    out: list[str] = []
+    for entry in entries:
+        entry = entry.strip()
+        if _BRACES.search(entry):
+            made = _expand_braces(entry, field)
+            missing = [n for n in made if n not in names]
+            if missing:
+                raise HookNameError(
+                    f"{field}: {entry!r} names {len(missing)} hook(s) not there: "
+                    f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''} "
+                    f"({_there_text(names)})")
+            found = made
+        elif _GLOB_CHARS & set(entry):
+            found = sorted((n for n in names if fnmatch.fnmatchcase(n, entry)), key=_layer_key)
+            if not found:
+                raise HookNameError(f"{field}: the pattern {entry!r} matches no hook "
+                                    f"({_there_text(names)})")
+        else:
+            found = [_one_name(entry, names, n_layers, field)]
+        for name in found:
+            if name in out:
+                raise HookNameError(f"{field}: {name} is listed twice (by {entry!r})")
+            out.append(name)
+    return out
+
+
+def _expand_braces(text: str, field: str) -> list[str]:
+    m = _BRACES.search(text)
+    if m is None:
+        return [text]
+    body = m.group(1)
+    r = _RANGE.match(body)
+    if r is not None:
+        start, stop, step = int(r.group(1)), int(r.group(2)), int(r.group(3) or 1)
+        if step < 1 or stop < start:
+            raise HookNameError(f"{field}: {{{body}}} in {text!r} is an empty range (write "
+                                "{low..high} or {low..high..step} with low <= high, step >= 1)")
+        values = [str(v) for v in range(start, stop + 1, step)]
+    elif "," in body:
+        values = [v.strip() for v in body.split(",")]
+        if not all(values):
+            raise HookNameError(f"{field}: {{{body}}} in {text!r} has an empty choice")
+    else:
+        raise HookNameError(f"{field}: cannot read {{{body}}} in {text!r}; write a layer range "
+                            "{0..29}, {0..29..4} (every 4th) or a list {6,12,20}")
+    head, tail = text[:m.start()], text[m.end():]
+    return [n for v in values for n in _expand_braces(head + v + tail, field)]
+
+
+def _one_name(entry: str, names: list[str], n_layers: int | None, field: str) -> str:
+    if entry in names:
+        return entry
+    if n_layers:
+        try:
+            exact = _resolve_in(names, n_layers, entry)
+        except HookNameError:
+            exact = None
+        if exact is not None:
+            return exact
+    guesses = difflib.get_close_matches(entry, names, n=2, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(guesses)}?" if guesses else ""
+    raise HookNameError(f"{field}: {entry!r} is not there{hint} ({_there_text(names)})")
+
+
+def _there_text(names: list[str]) -> str:
+    shown = sorted(names, key=_layer_key)
+    return (f"there are: {', '.join(shown[:10])}{' ...' if len(shown) > 10 else ''}"
+            if shown else "there are none")
+
+
+def _layer_key(name: str) -> tuple:
+    block = parse_block_hook(name)
+    return (0, block.point, block.layer) if block else (1, name, 0)

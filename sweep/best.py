@@ -618,7 +618,7 @@ def _display_columns(frame: pd.DataFrame, ranked: Sequence[str],
     bound = [c.metric for c in constraints]
     base = [m[len("test_"):] if m.startswith("test_") else m for m in ranked]
     params = [c for c in searched if c != "architecture"] or _param_columns(frame)
-    order = ["trial_id", "status", "architecture", "feasible", *ranked, *bound,
+    order = ["trial_id", "status", "hook", "architecture", "feasible", *ranked, *bound,
              *(f"test_{m}" for m in [*base, *bound]), *params,
              *(m for m in _OTHER_METRICS), *(f"test_{m}" for m in _OTHER_METRICS),
              *plugin_metrics(), *(f"test_{m}" for m in plugin_metrics()),

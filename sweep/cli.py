@@ -103,8 +103,23 @@ def _cmd_best(args: argparse.Namespace) -> int | None:
     from .console import configure_logging
 
     configure_logging()  # its warning (ranking on a test_* metric) goes to stderr
+    if args.per_hook:
+        from .suite_results import print_per_hook
+
+        print_per_hook(args.experiment_dir, hook=args.hook)
+        return 0
+    where = args.where
+    if args.hook:  # --hook H: the rows of H (a name or a pattern) among the table's hooks
+        from .results import load_results, load_sweep_info
+        from .suite_results import HOOK_COLUMN, select_hooks
+
+        frame = load_results(args.experiment_dir)
+        hooks = select_hooks(frame, args.hook, load_sweep_info(args.experiment_dir))
+        if HOOK_COLUMN in frame:
+            clause = f"`{HOOK_COLUMN}` in {hooks!r}"
+            where = f"({where}) and {clause}" if where else clause
     print_best(
-        args.experiment_dir, metric=args.metric, mode=args.mode, where=args.where, top=args.top,
+        args.experiment_dir, metric=args.metric, mode=args.mode, where=where, top=args.top,
         pareto=args.pareto, output_format=args.format, all_columns=args.all_columns,
         per_architecture=args.per_architecture,
     )
@@ -117,6 +132,15 @@ def _cmd_export(args: argparse.Namespace) -> int | None:
     from .console import configure_logging
 
     configure_logging()
+    if args.release:
+        from .release import export_release
+
+        if args.out:
+            raise _usage("export: give --out (one trial) or --release (every hook), not both")
+        export_release(args.experiment_dir, out_dir=args.release)
+        return 0
+    if not args.out:
+        raise _usage("export: --out OUT is required (or --release OUT for a suite)")
     export_trial(args.experiment_dir, trial=args.trial, out_dir=args.out, output_format=args.format)
     return 0
 
@@ -271,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--per-architecture", action="store_true",
                     help="per architecture: trials run, how many met the sweep's constraints, "
                     "and the best of each")
+    sp.add_argument("--per-hook", action="store_true",
+                    help="a suite: the winner of every hook (the sweep's objective and "
+                    "constraints) with its test figures")
+    sp.add_argument("--hook", default=None, metavar="HOOK",
+                    help="only the trials of HOOK (a name or a pattern such as "
+                    "'blocks.{6,12}.hook_resid_post')")
     sp.add_argument("--all-columns", action="store_true",
                     help="show every column (the table fits about 120 characters otherwise)")
     sp.add_argument("--format", default="table", choices=["table", "csv", "json"])
@@ -278,8 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("export", _cmd_export, "export a trial's SAE with a README card")
     sp.add_argument("experiment_dir")
     sp.add_argument("--trial", default="best", help="trial id, or 'best' (default)")
-    sp.add_argument("--out", required=True, help="output folder")
+    sp.add_argument("--out", default=None, help="output folder")
     sp.add_argument("--format", default="saelens", choices=["native", "saelens"])
+    sp.add_argument("--release", default=None, metavar="OUT",
+                    help="a suite: the winner of every hook as one SAELens folder each, an "
+                    "index (release.yaml) and a release card, in OUT")
 
     sp = add("report", _cmd_report, "write PNG plots: Pareto fronts and training curves")
     sp.add_argument("experiment_dir")

@@ -133,6 +133,9 @@ class ConsoleSettings:
     """The driver restored the sweep from Tune's state (``--resume``)."""
     report_every_s: float = 30.0
     heartbeat_s: float = 60.0
+    hooks: list = field(default_factory=list)
+    """A suite's hooks (per-hook progress on the progress line); empty for one hook."""
+    samples_per_hook: int = 0
 
     @classmethod
     def from_sweep(cls, cfg: Any, *, resumed: bool = False) -> "ConsoleSettings":
@@ -140,9 +143,11 @@ class ConsoleSettings:
         shown = list(objective.metrics)
         shown += [c.metric for c in objective.constraints if c.metric not in shown]
         shown += [m for m in ("fvu", "l0") if m not in shown]
-        return cls(num_samples=int(cfg.num_samples), metrics=shown[:4],
+        hooks = list(cfg.hooks) if cfg.is_suite else []
+        return cls(num_samples=int(cfg.num_samples) * max(1, len(hooks)), metrics=shown[:4],
                    modes=list(objective.modes),
-                   constraints=[c.to_dict() for c in objective.constraints], resumed=resumed)
+                   constraints=[c.to_dict() for c in objective.constraints], resumed=resumed,
+                   hooks=hooks, samples_per_hook=int(cfg.num_samples))
 
 
 def display_path(path: str | Path, *, quote: bool = True) -> str:

@@ -113,17 +113,28 @@ def run_sweep(config_path: str | Path | SweepConfig, *, address: Optional[str] =
             raise ExperimentExistsError(
                 f"{tune_path} already holds Ray Tune state of another sweep (same experiment "
                 "folder name under storage_path); give experiment_dir a new name")
-        d_in = cache_width(cfg)
         from .trial_configs import check_space
 
-        check_space(cfg, d_in)
+        widths = None
+        if cfg.is_suite:  # several hooks, one search each (sweep/suite.py)
+            from .suite import hook_config, resolve_hooks, suite_widths
+
+            cfg = resolve_hooks(cfg)
+            widths = suite_widths(cfg, cache_width)
+            for hook, width in widths.items():
+                check_space(hook_config(cfg, hook), width)
+            d_in = next(iter(widths.values()))
+        else:
+            d_in = cache_width(cfg)
+            check_space(cfg, d_in)
         lock.announce()
-        info = {"config": cfg.to_dict(), "d_in": d_in, "tune_path": tune_path,
+        info = {"config": cfg.to_dict(), "d_in": d_in, "d_in_by_hook": widths,
+                "tune_path": tune_path,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "source": str(config_path) if not isinstance(config_path, SweepConfig) else None}
         (exp / SWEEP_FILE).write_text(json.dumps(info, indent=2))
         return _run(cfg, d_in, info["tune_path"], restore=False, address=address,
-                    verbose=verbose)
+                    verbose=verbose, widths=widths)
 
 
 def resume_sweep(experiment_dir: str | Path, *, address: Optional[str] = None,
@@ -149,7 +160,7 @@ def resume_sweep(experiment_dir: str | Path, *, address: Optional[str] = None,
                 "the first trial started?); start it again with `sae-sweep sweep CONFIG` and a "
                 "new experiment_dir")
         return _run(cfg, int(info["d_in"]), tune_path, restore=True, address=address,
-                    verbose=verbose)
+                    verbose=verbose, widths=info.get("d_in_by_hook"))
 
 
 def cache_width(cfg: SweepConfig) -> int:
@@ -185,7 +196,8 @@ def cache_width(cfg: SweepConfig) -> int:
 
 
 def _run(cfg: SweepConfig, d_in: int, tune_path: str, *, restore: bool,
-         address: Optional[str], verbose: bool = False) -> pd.DataFrame:
+         address: Optional[str], verbose: bool = False,
+         widths: Optional[dict[str, int]] = None) -> pd.DataFrame:
     from ray import tune
 
     from .console import ConsoleSettings
@@ -199,7 +211,7 @@ def _run(cfg: SweepConfig, d_in: int, tune_path: str, *, restore: bool,
     # trial's reporter guarantees carries every objective metric, and ASHA skips reports
     # without its metric. Ray's strict check would otherwise end the sweep at the first one.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    job = {"config": cfg.to_dict(), "d_in": d_in}
+    job = {"config": cfg.to_dict(), "d_in": d_in, "d_in_by_hook": widths}
     trainable = with_trial_resources(tune.with_parameters(train_trial, job=job), cfg)
     watch = InterruptWatch()
     callbacks = [CheckpointRepair(), watch,
@@ -210,7 +222,7 @@ def _run(cfg: SweepConfig, d_in: int, tune_path: str, *, restore: bool,
     try:
         with sweep_output(exp, verbose=verbose) as out:
             # the study opens before Ray starts: a storage error costs nothing
-            tune_config = None if restore else _tune_config(cfg, d_in)
+            tune_config = None if restore else _tune_config(cfg, d_in, widths)
             with ray_session(address, on_start=out.capture_worker_output):
                 _fit(cfg, tune_path, restore, trainable, tune_config, callbacks, out, watch)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before Tune's run began
@@ -263,8 +275,9 @@ def _fit(cfg: SweepConfig, tune_path: str, restore: bool, trainable: Any, tune_c
                 progress_reporter=out.progress_reporter(),
             ),
         )
-    logger.info("%s sweep %s: %d trials, %d at a time, %s",
-                "resuming" if restore else "starting", exp.name, cfg.num_samples,
+    hooks = f" on each of {len(cfg.hooks)} hooks ({', '.join(cfg.hooks)})" if cfg.is_suite else ""
+    logger.info("%s sweep %s: %d trials%s, %d at a time, %s",
+                "resuming" if restore else "starting", exp.name, cfg.num_samples, hooks,
                 cfg.max_concurrent_trials, _objective_text(cfg))
     logger.info("Ray's log: %s", display_path(out.log_path))
     with out.tune_run(), watch.around_fit():
@@ -343,7 +356,11 @@ def _update_run_config(tuner: Any, **changes: Any) -> None:
         setattr(run_config, name, value)
 
 
-def _tune_config(cfg: SweepConfig, d_in: int) -> Any:
+def _tune_config(cfg: SweepConfig, d_in: int, widths: Optional[dict[str, int]] = None) -> Any:
+    if cfg.is_suite:
+        from .suite import suite_tune_config
+
+        return suite_tune_config(cfg, widths or {}, make_searcher)
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter

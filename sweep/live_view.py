@@ -186,6 +186,12 @@ def progress_line(trials: list[Trial], settings: ConsoleSettings,
     detail = ", ".join(f"{counts[k]} {k}" for k in done_kinds if counts.get(k))
     line = (f"{done}/{max(settings.num_samples, len(trials))} done"
             + (f" ({detail})" if detail else "") + f", {running} running, {pending} pending")
+    if settings.hooks:  # a suite: per-hook counts; a best across hooks would mean nothing
+        from .suite import hook_progress
+
+        states = {t.trial_id: _state(t, ended) for t in trials}
+        return line + " | " + hook_progress(trials, states, settings.hooks,
+                                            settings.samples_per_hook)
     best = best_so_far(trials, settings, ended)
     return line + (f" | {best}" if best else "")
 

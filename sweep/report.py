@@ -7,7 +7,9 @@
 * ``pareto_l0_ce_loss_delta.png`` -- the same against ce_loss_delta, when trials computed it;
 * ``pareto_l0_<metric>.png`` -- the same against each other evaluator's field the trials
   report (``feature_mcc``, probing...; the front in the direction its evaluator declares);
-* ``training_curves.png`` -- fvu (and L0) against training tokens for the ``top`` best trials.
+* ``training_curves.png`` -- fvu (and L0) against training tokens for the ``top`` best trials;
+* ``winners_by_layer.png`` -- a suite (``hooks:``): each hook's winner's test fvu, l0 and
+  ce_loss_delta (when measured) against its layer (:func:`sweep.suite_results.layer_plot`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,12 @@ def write_report(experiment_dir: str | Path, *, out_dir: Optional[str | Path] = 
         history = None
     if history is not None and len(best):
         written.append(_curves_plot(history, list(best["trial_id"]), out / "training_curves.png"))
+    from .suite_results import HOOK_COLUMN, hook_winners, layer_plot
+
+    if HOOK_COLUMN in results:  # a suite: the winners' figures against the layer
+        plot = layer_plot(hook_winners(results, info), out / "winners_by_layer.png")
+        if plot is not None:
+            written.append(plot)
     if written:
         logger.info("wrote %d plot(s) to %s: %s", len(written), out,
                     ", ".join(p.name for p in written))

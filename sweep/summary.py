@@ -48,12 +48,17 @@ def summarize_sweep(experiment_dir: str | Path, *, top: int = 5, interrupted: bo
                       architecture_lines(summaries, selection)]
         best = select_best(frame, objective=objective, top=1)
         shown = summary_metrics(selection.metrics[0], selection.constraints)
-        if len(best):
+        if cfg.get("hooks"):  # a suite: each hook's winner, not one best across hooks
+            from .suite_results import hook_winners, per_hook_lines
+
+            lines += per_hook_lines(hook_winners(frame, info), info)
+            best = best.iloc[0:0]
+        elif len(best):
             row = best.iloc[0].to_dict()
             full = frame[frame["trial_id"] == row["trial_id"]].iloc[0].to_dict()
             lines.append(wrap_line(f"best trial {row['trial_id']} (what `export --trial best` "
                                f"ships): {figures(full, shown)}", TABLE_WIDTH))
-        elif selection.constraints:
+        elif selection.constraints and not cfg.get("hooks"):
             lines.append(wrap_line(f"no completed trial meets {constraints_text(selection.constraints)}"
                                ": `export --trial best` has none to ship; choose one with --trial "
                                "ID", TABLE_WIDTH))
@@ -64,8 +69,13 @@ def summarize_sweep(experiment_dir: str | Path, *, top: int = 5, interrupted: bo
         lines.append(f"  {resume_command or 'sae-sweep sweep --resume ' + q}   # continue "
                      "the interrupted sweep")
     lines += [
+        f"  sae-sweep best {q} --per-hook",
+        f"  sae-sweep export {q} --release {display_path(exp / 'release')}",
+    ] if cfg.get("hooks") else [
         f"  sae-sweep best {q} --top 10",
         f"  sae-sweep export {q} --trial best --out {display_path(exp / 'best-sae')}",
+    ]
+    lines += [
         f"  sae-sweep report {q}",
         f"  optuna-dashboard {storage}   # pip install optuna-dashboard",
     ]

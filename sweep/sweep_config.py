@@ -273,12 +273,18 @@ class SweepConfig(StrictConfig):
     """Activation cache built by ``sae-sweep cache``: a local path or a pyarrow URI
     (``s3://bucket/prefix``). Every trial reads this same cache; on a cluster it must be
     reachable from every node (shared storage or object store)."""
-    hook: str
-    """The hook whose activations the SAEs read (and reconstruct, unless ``hook_out`` is set;
-    must be stored in the cache), e.g. ``blocks.6.hook_resid_post``."""
     experiment_dir: str
     """Where the sweep's results live: ``results.parquet``, ``history.parquet``, ``optuna.db``,
     the config copy and (unless ``storage_path`` is set) Ray Tune's state and checkpoints."""
+    hook: Optional[str] = None
+    """The hook whose activations the SAEs read (and reconstruct, unless ``hook_out`` is set;
+    must be stored in the cache), e.g. ``blocks.6.hook_resid_post``. Give ``hook`` or
+    ``hooks``."""
+    hooks: Optional[Union[str, list]] = None
+    """A **suite**: several hooks, each with its own search (see :mod:`sweep.suite`) -- a list
+    of names, a layer-range pattern (``blocks.{0..29..4}.hook_resid_post``) or a glob
+    (``blocks.*.hook_resid_post``), resolved against the hooks the cache stores. Every hook
+    gets ``num_samples`` trials and its own Optuna study; all share one Ray Tune run."""
     tokens_per_trial: int = 2_000_000
     """Training-token budget of every trial (sets the training config's token budget)."""
     sae: dict = field(default_factory=dict)
@@ -328,10 +334,26 @@ class SweepConfig(StrictConfig):
     ``blocks.6.hook_mlp_out``; None: the SAEs reconstruct ``hook``."""
 
     def validate(self) -> None:
-        for name in ("cache", "hook", "experiment_dir"):
+        for name in ("cache", "experiment_dir"):
             value = getattr(self, name)
             self._require(isinstance(value, str) and bool(value.strip()), name,
                           f"must be a non-empty string, got {value!r}")
+        self._require((self.hook is None) != (self.hooks is None), "hook",
+                      "give `hook` (one hook) or `hooks` (a suite: a list or a pattern such as "
+                      "blocks.{0..29..4}.hook_resid_post), not both"
+                      if self.hook is not None else "is missing: name the hook the SAEs read "
+                      "(hook: blocks.6.hook_resid_post) or several (hooks: [...])")
+        if self.hook is not None:
+            self._require(isinstance(self.hook, str) and bool(self.hook.strip()), "hook",
+                          f"must be a non-empty string, got {self.hook!r}")
+        else:
+            entries = [self.hooks] if isinstance(self.hooks, str) else self.hooks
+            self._require(isinstance(entries, list) and len(entries) > 0 and all(
+                isinstance(h, str) and h.strip() for h in entries), "hooks",
+                f"must be a hook name, a pattern or a non-empty list of them, got {self.hooks!r}")
+            self._require(self.hook_out is None, "hook_out",
+                          "a suite (hooks) reconstructs each hook itself; transcoder suites are "
+                          "not supported: run one sweep per hook pair")
         if self.hook_out is not None:
             self._require(isinstance(self.hook_out, str) and bool(self.hook_out.strip()),
                           "hook_out", f"must be a hook name or null, got {self.hook_out!r}")
@@ -544,6 +566,11 @@ class SweepConfig(StrictConfig):
                           "nsgaii is for Pareto (multi-metric) objectives; use tpe")
 
     # -- derived settings ------------------------------------------------------------------
+    @property
+    def is_suite(self) -> bool:
+        """Several hooks (``hooks``), each searched on its own (:mod:`sweep.suite`)."""
+        return self.hooks is not None
+
     @property
     def experiment_path(self) -> Path:
         return Path(self.experiment_dir).expanduser().resolve()

@@ -161,11 +161,18 @@ def train_trial(params: Mapping[str, Any], *, job: Mapping[str, Any]) -> None:
     from .trial_configs import build_trial_configs
 
     cfg = SweepConfig.from_dict(job["config"])
+    d_in = job["d_in"]
+    if cfg.is_suite:  # this trial's hook is searched as a one-hook sweep (sweep/suite.py)
+        from .suite import HOOK_KEY, hook_config
+
+        hook = params[HOOK_KEY]
+        cfg, d_in = hook_config(cfg, hook), job["d_in_by_hook"][hook]
+        params = {k: v for k, v in params.items() if k != HOOK_KEY}
     configure_trial_resources(cfg.resources_per_trial)
 
     cache = open_cache(cfg.cache)
     d_out = None if cfg.hook_out is None else int(cache.d_in(cfg.hook_out))
-    sae_cfg, train_cfg = build_trial_configs(cfg, params, job["d_in"], d_out)
+    sae_cfg, train_cfg = build_trial_configs(cfg, params, d_in, d_out)
     objective, train_source, val_source, test_source, evaluators = _sources(cache, sae_cfg,
                                                                             train_cfg)
 

@@ -321,3 +321,56 @@ def test_trials_run_on_two_nodes_of_a_simulated_cluster_reading_one_cache(cache,
     used = set(results["node_id"])
     assert len(used) == 2 and used <= worker_ids        # both worker nodes, never the head
     assert json.loads((cfg.experiment_path / "sweep.json").read_text())["config"]["cache"] == cache
+
+
+def test_sigkill_of_a_suite_driver_then_resume_loses_no_trial_and_runs_none_twice(tmp_path):
+    """Two hooks, two trials each: kill the driver once a trial finished, resume; every hook
+    ends with exactly its num_samples completed trials, and each hook's Optuna study holds
+    exactly its own trials."""
+    cache = build_tiny_cache(tmp_path / "cache",
+                             hooks=("blocks.0.hook_resid_post", "blocks.1.hook_resid_post"))
+    exp = tmp_path / "suite"
+    config = tmp_path / "suite.yaml"
+    data = _long_trials(cache, exp, num_samples=2, max_concurrent_trials=2,
+                        search_space=_fixed_space())
+    data.pop("hook")
+    data["hooks"] = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    config.write_text(yaml.safe_dump(data))
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", TQDM_DISABLE="1")
+    driver = subprocess.Popen([SAE_SWEEP, "sweep", str(config)], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        _wait_for(lambda: _completed(exp) >= 1, 240, "a finished trial")
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(30)
+        before = load_results(exp)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    time.sleep(3)
+    _kill_session(driver.pid)
+    finished_before = set(before[before["status"] == "completed"]["trial_id"])
+    assert 1 <= len(finished_before) < 4
+    resumed = subprocess.run([SAE_SWEEP, "sweep", "--resume", str(exp)], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=480, start_new_session=True)
+    _assert_quiet_success(resumed, exp)
+    results = load_results(exp)
+    assert results["trial_id"].is_unique
+    ran = results[results["status"] != "interrupted"]
+    assert (ran["status"] == "completed").all() and ran["final"].all()
+    assert ran["hook"].value_counts().to_dict() == {h: 2 for h in data["hooks"]}
+    for tid in finished_before:  # kept, not re-run
+        old = before.set_index("trial_id").loc[tid]
+        new = results.set_index("trial_id").loc[tid]
+        for col in ("fvu", "l0", "tokens_seen", "step", "hook"):
+            assert new[col] == old[col], (tid, col)
+    cfg = SweepConfig.from_dict(data)
+    for hook in data["hooks"]:
+        study = optuna.load_study(study_name=f"{cfg.study_name}.{hook}",
+                                  storage=cfg.optuna_storage_url())
+        complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+        assert len(complete) == 2
+        assert {t.user_attrs["ray_trial_id"] for t in complete} == set(
+            ran[ran["hook"] == hook]["trial_id"])
+        assert not [t for t in study.trials if t.state.name == "RUNNING"]

@@ -50,6 +50,7 @@ KINDS = {
     "checkpoint": "a training checkpoint",
     "export": "an export (sae-sweep export, or train's saelens/)",
     "train": "a sae-sweep train output folder",
+    "release": "a release (sae-sweep export --release: one export per hook and an index)",
 }
 
 TRAIN_ENTRIES = ("job.yaml", "checkpoints", "final", "best", "saelens")
