@@ -193,7 +193,7 @@ def print_configurations(frame: pd.DataFrame, config: dict[str, Any], *,
         ranked, metric=selection.metrics[0], mode=selection.modes[0],
         constraints=selection.constraints, params=params, runs=len(done),
         replicates=replicates, top=top, render=render_table, marks=marks_for(out),
-        width=None if all_columns else TABLE_WIDTH), file=out)
+        width=None if all_columns else TABLE_WIDTH, preferred=_OTHER_METRICS), file=out)
     return ranked.head(top)
 
 

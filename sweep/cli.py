@@ -106,7 +106,7 @@ def _cmd_best(args: argparse.Namespace) -> int | None:
     print_best(
         args.experiment_dir, metric=args.metric, mode=args.mode, where=args.where, top=args.top,
         pareto=args.pareto, output_format=args.format, all_columns=args.all_columns,
-        per_architecture=args.per_architecture,
+        per_architecture=args.per_architecture, per_trial=args.per_trial,
     )
     return 0
 
@@ -271,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--per-architecture", action="store_true",
                     help="per architecture: trials run, how many met the sweep's constraints, "
                     "and the best of each")
+    sp.add_argument("--per-trial", action="store_true",
+                    help="with replicates (a confirm stage), rank single trials instead of "
+                    "configurations on their seed means")
     sp.add_argument("--all-columns", action="store_true",
                     help="show every column (the table fits about 120 characters otherwise)")
     sp.add_argument("--format", default="table", choices=["table", "csv", "json"])

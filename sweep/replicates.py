@@ -37,6 +37,7 @@ This module is pure pandas (no Ray): ``best``, ``export`` and the closing summar
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -235,10 +236,11 @@ def format_configurations(ranked: pd.DataFrame, *, metric: str, mode: str,
                           runs: int, replicates: int, top: int,
                           render: Callable[..., tuple[str, list[str]]],
                           marks: tuple[str, str] = ("yes", "no"), width: Optional[int] = 120,
-                          ) -> str:
+                          preferred: Sequence[str] = ()) -> str:
     """The per-configuration table: ``mean ± sd`` of the ranked and constraint metrics (and
     their test figures), ``n``, the within-noise flag, the hyperparameters and the other
-    metrics as far as they fit (``render``: best's column-fitting table renderer)."""
+    metrics as far as they fit, ``preferred`` ones first (``render``: best's column-fitting
+    table renderer)."""
     label = f"{metric} (test split)" if metric.startswith("test_") else f"validation {metric}"
     first = (", meeting " + " and ".join(c.as_query().replace("`", "") for c in constraints)
              + " on the mean first") if constraints else ""
@@ -253,6 +255,8 @@ def format_configurations(ranked: pd.DataFrame, *, metric: str, mode: str,
     headline = list(dict.fromkeys([metric, *bound, f"test_{base}",
                                    *(f"test_{m}" for m in bound)]))
     others = [c[:-len("_mean")] for c in ranked.columns if c.endswith("_mean")]
+    first = [m for m in (*preferred, *(f"test_{m}" for m in preferred)) if m in others]
+    others = first + [m for m in others if m not in first]
     table = pd.DataFrame({CONFIGURATION: shown[CONFIGURATION], "n": shown["n"]})
     for p in ("architecture", "hook"):
         if p in shown.columns:
@@ -286,7 +290,9 @@ def format_configurations(ranked: pd.DataFrame, *, metric: str, mode: str,
     if left_out:
         legend.append(f"{len(left_out)} more column(s): --all-columns")
     legend.append("each trial: --per-trial")
-    lines.append("; ".join(legend))
+    text = "; ".join(legend)
+    lines.append(text if width is None else textwrap.fill(text, width, break_on_hyphens=False,
+                                                          subsequent_indent="  "))
     return "\n".join(lines)
 
 
