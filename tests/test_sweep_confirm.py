@@ -59,7 +59,8 @@ def test_confirm_survives_a_driver_kill_and_resume(cache, tmp_path):
     exp = tmp_path / "sweep"
     config = tmp_path / "sweep.yaml"
     data = _long_trials(cache, exp, num_samples=2, max_concurrent_trials=2,
-                        tokens_per_trial=160 * 1024, confirm={"top": 1, "seeds": 3})
+                        confirm={"top": 1, "seeds": 3})
+    data["tokens_per_trial"] = 160 * 1024
     config.write_text(yaml.safe_dump(data))
     env = dict(os.environ, RAY_AUTH_MODE="disabled", TQDM_DISABLE="1")
     driver = subprocess.Popen([SAE_SWEEP, "sweep", str(config)], cwd=ROOT, env=env,

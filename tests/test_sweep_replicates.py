@@ -244,3 +244,16 @@ def test_the_plan_takes_the_top_configurations_per_hook(tmp_path):
         row["hook"] = hook
     frame = _table(rows)
     assert choose_configurations(frame, cfg) == ["b", "c"]
+
+
+def test_constraints_are_judged_on_the_means():
+    # F is best on fvu, but its mean l0 (70) breaks l0 <= 64 although one run (60) meets it
+    rows = HAND + [_row("f", 0.5, l0=60.0), _row("f1", 0.6, of="f", seed=1, l0=80.0)]
+    ranked = rank_configurations(aggregate_configurations(_table(rows), params=["d_sae"]),
+                                 "fvu", "min", L0_MAX)
+    assert list(ranked["configuration"]) == ["a", "b", "d", "f", "c"]
+    assert ranked.set_index("configuration").loc["f", "l0_mean"] == pytest.approx(70.0)
+    assert list(ranked["feasible"]) == [True, True, True, False, False]
+    assert ranked.iloc[3]["within_noise"] is None      # infeasible: never "near the best"
+    assert export_choice(_table(rows), metric="fvu", mode="min",
+                         constraints=L0_MAX).configuration == "a"
