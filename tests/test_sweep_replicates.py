@@ -257,3 +257,47 @@ def test_constraints_are_judged_on_the_means():
     assert ranked.iloc[3]["within_noise"] is None      # infeasible: never "near the best"
     assert export_choice(_table(rows), metric="fvu", mode="min",
                          constraints=L0_MAX).configuration == "a"
+
+
+def test_the_confirm_stage_resumes_its_last_run_and_reruns_only_lost_replicates(tmp_path):
+    """run_confirm_stage with a fake Tune: a resumed driver restores the last round, then runs
+    a new round of exactly the planned replicates that have no completed or failed row."""
+    from sweep.confirm import read_plan, run_confirm_stage
+
+    cfg = _cfg(tmp_path, top=1, seeds=3)
+    exp = cfg.experiment_path
+    exp.mkdir(parents=True)
+    search = [_row("a", 1.0), _row("b", 1.2)]
+    _table(search).to_parquet(exp / "results.parquet")
+    calls = []
+
+    def fake_round(rows):
+        def run_round(path, entries):
+            calls.append((path.rsplit("/", 1)[-1], None if entries is None else
+                          [(e["replicate_of"], e["seed"]) for e in entries]))
+            _table(search + rows).to_parquet(exp / "results.parquet")
+        return run_round
+
+    # first driver: plans 3 replicates of a, runs round 1; it "dies" with seed 1 completed,
+    # seed 2 running and seed 3 never started
+    run_confirm_stage(cfg, str(exp / "tune"), resumed=False,
+                      search_configs=lambda: {"a": {"d_sae": 128}, "b": {"d_sae": 256}},
+                      run_round=fake_round([_row("r1", 1.1, of="a", seed=1),
+                                            _row("r2", 1.1, of="a", seed=2, status="running")]),
+                      can_restore=lambda path: False, interrupted=lambda: True)
+    assert calls == [("tune-confirm", [("a", 1), ("a", 2), ("a", 3)])]
+    plan = read_plan(exp)
+    assert plan["configurations"] == ["a"] and plan["rounds"] == [str(exp / "tune-confirm")]
+    # resumed: the round is restored (its running replicate finishes there), then only the
+    # replicate it never started runs, in a new round; the search configs are not read again
+    calls.clear()
+    restored = [_row("r1", 1.1, of="a", seed=1), _row("r2", 1.15, of="a", seed=2)]
+    rounds = iter([fake_round(restored), fake_round(restored + [_row("r3", 1.2, of="a",
+                                                                     seed=3)])])
+    run_confirm_stage(cfg, str(exp / "tune"), resumed=True,
+                      search_configs=lambda: pytest.fail("the search stage was read again"),
+                      run_round=lambda p, e: next(rounds)(p, e),
+                      can_restore=lambda path: path.endswith("tune-confirm"),
+                      interrupted=lambda: False)
+    assert calls == [("tune-confirm", None), ("tune-confirm-2", [("a", 3)])]
+    assert pending_replicates(read_plan(exp), pd.read_parquet(exp / "results.parquet")) == []
