@@ -49,6 +49,8 @@ import pandas as pd
 from activation_cache import UserError
 
 from .console import fmt_value
+from .replicates import (REPLICATE_OF, SEED, aggregate_configurations, format_configurations,
+                         has_replicates, rank_configurations)
 from .results import FIXED_COLUMNS, TAIL_COLUMNS, load_results, load_sweep_info
 from .sweep_config import ConstraintSpec
 
@@ -142,16 +144,23 @@ def print_best(
     output_format: str = "table",
     all_columns: bool = False,
     per_architecture: bool = False,
+    per_trial: bool = False,
     stream: Optional[IO[str]] = None,
 ) -> pd.DataFrame:
     """Print the trials ``best`` selects (or the Pareto front, or the per-architecture view)
-    and return the rows shown (ranked first)."""
+    and return the rows shown (ranked first). When the sweep has replicates (its confirm
+    stage) the ranking is per configuration, on seed means (:mod:`sweep.replicates`), unless
+    ``per_trial``."""
     if output_format not in OUTPUT_FORMATS:
         raise QueryError(f"format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
     out = stream or sys.stdout
     frame = load_results(experiment_dir)
     config = load_sweep_info(experiment_dir).get("config", {})
     objective = config.get("objective", {})
+    if has_replicates(frame) and not (pareto or per_architecture or per_trial):
+        return print_configurations(frame, config, metric=metric, mode=mode, where=where,
+                                    top=top, output_format=output_format,
+                                    all_columns=all_columns, stream=out)
     selection = select_trials(frame, objective=objective, metric=metric, mode=mode, where=where,
                               top=top, pareto=pareto, searched=list(config.get("search_space") or []))
     if selection.metrics[0].startswith("test_"):
@@ -176,6 +185,46 @@ def print_best(
         print(format_table(_machine_columns(selection, frame, all_columns), output_format),
               file=out, end="")
     return selection.shown
+
+
+def print_configurations(frame: pd.DataFrame, config: dict[str, Any], *,
+                         metric: Optional[str] = None, mode: Optional[str] = None,
+                         where: Optional[str] = None, top: int = 5, output_format: str = "table",
+                         all_columns: bool = False, stream: Optional[IO[str]] = None
+                         ) -> pd.DataFrame:
+    """``best`` of a sweep with replicates: configurations ranked on seed means, with
+    ``mean ± sd``, ``n`` and the within-noise flag (see :mod:`sweep.replicates`); returns the
+    aggregated rows shown."""
+    out = stream or sys.stdout
+    selection = select_trials(frame, objective=config.get("objective", {}), metric=metric,
+                              mode=mode, where=where, top=top)  # checks the options
+    matched = apply_where(frame, where) if where else frame
+    params = configuration_columns(matched, list(config.get("search_space") or []))
+    ranked = rank_configurations(aggregate_configurations(matched, params=params),
+                                 selection.metrics[0], selection.modes[0], selection.constraints)
+    if output_format != "table":
+        shown = ranked.head(top)
+        print(format_table(shown, output_format), file=out, end="")
+        return shown
+    done = matched[matched["status"] == "completed"] if "status" in matched else matched
+    replicates = int(done[REPLICATE_OF].notna().sum()) if REPLICATE_OF in done else 0
+    print(format_configurations(
+        ranked, metric=selection.metrics[0], mode=selection.modes[0],
+        constraints=selection.constraints, params=params, runs=len(done),
+        replicates=replicates, top=top, render=render_table, marks=marks_for(out),
+        width=None if all_columns else TABLE_WIDTH, preferred=_OTHER_METRICS), file=out)
+    return ranked.head(top)
+
+
+def configuration_columns(frame: pd.DataFrame, searched: Sequence[str]) -> list[str]:
+    """The columns that configure a trial (what its replicates share): the searched
+    hyperparameters (with ``d_sae`` for ``expansion_factor``), the architecture and hook
+    columns and any column named after a searchable field."""
+    from .sweep_config import searchable_names
+
+    names = set(searched) | set(searchable_names()) | {"architecture", "hook", "d_sae"}
+    return [c for c in frame.columns if c in names and c not in FIXED_COLUMNS
+            and c != SEED]
 
 
 def select_trials(

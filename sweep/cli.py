@@ -121,7 +121,7 @@ def _cmd_best(args: argparse.Namespace) -> int | None:
     print_best(
         args.experiment_dir, metric=args.metric, mode=args.mode, where=where, top=args.top,
         pareto=args.pareto, output_format=args.format, all_columns=args.all_columns,
-        per_architecture=args.per_architecture,
+        per_architecture=args.per_architecture, per_trial=args.per_trial,
     )
     return 0
 
@@ -301,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--hook", default=None, metavar="HOOK",
                     help="only the trials of HOOK (a name or a pattern such as "
                     "'blocks.{6,12}.hook_resid_post')")
+    sp.add_argument("--per-trial", action="store_true",
+                    help="with replicates (a confirm stage), rank single trials instead of "
+                    "configurations on their seed means")
     sp.add_argument("--all-columns", action="store_true",
                     help="show every column (the table fits about 120 characters otherwise)")
     sp.add_argument("--format", default="table", choices=["table", "csv", "json"])

@@ -7,10 +7,11 @@
    sparsity and AuxK weights and the KL weight. Each trial trains locally on the cached activations, then fine-tunes end to end (KL through
    the rest of the model) over its last 5 % of tokens (the two-phase schedule of
    trainer/finetune.py); the objective is the CE-loss increase when the SAE is spliced in,
-   subject to L0 <= 64, on held-out validation windows. Sized to finish in about 10 minutes on 2
-   CPU cores including the cache build.
-3. Print the best trials, export the winner in SAELens format with its model card, and write
-   the report plots.
+   subject to L0 <= 64, on held-out validation windows. Then its confirm stage re-trains the
+   best configuration with 2 new seeds (``confirm`` in the YAML; :mod:`sweep.confirm`). Sized to
+   finish in about 10 minutes on 2 CPU cores including the cache build.
+3. Print the best configurations (``mean ± sd`` over seeds), export the winner in SAELens
+   format with its model card (which seed, and why), and write the report plots.
 
 Re-running with the same ``out_dir`` reuses the cache and resumes (or simply re-reads) the
 sweep instead of starting over.
@@ -44,7 +45,8 @@ forward of SmolLM2 per token: about 4 minutes on 2 cores)."""
 DEMO_HELD_OUT_FRACTION = 0.15
 """val_fraction and test_fraction of the demo's cache: 6 of Shakespeare's 42 texts each (the
 default 0.1 gives 4, under the 5 documents below which a split's statistics get a warning)."""
-DEMO_NUM_SAMPLES = 6
+DEMO_NUM_SAMPLES = 4
+"""Search trials; the confirm stage adds 2 replicates of the best."""
 DEMO_MAX_CONCURRENT = 2
 
 

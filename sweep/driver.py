@@ -15,6 +15,9 @@ corners of the search space against the trainer's configs, stores the resolved c
 * :class:`~sweep.results_callback.ResultsCallback` keeping ``results.parquet`` and
   ``history.parquet`` current.
 
+With ``confirm`` set, a second stage follows the search in the same run: the best
+configurations re-trained with new seeds, as their own Tune run(s) (:mod:`sweep.confirm`).
+
 ``resume_sweep(experiment_dir)`` continues a sweep whose driver died: ``Tuner.restore`` keeps the
 finished trials, resumes unfinished ones from their last checkpoint, starts the trials still
 missing, and the Optuna study keeps its history; no trial runs twice.
@@ -211,6 +214,8 @@ def _run(cfg: SweepConfig, d_in: int, tune_path: str, *, restore: bool,
     # trial's reporter guarantees carries every objective metric, and ASHA skips reports
     # without its metric. Ray's strict check would otherwise end the sweep at the first one.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    from .confirm import confirm_planned
+
     job = {"config": cfg.to_dict(), "d_in": d_in, "d_in_by_hook": widths}
     trainable = with_trial_resources(tune.with_parameters(train_trial, job=job), cfg)
     watch = InterruptWatch()
@@ -224,7 +229,10 @@ def _run(cfg: SweepConfig, d_in: int, tune_path: str, *, restore: bool,
             # the study opens before Ray starts: a storage error costs nothing
             tune_config = None if restore else _tune_config(cfg, d_in, widths)
             with ray_session(address, on_start=out.capture_worker_output):
-                _fit(cfg, tune_path, restore, trainable, tune_config, callbacks, out, watch)
+                if not (restore and confirm_planned(exp)):  # a planned confirm: search done
+                    _fit(cfg, tune_path, restore, trainable, tune_config, callbacks, out, watch)
+                if cfg.confirm is not None and not watch.interrupted:
+                    _confirm(cfg, tune_path, restore, trainable, out, watch)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before Tune's run began
         watch.note_interrupt()
     results = _results_or_empty(exp)
@@ -245,9 +253,55 @@ def _run(cfg: SweepConfig, d_in: int, tune_path: str, *, restore: bool,
     return results
 
 
+def _confirm(cfg: SweepConfig, tune_path: str, restore: bool, trainable: Any, out: Any,
+             watch: Any) -> None:
+    """The confirm stage (:mod:`sweep.confirm`): Tune runs of the planned replicates, with no
+    searcher (the Optuna study never sees them) and no scheduler."""
+    import dataclasses
+
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    from .confirm import ReplicateList, read_plan, run_confirm_stage
+    from .console import ConsoleSettings
+    from .live_view import ConsoleCallback
+    from .results_callback import ResultsCallback
+    from .tune_output import CheckpointRepair
+
+    def run_round(path: str, entries: Optional[list]) -> None:
+        planned = len((read_plan(cfg.experiment_path) or {}).get("replicates") or [])
+        settings = dataclasses.replace(ConsoleSettings.from_sweep(cfg, resumed=entries is None),
+                                       num_samples=len(entries) if entries else planned)
+        callbacks = [CheckpointRepair(), watch,
+                     ResultsCallback(cfg.experiment_path, interrupt=watch),
+                     ConsoleCallback(settings)]
+        tune_config = None if entries is None else tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(ReplicateList([e["config"] for e in entries]),
+                                          max_concurrent=cfg.max_concurrent_trials),
+            num_samples=len(entries), reuse_actors=True)
+        label = None if entries is None else (
+            f"confirm stage of {cfg.experiment_path.name}: {len(entries)} replicate(s), "
+            f"{cfg.max_concurrent_trials} at a time")
+        _fit(cfg, path, entries is None, trainable, tune_config, callbacks, out, watch,
+             label=label)
+
+    def search_configs() -> dict:
+        from ray.tune import ExperimentAnalysis
+
+        analysis = ExperimentAnalysis(tune_path)
+        return {t.trial_id: {k: v for k, v in (t.config or {}).items()
+                             if v is None or isinstance(v, (bool, int, float, str))}
+                for t in analysis.trials}
+
+    run_confirm_stage(cfg, tune_path, resumed=restore, search_configs=search_configs,
+                      run_round=run_round, can_restore=tune.Tuner.can_restore,
+                      interrupted=lambda: bool(watch.interrupted))
+
+
 def _fit(cfg: SweepConfig, tune_path: str, restore: bool, trainable: Any, tune_config: Any,
-         callbacks: list, out: Any, watch: Any) -> None:
-    """Build the Tuner (new, or restored from ``tune_path``) and run it."""
+         callbacks: list, out: Any, watch: Any, *, label: Optional[str] = None) -> None:
+    """Build the Tuner (new, or restored from ``tune_path``) and run it (``label``: what the
+    starting line says instead of the search's trials and objective)."""
     from ray import tune
 
     from .tune_output import TUNE_VERBOSITY
@@ -276,9 +330,14 @@ def _fit(cfg: SweepConfig, tune_path: str, restore: bool, trainable: Any, tune_c
             ),
         )
     hooks = f" on each of {len(cfg.hooks)} hooks ({', '.join(cfg.hooks)})" if cfg.is_suite else ""
-    logger.info("%s sweep %s: %d trials%s, %d at a time, %s",
-                "resuming" if restore else "starting", exp.name, cfg.num_samples, hooks,
-                cfg.max_concurrent_trials, _objective_text(cfg))
+    if label is not None:
+        logger.info("starting the %s", label)
+    elif restore and Path(tune_path).name != Path(_tune_path(cfg)).name:
+        logger.info("resuming the confirm stage of %s (%s)", exp.name, Path(tune_path).name)
+    else:
+        logger.info("%s sweep %s: %d trials%s, %d at a time, %s",
+                    "resuming" if restore else "starting", exp.name, cfg.num_samples, hooks,
+                    cfg.max_concurrent_trials, _objective_text(cfg))
     logger.info("Ray's log: %s", display_path(out.log_path))
     with out.tune_run(), watch.around_fit():
         tuner.fit()

@@ -2,7 +2,10 @@
 
 The SAE comes from the trial's last checkpoint in Tune's storage (the checkpoint layout is the
 trainer's, so ``trainer.load_sae`` opens it). ``trial="best"`` picks the sweep's best trial by
-its objective (constraints applied; the first metric for a Pareto objective).
+its objective (constraints applied; the first metric for a Pareto objective); when the sweep has
+replicates (its confirm stage), the configuration with the best mean over seeds, and of its
+runs the one best on validation (:func:`sweep.replicates.export_choice`; the log line and the
+card say which trial and seed, and why).
 
 The folder is written by ``trainer.export_sae``, the export path ``sae-sweep train``'s
 ``saelens/`` takes too: the same SAELens ``cfg.json`` metadata (``model_name``, ``hook_name``,
@@ -24,6 +27,7 @@ import pandas as pd
 from activation_cache import UserError
 
 from .best import select_best
+from .replicates import export_choice
 from .results import load_results, load_sweep_info
 
 logger = logging.getLogger("sweep.export")
@@ -48,6 +52,9 @@ def export_trial(experiment_dir: str | Path, *, trial: str = "best", out_dir: st
     frame = load_results(experiment_dir)
     info = load_sweep_info(experiment_dir)
     row = _pick(frame, trial, info)
+    chosen = row.pop("_choice", None)  # why this run, when the sweep has replicates
+    if chosen:
+        logger.info("export --trial best: %s", chosen)
     checkpoint = row.get("checkpoint_path")
     if not isinstance(checkpoint, str) or not checkpoint:
         raise ExportError(f"trial {row['trial_id']} has no checkpoint to export "
@@ -55,7 +62,8 @@ def export_trial(experiment_dir: str | Path, *, trial: str = "best", out_dir: st
     sae = load_sae(checkpoint)
     facts = cache_facts(info.get("config", {}).get("cache"))
     export_sae(sae, out, output_format=output_format, facts=facts,
-               card=model_card(row, sae.cfg, info, output_format, facts), flag="--out")
+               card=model_card(row, sae.cfg, info, output_format, facts, chosen=chosen),
+               flag="--out")
     figures = figures_text(split_figures(row)) or "no figures recorded"
     logger.info("exported trial %s in %s format to %s: %s\n  shipped encoder: %s",
                 row["trial_id"], "SAELens" if output_format == "saelens" else "sae-sweep's native",
@@ -73,8 +81,9 @@ def split_figures(row: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def model_card(row: dict[str, Any], sae_cfg: Any, info: dict[str, Any], output_format: str,
-               facts: dict[str, Any] | None = None) -> str:
-    """The README.md of a trial's export (``trainer.model_card`` with the trial's facts)."""
+               facts: dict[str, Any] | None = None, chosen: str | None = None) -> str:
+    """The README.md of a trial's export (``trainer.model_card`` with the trial's facts;
+    ``chosen``: why ``--trial best`` took this run of a sweep with replicates)."""
     from trainer import render_model_card
 
     cfg = info.get("config", {})
@@ -84,7 +93,8 @@ def model_card(row: dict[str, Any], sae_cfg: Any, info: dict[str, Any], output_f
         sae_cfg, facts=facts, output_format=output_format,
         origin=(f"Trial `{row['trial_id']}` of the sae-sweep sweep in "
                 f"`{cfg.get('experiment_dir', '?')}` (objective: {objective.get('mode', '?')} "
-                f"{objective.get('metric', '?')}, on the validation split)."),
+                f"{objective.get('metric', '?')}, on the validation split)."
+                + (f" Chosen over seeds: {chosen}." if chosen else "")),
         budget=(f"token budget: {budget:,} training tokens per trial; this SAE trained on "
                 f"{_count(row.get('tokens_seen'))} tokens in {_fmt(row.get('train_seconds'))} s"
                 if isinstance(budget, int) else
@@ -96,8 +106,16 @@ def model_card(row: dict[str, Any], sae_cfg: Any, info: dict[str, Any], output_f
 
 
 def _pick(frame: pd.DataFrame, trial: str, info: dict[str, Any]) -> dict[str, Any]:
+    choice = None
     if trial == "best":
         objective = info.get("config", {}).get("objective", {})
+        choice = best_export_choice(frame, info)
+        if choice is not None:  # a sweep with replicates: the configuration with the best mean
+            if choice.trial_id is None:
+                raise ExportError(f"{choice.reason}; see `sae-sweep best` for what is there, "
+                                  "and export one by id with --trial TRIAL_ID")
+            trial = choice.trial_id
+    if trial == "best":
         best = select_best(frame, objective=objective, top=1)
         if best.empty:
             constraints = objective.get("constraints") or []
@@ -109,7 +127,29 @@ def _pick(frame: pd.DataFrame, trial: str, info: dict[str, Any]) -> dict[str, An
     match = frame[frame["trial_id"] == trial]
     if match.empty:
         raise ExportError(f"no trial {trial!r}; trials are: {', '.join(frame['trial_id'])}")
-    return {k: _plain(v) for k, v in match.iloc[0].to_dict().items()}
+    row = {k: _plain(v) for k, v in match.iloc[0].to_dict().items()}
+    if choice is not None:
+        row["_choice"] = choice.reason
+    return row
+
+
+def best_export_choice(frame: pd.DataFrame, info: dict[str, Any]) -> Any:
+    """What ``--trial best`` ships when the sweep has replicates (a
+    :class:`~sweep.replicates.ExportChoice`: the configuration with the best mean, its best
+    seed on validation, and why); None without replicates."""
+    from .best import configuration_columns
+    from .sweep_config import ConstraintSpec
+
+    cfg = info.get("config", {})
+    objective = cfg.get("objective", {})
+    metrics = objective.get("metric") or "fvu"
+    modes = objective.get("mode") or "min"
+    metric = metrics if isinstance(metrics, str) else metrics[0]
+    mode = modes if isinstance(modes, str) else modes[0]
+    return export_choice(frame, metric=metric, mode=mode,
+                         constraints=[ConstraintSpec.from_dict(c)
+                                      for c in objective.get("constraints") or []],
+                         params=configuration_columns(frame, list(cfg.get("search_space") or [])))
 
 
 def _param_names(row: dict[str, Any], cfg: dict[str, Any]) -> list[str]:

@@ -232,6 +232,8 @@ def _interrupted_text(record: Optional[dict], old: Optional[dict]) -> str:
     step = (old or {}).get("step")
     text = ("interrupted: the driver stopped before Ray Tune saved this trial"
             + (f" (at step {int(step)})" if step is not None else " (before its first report)"))
+    if (old or {}).get("replicate_of") is not None:  # the confirm stage re-plans it
+        return text + "; the confirm stage runs this replicate again as a new trial"
     if record is None:
         return text + "; it was not re-run"
     if record.get("rerun_as"):

@@ -3,6 +3,7 @@ the exact commands to go on with (``--resume`` first when it was interrupted).""
 
 from __future__ import annotations
 
+import io
 import shlex
 from pathlib import Path
 from typing import Optional
@@ -10,9 +11,11 @@ from typing import Optional
 import pandas as pd
 
 from .best import (TABLE_WIDTH, architecture_lines, architecture_summary, constraints_text,
-                   counts_text, figures, format_selection, marks_for, select_best,
-                   select_trials, summary_metrics, wrap_line)
+                   counts_text, figures, format_selection, marks_for, print_configurations,
+                   select_best, select_trials, summary_metrics, wrap_line)
 from .console import display_path
+from .export import best_export_choice
+from .replicates import has_replicates
 from .results import LOG_FILE, RESULTS_FILE, ResultsNotFoundError, load_results, load_sweep_info
 
 
@@ -38,7 +41,12 @@ def summarize_sweep(experiment_dir: str | Path, *, top: int = 5, interrupted: bo
     if selection.empty:
         lines.append("no trial finished" + (" before the interruption" if interrupted else ""))
     else:
-        lines.append(format_selection(selection, marks=marks_for(stream)))
+        if has_replicates(frame):  # the confirm stage ran: configurations on seed means
+            table = io.StringIO()
+            print_configurations(frame, cfg, top=top, stream=table)
+            lines.append(table.getvalue().rstrip("\n"))
+        else:
+            lines.append(format_selection(selection, marks=marks_for(stream)))
         summaries = architecture_summary(
             frame, objective=objective, default_architecture=(cfg.get("sae") or {}).get(
                 "architecture"))
@@ -48,11 +56,18 @@ def summarize_sweep(experiment_dir: str | Path, *, top: int = 5, interrupted: bo
                       architecture_lines(summaries, selection)]
         best = select_best(frame, objective=objective, top=1)
         shown = summary_metrics(selection.metrics[0], selection.constraints)
+        choice = None
         if cfg.get("hooks"):  # a suite: each hook's winner, not one best across hooks
             from .suite_results import hook_winners, per_hook_lines
 
             lines += per_hook_lines(hook_winners(frame, info), info)
             best = best.iloc[0:0]
+        else:
+            choice = best_export_choice(frame, info)
+        if choice is not None:
+            lines.append(wrap_line(f"what `export --trial best` ships: {choice.reason}"
+                                   if choice.trial_id else f"`export --trial best`: "
+                                   f"{choice.reason}", TABLE_WIDTH))
         elif len(best):
             row = best.iloc[0].to_dict()
             full = frame[frame["trial_id"] == row["trial_id"]].iloc[0].to_dict()

@@ -266,6 +266,29 @@ class ResourcesConfig(StrictConfig):
 
 
 @dataclass
+class ConfirmConfig(StrictConfig):
+    """The confirm stage (:mod:`sweep.confirm`): after the search, re-train the ``top`` best
+    configurations with ``seeds`` new seeds each, so ``best`` can rank on seed means.
+
+    A replicate is the original trial's configuration with another ``training.seed`` (which
+    seeds both the SAE's initial weights and the training-data order); its results row names
+    the trial it replicates (``replicate_of``). Replicates never reach the Optuna study."""
+
+    top: int = 1
+    """How many configurations to confirm: the best completed trials meeting the constraints,
+    ranked on the objective's (first) validation metric; per hook when the table has a
+    ``hook`` column."""
+    seeds: int = 2
+    """New seeds per configuration; with the original trial that makes ``seeds + 1`` runs."""
+
+    def validate(self) -> None:
+        for name in ("top", "seeds"):
+            value = getattr(self, name)
+            self._require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                          name, f"must be an integer >= 1, got {value!r}")
+
+
+@dataclass
 class SweepConfig(StrictConfig):
     """One sweep: the data, the fixed settings, the search space, the objective and the run."""
 
@@ -332,6 +355,10 @@ class SweepConfig(StrictConfig):
     hook_out: Optional[str] = None
     """Transcoders: the hook they reconstruct (stored in the cache too), e.g.
     ``blocks.6.hook_mlp_out``; None: the SAEs reconstruct ``hook``."""
+    confirm: Optional[ConfirmConfig] = None
+    """Seed-aware ranking, e.g. ``{top: 2, seeds: 2}``: after the search, re-train the best
+    configurations with new seeds in the same run (see :class:`ConfirmConfig`); None: no
+    confirm stage."""
 
     def validate(self) -> None:
         for name in ("cache", "experiment_dir"):
@@ -400,6 +427,14 @@ class SweepConfig(StrictConfig):
                       "is empty: give at least one searched field (e.g. d_sae, lr)")
         self._validate_fields()
         self._validate_space()
+        if self.confirm is not None:
+            self._require(isinstance(self.confirm, ConfirmConfig), "confirm",
+                          "must be a mapping such as {top: 2, seeds: 2}")
+            self._require("seed" not in self.search_space, "confirm",
+                          "re-trains configurations with new seeds, so seed cannot be searched "
+                          "too; remove search_space.seed or confirm")
+            self._require(self.confirm.top <= self.num_samples, "confirm.top",
+                          f"must be <= num_samples ({self.num_samples}), got {self.confirm.top}")
 
     # -- field routing ---------------------------------------------------------------------
     def architectures(self) -> list[str]:

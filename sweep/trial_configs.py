@@ -2,7 +2,8 @@
 
 The fixed settings of the sweep are overlaid with the trial's parameters; ``d_in`` (and a
 transcoder's ``d_out``) and the hook fields come from the cache and the sweep's hooks; the token
-budget and the seed from the sweep. :func:`check_space`
+budget and the seed from the sweep (a confirm-stage replicate's ``seed`` parameter overrides it;
+its ``replicate_of`` label is skipped). :func:`check_space`
 builds the configs for the corners of the search space before any trial starts, so a bad
 combination (e.g. a fixed field that the trainer rejects) fails the sweep at once with the
 trainer's own message instead of failing every trial.
@@ -15,6 +16,7 @@ from typing import Any, Mapping, Optional
 
 from activation_cache import ConfigError, parse_block_hook
 
+from .replicates import LABELS
 from .search_space import SearchSpace
 from .sweep_config import SweepConfig, param_target
 
@@ -40,8 +42,8 @@ def build_trial_configs(cfg: SweepConfig, params: Mapping[str, Any], d_in: int,
     training.update(cfg.training)
     training["max_tokens"] = cfg.tokens_per_trial
     for name, value in params.items():
-        if name == "expansion_factor":
-            continue  # the space also returns the derived d_sae
+        if name == "expansion_factor" or name in LABELS:
+            continue  # the space also returns the derived d_sae; labels configure nothing
         (sae if param_target(name) == "sae" else training)[name] = value
     return sae_config_from_dict(sae), TrainingConfig.from_dict(training)
 
