@@ -1,65 +1,118 @@
-"""Does a short end-to-end fine-tune pay? Local-only vs local-then-KL-fine-tune, same budget.
+"""Does the KL fine-tune pay at the published recipe? Local-only vs local-then-KL, same tokens.
 
-On the embedded default (SmolLM2-135M-Instruct on Shakespeare), for each hook: a BatchTopK SAE
-(d_sae, k) trained on ``--tokens`` training tokens
+What is measured (issue 19 item 1). On a cache with compact logits and splice residuals (default
+/work/main/runs/cache-real: SmolLM2-135M on Shakespeare, 128-token windows), at each of
+``--layers`` (``blocks.L.hook_resid_post``), BatchTopK SAEs (``--d-sae``, k ``--k`` fixed, so
+the training L0 is the same for every row) are trained on the same total number of training
+tokens T:
 
-* ``local``: all of them on cached activations (MSE + AuxK);
-* ``ft<f>``: the first ``1 - f`` locally, the last ``f`` as an end-to-end fine-tune (KL through
-  the rest of the model + MSE, ``logit_kl_scale: mse``), the two-phase schedule of
-  trainer/finetune.py; variants change the fine-tune length, its lr and the KL weight.
+* ``local``: all T tokens locally on cached activations (MSE + AuxK, lr ``--lr`` with the
+  default warm-up and decay), in batches of ``--batch`` tokens (several epochs of the split
+  where T asks for it);
+* ``local+kl``: the two-phase schedule (trainer/finetune.py): T - F tokens locally exactly as
+  above, then F tokens of end-to-end fine-tune at the published recipe (Karvonen 2025,
+  adamkarvonen/sae_kl_finetune): ``--ft-steps`` optimizer steps of ``--ft-seqs`` windows each,
+  ``logit_kl_scale: balanced`` (alpha = MSE / KL every step, loss 0.5 x (alpha KL + MSE)),
+  ``finetune_lr`` ``--ft-lr`` (5e-5) decaying linearly to 0 (``finetune_schedule: linear``),
+  gradient clipping at 1.0, Adam's state carried over from the local phase;
+* ``--also`` variants of local+kl at the last of ``--layers``: ``kl-only`` (no reconstruction
+  term: ``reconstruction_loss_weight: 0``, the KL still scaled by alpha), ``lr10x`` (the
+  fine-tune lr x 10), ``mse-once`` (``logit_kl_scale: mse``: the scale fixed on the first
+  fine-tune batch, the earlier default of the demo).
 
-Every SAE is scored the same way, by its shipped (calibrated) encoder on the cache's **test**
-split: ce_loss_delta (CE spliced - CE clean), the fraction of local-only's CE gap it closes,
-kl_div, fvu and its held-out L0, plus the wall time of its training. Wall time including the
-cache: the build rate of each kind of cache (activations only, stopping after the hooked block;
-with the compact logits and splice residual, a full forward) is measured on a small sample in
-the same run and charged per cached token: ``wall`` charges the fine-tune variants a cache with
-logits for all their tokens (what one cache per job needs today); ``wall_2c`` charges only the
-fine-tune's tokens at the logits rate (an activations cache plus a small logits cache: the
-cost floor, which needs a job to read two caches -- not supported yet).
+F is the fine-tune's planned tokens (steps x windows x the split's mean train-mask tokens per
+window), and local-only trains on those tokens too (T is the same). Every SAE is scored by its
+shipped (calibrated) encoder on the cache's **test** split (``--eval-tokens`` tokens of whole
+windows): ce_delta = CE(spliced) - CE(clean); ``gap_closed`` = the fraction of local-only's
+ce_delta the row removes; the KL (clean || spliced, temperature 1, against the compact logits);
+FVU; held-out L0; and the wall time of each phase (local: initialisation and local steps;
+fine-tune: its steps and the threshold calibration), evaluation not included.
 
-    .venv/bin/python bench/finetune.py --cache runs/cache-bench   # cache with logits, 2 hooks
+    flock /work/heavy.lock .venv/bin/python bench/finetune.py --threads 2        # ~30 min
+    .venv/bin/python bench/finetune.py --estimate-only                          # the plan
+    .venv/bin/python bench/finetune.py --quick                                  # smoke test
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import math
 import os
-import tempfile
 import time
+from typing import Any, Optional
 
 import torch
 
-
-def cache_rates(sample_tokens: int, hook: str, model_spec: dict, seq_len: int) -> dict[str, float]:
-    """Tokens/s of a cache build with activations only vs with logits + splice residual, on the
-    cache's own model: real tokens over the build phase's seconds as the manifest records them
-    (``build_seconds``: the model passes and the writes, after the model load and the corpus
-    tokenization, which are the same for both and paid once per cache)."""
-    from activation_cache import CacheConfig, build_cache, open_cache
-
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    rates = {}
-    for name, logits in (("activations", False), ("with_logits", True)):
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg = CacheConfig.from_dict(dict(
-                output=os.path.join(tmp, "c"), model=model_spec, hooks=[hook],
-                max_text_length=seq_len, max_tokens=sample_tokens, store_logits=logits,
-                dtype="float16", val_fraction=0.0, test_fraction=0.0))
-            manifest = open_cache(build_cache(cfg)).manifest
-            tokens = sum(s["num_tokens"] for s in manifest["splits"].values())
-            rates[name] = tokens / max(float(manifest["build_seconds"]), 1e-9)
-    return rates
+DEFAULT_CACHE = "/work/main/runs/cache-real"
+LOCAL_TOKENS_PER_S = 20_000.0
+"""Planning figure: local training tokens/s on 2 cores (BatchTopK 2304, batch 2048)."""
+E2E_TOKENS_PER_S_L6 = 190.0
+"""Planning figure: end-to-end fine-tune tokens/s at layer 6 of SmolLM2-135M on 2 cores (its
+cost is about proportional to the blocks after the splice)."""
 
 
-def run(reader, hook: str, model, args, name: str, **training) -> dict:
-    from trainer import (make_sae_config, TrainingConfig, build_sae, evaluate_split, job_sources,
+EXTRA_VARIANTS = {
+    "kl-only": lambda args: dict(reconstruction_loss_weight=0.0),
+    "lr10x": lambda args: dict(finetune_lr=10 * args.ft_lr),
+    "mse-once": lambda args: dict(logit_kl_scale="mse"),
+}
+"""``--also``: changes to the local+kl fine-tune, run at the last of ``--layers``."""
+
+
+class PhaseClock:
+    """A quiet reporter that notes when the local phase ends (the step ``boundary``) and keeps
+    the trainer's messages."""
+
+    def __init__(self, boundary: Optional[int]):
+        self.boundary, self.started, self.at_boundary, self.messages = boundary, None, None, []
+
+    def on_train_start(self, **kw: Any) -> None:
+        pass
+
+    def on_step(self, step: int) -> None:
+        if step == self.boundary:
+            self.at_boundary = time.perf_counter()
+
+    def on_metrics(self, record: Any, checkpoint_dir: Any) -> None:
+        pass
+
+    def on_message(self, text: str) -> None:
+        self.messages.append(text)
+
+    def on_train_end(self, result: Any) -> None:
+        pass
+
+
+def plan(reader: Any, args: argparse.Namespace) -> dict[str, float]:
+    """Fine-tune tokens F and total tokens T from the split's mean tokens per window."""
+    split = reader.manifest["splits"]["train"]
+    per_window = split["num_tokens"] / split["num_sequences"]
+    ft_tokens = args.ft_steps * args.ft_seqs * per_window
+    total = args.tokens if args.tokens else int(args.local_tokens + ft_tokens)
+    return {"per_window": per_window, "ft_tokens": ft_tokens, "total": total,
+            "fraction": ft_tokens / total}
+
+
+def estimate_seconds(layer: int, n_layers: int, p: dict[str, float], args: argparse.Namespace,
+                     extra: int) -> float:
+    """Planned wall time at one layer (training and scoring), from the planning figures."""
+    downstream = max(n_layers - layer - 1, 1) / (n_layers - 7)
+    e2e_rate = E2E_TOKENS_PER_S_L6 / downstream
+    local = 2 * p["total"] / LOCAL_TOKENS_PER_S  # local-only + the local phase (about)
+    fine_tune = p["ft_tokens"] / e2e_rate * (1 + extra)
+    scoring = (2 + extra) * 2 * args.eval_tokens / (3 * e2e_rate)  # 2 no-grad passes per row
+    return local + fine_tune + scoring
+
+
+def run(reader: Any, model: Any, hook: str, args: argparse.Namespace, p: dict[str, float],
+        name: str, **training: Any) -> dict[str, Any]:
+    from trainer import (TrainingConfig, build_sae, evaluate_split, job_sources, make_sae_config,
                          train_sae)
 
-    base = dict(max_tokens=args.tokens, train_batch_tokens=args.batch, lr=args.lr,
-                log_freq=10**9, checkpoint_every=None, save_best=False, show_progress=False,
-                eval_max_tokens=args.eval_tokens, batch_size=8,
-                use_logit_kl=True, logit_kl_scale="mse", num_epochs=1000)
+    base = dict(max_tokens=int(p["total"]), train_batch_tokens=args.batch, lr=args.lr,
+                num_epochs=1000, log_freq=10**9, checkpoint_every=None, save_best=False,
+                show_progress=False, eval_max_tokens=args.eval_tokens, seed=0)
     base.update(training)
     cfg = TrainingConfig(**base)
     layer = int(hook.split(".")[1])
@@ -67,99 +120,117 @@ def run(reader, hook: str, model, args, name: str, **training) -> dict:
                                     hook_layer=layer, hook_name=hook.split(".", 2)[2],
                                     threshold_warmup_steps=20), seed=0)
     s = job_sources(reader, cfg, hook, model=model)
+    boundary = None
+    if cfg.finetune_fraction > 0:
+        boundary = s.objective.phase_steps(s.train)[0]
+    clock = PhaseClock(boundary)
     start = time.perf_counter()
-    result = train_sae(sae, s.train, cfg, val_source=None, objective=s.objective,
-                       reporter=_quiet())
-    seconds = time.perf_counter() - start
-    # one scorer for all: the end-to-end evaluation of the shipped SAE on the test windows
-    scorer = job_sources(reader, cfg.replace(use_end_to_end=True, finetune_fraction=0.0), hook,
-                         model=model)
-    rec = evaluate_split(result.sae, scorer.test, cfg, split="test", objective=scorer.objective)
-    return {"name": name, "hook": hook, "seconds": seconds, "ce_delta": rec.ce_loss_delta,
-            "kl": rec.kl_div, "fvu": rec.fvu, "l0": rec.l0, "tokens": result.tokens_seen}
-
-
-
-
-def _quiet():
-    """The trainer's console reporter, writing nowhere (the bench prints its own table)."""
-    import io
-
-    from trainer import ConsoleReporter
-
-    return ConsoleReporter(show_progress=False, stream=io.StringIO())
+    result = train_sae(sae, s.train, cfg, val_source=None, objective=s.objective, reporter=clock)
+    end = time.perf_counter()
+    local_s = (clock.at_boundary or end) - start
+    ft_s = end - clock.at_boundary if clock.at_boundary else 0.0
+    # one scorer for every row: the end-to-end evaluation of the shipped SAE on test windows
+    score_cfg = TrainingConfig(use_end_to_end=True, batch_size=8, train_batch_tokens=args.batch,
+                               eval_max_tokens=args.eval_tokens, show_progress=False)
+    scorer = job_sources(reader, score_cfg, hook, model=model)
+    rec = evaluate_split(result.sae, scorer.test, score_cfg, split="test",
+                         objective=scorer.objective)
+    ft_steps = result.steps - boundary if boundary is not None else 0
+    return {"name": name, "hook": hook, "ce_delta": rec.ce_loss_delta, "kl": rec.kl_div,
+            "fvu": rec.fvu, "l0": rec.l0, "local_s": local_s, "ft_s": ft_s,
+            "steps": result.steps, "ft_steps": ft_steps, "tokens": result.tokens_seen,
+            "messages": clock.messages}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cache", required=True, help="a cache with logits and both hooks")
-    ap.add_argument("--hooks", nargs="+",
-                    default=["blocks.6.hook_resid_post", "blocks.20.hook_resid_post"])
-    ap.add_argument("--tokens", type=int, default=200_000)
-    ap.add_argument("--batch", type=int, default=2048)
+    ap.add_argument("--cache", default=DEFAULT_CACHE,
+                    help="a cache with compact logits, splice residuals and the layers' hooks")
+    ap.add_argument("--layers", type=int, nargs="+", default=[6, 20])
+    ap.add_argument("--ft-steps", type=int, default=500, help="fine-tune optimizer steps")
+    ap.add_argument("--ft-seqs", type=int, default=2, help="windows per fine-tune step")
+    ap.add_argument("--ft-lr", type=float, default=5e-5, help="fine-tune peak lr")
+    ap.add_argument("--local-tokens", type=int, default=320_000,
+                    help="tokens of the local phase (T = these + the fine-tune's)")
+    ap.add_argument("--tokens", type=int, default=None,
+                    help="total tokens T instead (overrides --local-tokens)")
+    ap.add_argument("--batch", type=int, default=2048, help="local batch (tokens)")
     ap.add_argument("--d-sae", type=int, default=2304)
     ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=5e-3)
-    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--lr", type=float, default=5e-3, help="local lr")
+    ap.add_argument("--eval-tokens", type=int, default=8192, help="test tokens scored")
+    ap.add_argument("--also", nargs="*", default=[], choices=sorted(EXTRA_VARIANTS),
+                    help="extra variants at the last of --layers: kl-only (no reconstruction "
+                         "term), lr10x (fine-tune lr x 10), mse-once (logit_kl_scale: mse, the "
+                         "scale fixed on the first fine-tune batch)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--cache-sample", type=int, default=2048)
-    ap.add_argument("--variants", default="full", choices=["full", "quick"])
-    ap.add_argument("--only", nargs="+", default=None,
-                    help="run only these variants (local always runs: it is the reference)")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny: 5 fine-tune steps, 8k local tokens, 1k test tokens, layer 20")
+    ap.add_argument("--estimate-only", action="store_true",
+                    help="print the plan and its planned wall time, train nothing")
     args = ap.parse_args()
+    if args.quick:
+        args.ft_steps, args.local_tokens, args.eval_tokens = 5, 8192, 1024
+        args.layers = [20] if args.layers == [6, 20] else args.layers
     torch.set_num_threads(args.threads)
+    os.environ.setdefault("TQDM_DISABLE", "1")
     from activation_cache import open_cache
-    from trainer import load_cache_model
 
     reader = open_cache(args.cache)
+    p = plan(reader, args)
+    n_layers = 30  # SmolLM2-135M; the model says so once loaded
+    hooks = [f"blocks.{layer}.hook_resid_post" for layer in args.layers]
+    missing = [h for h in hooks if h not in reader.hooks]
+    if missing:
+        raise SystemExit(f"the cache {args.cache} has no {', '.join(missing)} "
+                         f"(it has {', '.join(reader.hooks)})")
+    planned = sum(estimate_seconds(layer, n_layers, p, args,
+                                   len(args.also) if i == len(hooks) - 1 else 0)
+                  for i, layer in enumerate(args.layers))
+    print(f"plan: T = {p['total']:,.0f} tokens per SAE; fine-tune {args.ft_steps} steps x "
+          f"{args.ft_seqs} windows (~{p['ft_tokens']:,.0f} tokens, {p['fraction']:.1%} of T) at "
+          f"lr {args.ft_lr:g} linear to 0, balanced KL; local lr {args.lr:g}, batch "
+          f"{args.batch}; BatchTopK d_sae {args.d_sae} k {args.k}; test {args.eval_tokens} "
+          f"tokens; layers {args.layers}; planned wall time ~{planned / 60:.0f} min on "
+          f"{args.threads} threads", flush=True)
+    if args.estimate_only:
+        return
+    from trainer import load_cache_model
+
+    t0 = time.perf_counter()
     model = load_cache_model(reader)
-    all_rates = {}
-    for hook in args.hooks:
-        spec = reader.manifest["config"]["model"]
-        seq_len = int(reader.manifest["config"]["max_text_length"])
-        all_rates[hook] = rates = cache_rates(args.cache_sample, hook, spec, seq_len)
-        print(f"cache build at {hook}: activations only {rates['activations']:.0f} tok/s, with "
-              f"logits + splice residual {rates['with_logits']:.0f} tok/s "
-              f"({args.cache_sample} tokens each, {args.threads} threads)", flush=True)
-    lr = args.lr
-    variants = [("local", {})]
-    ft = dict(use_end_to_end=True)
-    variants.append(("ft5", dict(ft, finetune_fraction=0.05)))
-    if args.variants == "full":
-        variants += [("ft10", dict(ft, finetune_fraction=0.10)),
-                     ("ft5 lr/50", dict(ft, finetune_fraction=0.05, finetune_lr=lr / 50)),
-                     ("ft5 kl x3", dict(ft, finetune_fraction=0.05, logit_kl_weight=3.0)),
-                     ("ft5 exact kl", dict(ft, finetune_fraction=0.05, logit_kl_clean="live")),
-                     ("ft5 exact lr/50", dict(ft, finetune_fraction=0.05, logit_kl_clean="live",
-                                              finetune_lr=lr / 50)),
-                     ("ft5 kl fixed", dict(ft, finetune_fraction=0.05, logit_kl_scale="fixed",
-                                           logit_kl_weight=1.0))]
-    if args.only:
-        variants = [v for v in variants if v[0] == "local" or v[0] in args.only]
-    cached_tokens = args.tokens  # every approach caches its training tokens once
-    print(f"tokens {args.tokens}, batch {args.batch}, d_sae {args.d_sae}, k {args.k}, lr {lr}; "
-          f"scored on the test split ({args.eval_tokens} tokens)")
-    print(f"{'hook':<26} {'variant':<14} {'ce_delta':>9} {'gap_closed':>10} {'kl':>7} "
-          f"{'fvu':>7} {'l0':>6} {'train_s':>8} {'wall_s':>8} {'x_local':>7} {'wall_2c':>8} "
-          f"{'x_local':>7}")
-    for hook in args.hooks:
-        rates = all_rates[hook]
+    print(f"model loaded in {time.perf_counter() - t0:.0f} s", flush=True)
+    ft = dict(use_end_to_end=True, use_logit_kl=True, logit_kl_scale="balanced",
+              logit_kl_weight=1.0, finetune_fraction=p["fraction"], finetune_lr=args.ft_lr,
+              finetune_schedule="linear", finetune_batch_sequences=args.ft_seqs, batch_size=8,
+              max_grad_norm=1.0)
+    header = (f"{'layer':>5} {'variant':<9} {'ce_delta':>9} {'gap_closed':>10} {'kl':>7} "
+              f"{'fvu':>7} {'l0':>6} {'ft_steps':>8} {'local_s':>8} {'ft_s':>7} {'x_local':>7}")
+    rows = []
+    print(header, flush=True)
+    for i, hook in enumerate(hooks):
+        variants = [("local", {}), ("local+kl", ft)]
+        if i == len(hooks) - 1:
+            variants += [(name, dict(ft, **EXTRA_VARIANTS[name](args))) for name in args.also]
         local = None
         for name, training in variants:
-            r = run(reader, hook, model, args, name, **dict(training, logit_kl_weight=training.get(
-                "logit_kl_weight", 1.0)))
-            f = training.get("finetune_fraction", 0.0) if training.get("use_end_to_end") else 0.0
-            rate = rates["with_logits"] if f > 0 else rates["activations"]
-            wall = r["seconds"] + cached_tokens / rate
-            wall2 = (r["seconds"] + (1 - f) * cached_tokens / rates["activations"]
-                     + f * cached_tokens / rates["with_logits"])
-            if local is None:
-                local = dict(r, wall=wall)
+            r = run(reader, model, hook, args, p, name, **training)
+            for m in r.pop("messages"):
+                if m.startswith("warning"):
+                    print(f"  [{name} at {hook}] {m}", flush=True)
+            local = local or r
             gap = (local["ce_delta"] - r["ce_delta"]) / local["ce_delta"]
-            print(f"{hook:<26} {name:<14} {r['ce_delta']:>9.4f} {gap:>10.1%} {r['kl']:>7.4f} "
-                  f"{r['fvu']:>7.4f} {r['l0']:>6.1f} {r['seconds']:>8.1f} {wall:>8.1f} "
-                  f"{wall / local['wall']:>7.2f} {wall2:>8.1f} {wall2 / local['wall']:>7.2f}",
-                  flush=True)
+            wall = r["local_s"] + r["ft_s"]
+            line = (f"{hook.split('.')[1]:>5} {name:<9} {r['ce_delta']:>9.4f} {gap:>10.1%} "
+                    f"{r['kl']:>7.4f} {r['fvu']:>7.4f} {r['l0']:>6.1f} {r['ft_steps']:>8} "
+                    f"{r['local_s']:>8.1f} {r['ft_s']:>7.1f} "
+                    f"{wall / (local['local_s'] + local['ft_s']):>7.1f}")
+            rows.append(line)
+            print(line, flush=True)
+    print()
+    print(header)
+    for line in rows:
+        print(line)
 
 
 if __name__ == "__main__":

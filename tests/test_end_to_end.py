@@ -489,3 +489,48 @@ def test_live_clean_logits_give_the_exact_kl(model, cache_full, cache_exact):
     compact = EndToEndObjective(model, _e2e_config()).step(sae, _batch(cache_full))
     assert float(live.stats["kl"]) == pytest.approx(float(exact.stats["kl"]), rel=1e-4)
     assert float(compact.stats["kl"]) < float(live.stats["kl"])
+
+
+# -- logit_kl_scale: balanced (alpha = R / KL of the whole step, every step) ----------------------
+
+
+def test_balanced_kl_scale_is_measured_on_each_whole_step(model, cache_resid):
+    """Hand-computed reference: on each step, alpha = (MSE / KL) of the whole step as a plain
+    number, loss = 0.5 x (MSE + w alpha KL), and the gradient is autograd's of that loss. The
+    step is cut into 3-sequence micro-batches and 3-sequence activation chunks, so an alpha
+    measured per micro-batch (or per chunk) would not match; the SAE moves between the two
+    steps, so an alpha measured once would not either."""
+    hook = HOOKS[0]
+    sae = build_sae(_standard_sae().cfg.replace(l1_coefficient=0.0), seed=0)
+    obj = EndToEndObjective(model, _e2e_config(logit_kl_scale="balanced", logit_kl_weight=2.0,
+                                               activation_batch_size=3),
+                            micro_batch_sequences=3)
+    alphas = []
+    for split in ("train", "val"):
+        batch = _batch(cache_resid, split)
+        sae.zero_grad()
+        out = obj.step(sae, batch)
+        out.loss.backward()
+        ours = {n: p.grad.clone() for n, p in sae.named_parameters()}
+        sae.zero_grad()
+        rows = batch.acts[hook][batch.train_mask]
+        mse = ((sae(rows)[0] - rows) ** 2).mean()  # the standard SAE's reconstruction term
+        kl = _reference_kl(model, sae, batch, hook)
+        alpha = float(mse.detach()) / float(kl.detach())  # a number: no gradient through it
+        reference = 0.5 * (mse + 2.0 * alpha * kl)
+        reference.backward()
+        assert float(out.stats["kl_alpha"]) == pytest.approx(alpha, rel=1e-4)
+        assert float(out.loss.detach()) == pytest.approx(float(reference), rel=1e-4)
+        assert float(out.loss.detach()) == pytest.approx(1.5 * float(mse), rel=1e-4)
+        for name, p in sae.named_parameters():
+            torch.testing.assert_close(ours[name], p.grad, rtol=1e-3, atol=1e-7)
+        alphas.append(alpha)
+        with torch.no_grad():  # move the SAE so the next step's MSE / KL differs
+            for name, p in sae.named_parameters():
+                p -= 0.5 * ours[name] / ours[name].norm().clamp_min(1e-12)
+    assert abs(alphas[1] - alphas[0]) > 0.02 * alphas[0]
+
+
+def test_balanced_kl_scale_rejects_an_unknown_mode():
+    with pytest.raises(ConfigError, match="logit_kl_scale: must be one of fixed, mse, balanced"):
+        _e2e_config(logit_kl_scale="per_step")

@@ -225,3 +225,61 @@ def test_a_transcoder_fine_tunes_end_to_end(model, mlp_cache, tmp_path, arch):
     a, b = straight.sae.state_dict(), resumed.sae.state_dict()
     assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
     assert straight.final.kl_div == resumed.final.kl_div
+
+
+# -- the published recipe: batch in sequences, linear decay, balanced KL, the short-run warning --
+
+
+def test_finetune_batch_schedule_and_balanced_kl(model, cache):
+    """finetune_batch_sequences sizes the fine-tune's steps; finetune_schedule: linear decays
+    from finetune_lr on its first step to 0 with no warm-up; the balanced scale reports alpha."""
+    cfg = _two_phase_config(finetune_batch_sequences=2, finetune_schedule="linear",
+                            logit_kl_scale="balanced", lr_warmup_steps=None,
+                            lr_warmup_fraction=0.2)
+    s = job_sources(cache, cfg, HOOKS[0], model=model)
+    s1, s2 = s.objective.phase_steps(s.train)
+    seqs = s.train.sequences
+    assert s.objective.e2e.steps_per_epoch(seqs) == math.ceil(seqs.num_sequences / 2)
+    assert s2 == math.ceil(0.25 * 2400 / (seqs.num_tokens / math.ceil(seqs.num_sequences / 2)))
+    sched = s.objective.schedule(1e-2, s1 + s2)
+    assert sched.lr(0) < 1e-2  # the local phase keeps its warm-up
+    assert sched.lr(s1) == pytest.approx(1e-3)  # no warm-up: the peak on the first step
+    for i in range(s2):
+        assert sched.lr(s1 + i) == pytest.approx(1e-3 * (s2 - i) / s2)
+    result = train_sae(_sae(), s.train, cfg, val_source=s.val, objective=s.objective,
+                       reporter=Recorder())
+    assert result.steps == s1 + s2
+    tuned = [r for r in result.history if r.step > s1]
+    assert tuned and tuned[-1].loss_terms["kl_alpha"] > 0
+    assert s.objective.e2e.kl_scale is None  # nothing fixed once
+
+
+def test_a_short_finetune_is_warned_about(model, cache):
+    cfg = _two_phase_config()
+    s = job_sources(cache, cfg, HOOKS[0], model=model)
+    rec = Recorder()
+    train_sae(_sae(), s.train, cfg, val_source=s.val, objective=s.objective, reporter=rec)
+    _, s2 = s.objective.phase_steps(s.train)
+    warned = [m for m in rec.messages if "too short to move the CE loss" in m]
+    assert warned == [f"warning: a fine-tune of {s2} steps is too short to move the CE loss; "
+                      "the published recipe uses thousands"]
+    obj = TwoPhaseObjective(model, cfg)
+    obj._plan = (10, 199)
+    assert len(obj.warnings(s.train)) == 1
+    obj._plan = (10, 200)
+    assert obj.warnings(s.train) == []
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(finetune_batch_sequences=0), "finetune_batch_sequences: must be an integer >= 1"),
+    (dict(finetune_schedule="cosine"), "finetune_schedule: must be one of phase, linear"),
+    (dict(finetune_fraction=0.0, finetune_lr=1e-4), "finetune_lr: only applies to a fine-tune"),
+    (dict(finetune_fraction=0.0, finetune_lr=None, finetune_batch_sequences=2),
+     "finetune_batch_sequences: only applies to a fine-tune"),
+    (dict(finetune_fraction=0.0, finetune_lr=None, finetune_schedule="linear"),
+     "finetune_schedule: only applies to a fine-tune"),
+])
+def test_finetune_fields_are_validated(fields, message):
+    from activation_cache import ConfigError
+    with pytest.raises(ConfigError, match=message):
+        _two_phase_config(**fields)

@@ -40,6 +40,17 @@ reconstruction MSE and the KL measured (without grad) on the first batch this ob
 on, and then kept (it is part of the objective's checkpointed state), so ``logit_kl_weight`` is
 relative to the MSE and carries over between models, layers and SAE widths.
 
+**Balanced** (``logit_kl_scale: balanced``, the recipe of Karvonen 2025): the scale is measured
+again on every step, ``α = (R / KL).detach()``, with R the SAE's reconstruction term
+(unweighted, as in its training forward) and KL the training KL, **both over the whole step**:
+every train-mask token of the batch, all activation chunks and all live micro-batches together
+(not per micro-batch: the micro-batches only bound memory, so the step's loss and gradient do
+not depend on how it is cut). Since the KL is known only after the last micro-batch, the KL
+gradient is accumulated at weight 1 and scaled by α afterwards (the loss is linear in it). The
+step's loss is ``0.5 × (SAE's own terms + logit_kl_weight × α × KL + block-MSE term)``: with
+weight 1 the KL and the reconstruction count equally in value on every step, and α carries no
+gradient (it is a measured constant of the step). The step reports α as ``kl_alpha``.
+
 Norm outliers (``TrainingConfig.outlier_policy``, cap from the initialisation tokens' input
 norms as in ``LocalObjective``): ``drop`` leaves those tokens out of the splice (they keep clean
 values) and out of every loss; ``clip`` clips the SAE's input, while its output still replaces
@@ -268,7 +279,11 @@ class EndToEndObjective(Objective):
         if self.config.use_logit_kl:
             clean = ("cached compact clean logits" if source.has_logits
                      else "a clean pass per batch (the cache stores no logits)")
-            parts.append(f"KL(clean || spliced) x {self.config.logit_kl_weight} from {clean}")
+            scale = {"fixed": "", "mse": " (relative to the first batch's MSE)",
+                     "balanced": " (balanced against the MSE every step)"}[
+                self.config.logit_kl_scale]
+            parts.append(f"KL(clean || spliced) x {self.config.logit_kl_weight}{scale} from "
+                         f"{clean}")
         layers = self.block_layers(site)
         if layers:
             parts.append(f"block-MSE x {self.config.block_mse_weight} at layers {layers}")
@@ -361,6 +376,7 @@ class EndToEndObjective(Objective):
         x_hats: list[Tensor] = []
         fired: Optional[Tensor] = None
         running: dict[str, Tensor] = {}
+        recon = torch.zeros((), device=rows.device)  # the step's reconstruction term R
         start = 0
         for a in range(0, len(per_seq), cfg.activation_batch_size):
             n = int(sum(per_seq[a:a + cfg.activation_batch_size]))
@@ -376,18 +392,37 @@ class EndToEndObjective(Objective):
             x_hats.append(out.output)
             fired = out.fired if fired is None else fired | out.fired
             running = sae.merge_running(running, out.running)
+            recon = recon + out.reconstruction_loss * (n / n_tok)
         x_hat_raw = sae.unscale_output(torch.cat(x_hats).float())
         if (cfg.logit_kl_scale == "mse" and cfg.use_logit_kl and self.kl_scale is None):
             self._measure_kl_scale(sae, batch, y, mask, x_hat_raw, stats, n_tok)
 
         # 2-3. splice and end-to-end terms at the output hook, micro-batch by micro-batch
         patch = torch.zeros_like(y).masked_scatter(mask[..., None], x_hat_raw.to(y.dtype))
-        e2e_value, grad, e2e_stats = self._live_losses(sae, batch, patch.detach(), mask, n_tok)
+        balanced = cfg.use_logit_kl and cfg.logit_kl_scale == "balanced"
+        if not balanced:
+            e2e_value, grad, e2e_stats = self._live_losses(sae, batch, patch.detach(), mask,
+                                                           n_tok)
+            stats.update(e2e_stats)
+            loss = loss + e2e_value
+            if grad is not None:
+                loss = loss + ((patch - patch.detach()) * grad).sum()
+            return StepOutput(loss, stats, fired, running)
+        # balanced: the KL's gradient at weight 1, then α from the whole step's R and KL
+        kl_grad, block_value, block_grad, e2e_stats = self._live_losses(
+            sae, batch, patch.detach(), mask, n_tok, split_kl=True)
         stats.update(e2e_stats)
-        loss = loss + e2e_value
+        kl = e2e_stats["kl"]
+        alpha = (recon / kl.clamp_min(1e-12)).detach()
+        stats["kl_alpha"] = alpha
+        kl_weight = cfg.logit_kl_weight * alpha
+        loss = loss + kl_weight * kl + block_value
+        grad = kl_weight * kl_grad if kl_grad is not None else None
+        if block_grad is not None:
+            grad = block_grad if grad is None else grad + block_grad
         if grad is not None:
             loss = loss + ((patch - patch.detach()) * grad).sum()
-        return StepOutput(loss, stats, fired, running)
+        return StepOutput(0.5 * loss, stats, fired, running)
 
     def _measure_kl_scale(self, sae: SAE, batch: Any, x: Tensor, mask: Tensor,
                           x_hat_raw: Tensor, stats: dict[str, Any], n_tok: int) -> None:
@@ -399,9 +434,13 @@ class EndToEndObjective(Objective):
         mse0, kl0 = float(stats["mse"]), float(live.get("kl", 0.0))
         self.kl_scale = mse0 / kl0 if kl0 > 1e-12 and mse0 > 0 else 1.0
 
-    def _live_losses(self, sae: SAE, batch: Any, patch: Tensor, mask: Tensor, n_tok: int
-                     ) -> tuple[Tensor, Optional[Tensor], dict[str, Any]]:
-        """E2E loss value, its gradient w.r.t. ``patch`` (None without grad) and stats."""
+    def _live_losses(self, sae: SAE, batch: Any, patch: Tensor, mask: Tensor, n_tok: int,
+                     *, split_kl: bool = False) -> Any:
+        """E2E loss value, its gradient w.r.t. ``patch`` (None without grad) and stats.
+
+        ``split_kl`` (``logit_kl_scale: balanced``): the KL and the block-MSE apart, as
+        ``(KL gradient at weight 1, block-MSE value, block-MSE gradient, stats)``, so the
+        caller can weight the KL by a scale known only after the last micro-batch."""
         cfg = self.config
         site = self.site(sae)
         layers = self.block_layers(site)
@@ -412,6 +451,9 @@ class EndToEndObjective(Objective):
         leaf = patch.requires_grad_(torch.is_grad_enabled())
         kl_sum = torch.zeros((), device=patch.device)
         block_sum = torch.zeros((), device=patch.device)
+        kl_grad: Optional[Tensor] = None
+        block_grad: Optional[Tensor] = None
+        kl_factor = 1.0 if split_kl else self.kl_factor
         mb = self._micro(batch)
         for a in range(0, patch.shape[0], mb):
             sl = slice(a, a + mb)
@@ -436,21 +478,34 @@ class EndToEndObjective(Objective):
                                     compact=None if compact is None else CompactClean(
                                         compact.topk_logprobs[m], compact.topk_indices[m]),
                                     temperature=self.kl_temperature).sum()
-                part = part + self.kl_factor * kl / n_tok
+                part = part + kl_factor * kl / n_tok
                 kl_sum = kl_sum + kl.detach()
+            block_part = torch.zeros((), device=patch.device)
             for layer in layers:
                 diff = (out.resid_post[layer] - clean.resid_post[layer])[m] * scale
                 sq = diff.pow(2).mean(-1).sum()
-                part = part + cfg.block_mse_weight * sq / n_tok
+                block_part = block_part + cfg.block_mse_weight * sq / n_tok
                 block_sum = block_sum + sq.detach()
-            if leaf.requires_grad:
-                part.backward()
-        value = (self.kl_factor * kl_sum + cfg.block_mse_weight * block_sum) / n_tok
+            if not leaf.requires_grad:
+                continue
+            if not split_kl:
+                (part + block_part).backward()
+                continue
+            if use_kl:
+                g = torch.autograd.grad(part, leaf, retain_graph=bool(layers))[0]
+                kl_grad = g if kl_grad is None else kl_grad + g
+            if layers:
+                g = torch.autograd.grad(block_part, leaf)[0]
+                block_grad = g if block_grad is None else block_grad + g
+        block_value = cfg.block_mse_weight * block_sum / n_tok
         stats: dict[str, Any] = {}
         if use_kl:
             stats["kl"] = kl_sum / n_tok
         if layers:
             stats["block_mse"] = block_sum / n_tok
+        if split_kl:
+            return kl_grad, block_value, block_grad, stats
+        value = kl_factor * kl_sum / n_tok + block_value
         grad = leaf.grad if leaf.requires_grad else None
         return value, grad, stats
 

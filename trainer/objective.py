@@ -9,8 +9,8 @@ projection/renormalisation, dead tracking, validation cadence, checkpoints and r
   no host syncs for logging); ``fired`` is a bool [d_sae] mask of latents active in the batch.
 * ``evaluate(sae, val_source, max_tokens) -> dict`` -- required; its keys are MetricsRecord
   fields and are merged into the record.
-* ``iter_batches``, ``steps_per_epoch``, ``batch_tokens``, ``tokens_per_step``, ``initialize``,
-  ``finalize``, ``state_dict`` / ``load_state_dict`` -- optional hooks with token-batch
+* ``iter_batches``, ``steps_per_epoch``, ``batch_tokens``, ``tokens_per_step``, ``warnings``,
+  ``initialize``, ``finalize``, ``state_dict`` / ``load_state_dict`` -- optional hooks with token-batch
   defaults here.
 
 ``LocalObjective`` is the default: ``reconstruction_loss_weight`` x the architecture's
@@ -98,6 +98,11 @@ class Objective(ABC):
     def schedule(self, base_lr: float, total_steps: int) -> Any:
         """The learning-rate schedule of the run (an object with ``lr(step)``)."""
         return Schedule(self.config, base_lr, total_steps)
+
+    def warnings(self, source: Any) -> list[str]:
+        """One-line warnings about the planned run (e.g. a fine-tune too short to matter); the
+        loop reports each through the reporter before the first step."""
+        return []
 
     def initialize(self, sae: SAE, source: Any, *, init_weights: bool = True) -> None:
         """Called once at the start of a fresh (not resumed) run, before the first step.

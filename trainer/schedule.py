@@ -1,4 +1,5 @@
-"""Learning-rate schedules: one phase (warm-up, constant, decay), or several back to back.
+"""Learning-rate schedules: one phase (warm-up, constant, decay), a plain linear decay, or
+several back to back.
 
 A schedule maps the 0-based step index to a learning rate; the training loop asks it before
 every step (``Objective.schedule`` chooses it, so a two-phase objective can give each phase its
@@ -32,10 +33,26 @@ class Schedule:
         return self.base
 
 
+class LinearDecay:
+    """No warm-up, linear decay from ``base_lr`` on the first step to 0 after the last
+    (``finetune_schedule: linear``, the published fine-tune recipe): step ``i`` of ``total``
+    runs at ``base_lr x (total - i) / total``."""
+
+    def __init__(self, base_lr: float, total_steps: int):
+        self.base = base_lr
+        self.total = total_steps
+
+    def lr(self, step: int) -> float:
+        """Learning rate of the step with 0-based index ``step``."""
+        if self.total <= 0:
+            return self.base
+        return self.base * max(self.total - step, 0) / self.total
+
+
 class PhasedSchedule:
     """Schedules run one after the other: ``phases[i]`` covers its own ``total`` steps."""
 
-    def __init__(self, phases: Sequence[Schedule]):
+    def __init__(self, phases: Sequence[Any]):
         self.phases = list(phases)
         self.total = sum(p.total for p in self.phases)
 

@@ -202,6 +202,8 @@ def train_sae(sae: SAE, train_source: Any, config: TrainingConfig, *, val_source
         reporter.on_train_end(result)
         return result
 
+    for warning in objective.warnings(train_source):
+        reporter.on_message(warning)
     loop = _Loop(sae, train_source, val_source, config, objective, optimizer, reporter, out,
                  state, history, total_steps, evaluators)
     sae.train()

@@ -23,6 +23,8 @@ from .evaluators import check_evaluator_names, objective_metric_names
 
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 OUTLIER_POLICIES = ("drop", "clip", "none")
+LOGIT_KL_SCALES = ("fixed", "mse", "balanced")
+FINETUNE_SCHEDULES = ("phase", "linear")
 # fields that may change between a checkpoint and its resumption without changing the math
 RESUME_SAFE_FIELDS = frozenset({
     "log_freq", "checkpoint_every", "keep_checkpoints", "save_best", "eval_max_tokens",
@@ -108,10 +110,13 @@ class TrainingConfig(StrictConfig):
     ``live`` (a clean pass from the splice point per batch: the exact KL over the whole
     vocabulary, for one more forward without grad). Evaluation always uses what the cache has."""
     logit_kl_scale: str = "fixed"
-    """How ``logit_kl_weight`` is read: ``fixed`` (the KL term is weight x KL) or ``mse`` (the
+    """How ``logit_kl_weight`` is read: ``fixed`` (the KL term is weight x KL); ``mse`` (the
     weight is relative to the reconstruction MSE when the end-to-end phase starts: the term is
     weight x (MSE_0 / KL_0) x KL, with both measured on its first batch, so weight 1 makes KL
-    count as much as the MSE there and a weight carries over between models and layers)."""
+    count as much as the MSE there and a weight carries over between models and layers); or
+    ``balanced`` (Karvonen 2025's per-step balance: on every step alpha = (R / KL).detach()
+    from that whole step's reconstruction term R and KL, and the loss is 0.5 x (the SAE's own
+    terms + weight x alpha x KL + block-MSE); see trainer/end_to_end.py)."""
     # -- two-phase schedule (local, then an end-to-end fine-tune) --------------------------------
     finetune_fraction: float = 0.0
     """With ``use_end_to_end``: the last fraction of the token budget (``max_tokens``) is an
@@ -120,7 +125,16 @@ class TrainingConfig(StrictConfig):
     (end-to-end throughout). Each phase has its own warm-up and decay; Adam's moments, the dead
     counters and the threshold EMA carry over (trainer/finetune.py)."""
     finetune_lr: Optional[float] = None
-    """Peak learning rate of the fine-tune phase (None: ``lr`` / 10)."""
+    """Peak learning rate of the fine-tune phase (None: ``lr`` / 10). The published recipe
+    fine-tunes at 5e-5 (Adam, clipped at ``max_grad_norm`` 1.0)."""
+    finetune_batch_sequences: Optional[int] = None
+    """Windows (sequences of the cache's ``max_text_length`` tokens) per optimizer step of the
+    fine-tune phase (None: ``batch_size``). The published recipe uses 2-8 sequences per step,
+    so that a fine-tune of a few percent of the tokens is still thousands of steps."""
+    finetune_schedule: str = "phase"
+    """Learning-rate schedule of the fine-tune phase: ``phase`` (like the local phase: warm-up,
+    constant, linear decay over the last ``lr_decay_fraction``) or ``linear`` (the published
+    recipe: no warm-up, linear decay from ``finetune_lr`` to 0 over the whole fine-tune)."""
     init_from: Optional[str] = None
     """Start from the SAE saved in this folder (``final/``, ``best/``, a checkpoint, a native
     export) instead of a fresh one: its weights, input scale, threshold and dead counters are
@@ -204,8 +218,23 @@ class TrainingConfig(StrictConfig):
                       f"must be null or 'bf16', got {self.autocast!r}")
         self._require(self.logit_kl_clean in ("cached", "live"), "logit_kl_clean",
                       f"must be 'cached' or 'live', got {self.logit_kl_clean!r}")
-        self._require(self.logit_kl_scale in ("fixed", "mse"), "logit_kl_scale",
-                      f"must be 'fixed' or 'mse', got {self.logit_kl_scale!r}")
+        self._require(self.logit_kl_scale in LOGIT_KL_SCALES, "logit_kl_scale",
+                      f"must be one of {', '.join(LOGIT_KL_SCALES)}, got "
+                      f"{self.logit_kl_scale!r}")
+        self._require(self.finetune_schedule in FINETUNE_SCHEDULES, "finetune_schedule",
+                      f"must be one of {', '.join(FINETUNE_SCHEDULES)}, got "
+                      f"{self.finetune_schedule!r}")
+        if self.finetune_batch_sequences is not None:
+            self._require(_is_int(self.finetune_batch_sequences)
+                          and self.finetune_batch_sequences >= 1, "finetune_batch_sequences",
+                          f"must be an integer >= 1 or null, got "
+                          f"{self.finetune_batch_sequences!r}")
+        if self.finetune_fraction == 0:
+            for name, default in (("finetune_lr", None), ("finetune_batch_sequences", None),
+                                  ("finetune_schedule", "phase")):
+                self._require(getattr(self, name) == default, name,
+                              "only applies to a fine-tune phase, and finetune_fraction is 0 "
+                              "(set finetune_fraction, e.g. 0.05, or remove this field)")
         self._require(isinstance(self.finetune_fraction, (int, float))
                       and 0 <= self.finetune_fraction < 1, "finetune_fraction",
                       f"must be in [0, 1), got {self.finetune_fraction!r}")
