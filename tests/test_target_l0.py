@@ -235,3 +235,22 @@ def test_target_l0_resumes_bit_exactly(arch, tmp_path):
     loaded = load_sae(tmp_path / "a" / "final")
     assert loaded.sparsity_coefficients()[COEFFICIENT[arch]] == pytest.approx(
         float(a["sparsity_coefficient"]))
+
+
+@pytest.mark.parametrize("offset", [2.0, 0.0], ids=["resid_post-like", "mlp_out-like"])
+def test_jumprelu_l0_moves_with_its_coefficient_at_any_hook_scale(offset):
+    """A residual stream's norm is mostly its mean (b_dec removes it: small pre-activations);
+    an MLP output's is not (large ones). The data-set initial thresholds make the L0 follow the
+    coefficient on both (with a fixed 0.01 start it did not on hook_mlp_out)."""
+    g = torch.Generator().manual_seed(7)
+    x = sparse_data(4096, scale=40.0) + (offset - 2.0) * 40.0
+    x = x + 4.0 * torch.randn(x.shape, generator=g)
+    l0s = []
+    for coefficient in (1e-3, 3e-2, 1.0):
+        cfg = make_sae_config(d_in=D_IN, d_sae=D_SAE, architecture="jumprelu",
+                              l0_coefficient=coefficient)
+        result = train_sae(build_sae(cfg, seed=0), TensorSource(x), quiet(num_epochs=3),
+                           val_source=TensorSource(x[:2048]), reporter=Quiet())
+        l0s.append(result.final.l0)
+    assert l0s[0] > l0s[1] > l0s[2], l0s
+    assert l0s[0] > 1.5 * l0s[2], l0s
