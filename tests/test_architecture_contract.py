@@ -51,6 +51,8 @@ def tiny_options(arch: str) -> dict:
     out = {"top_k": 4} if "top_k" in fields else {}
     if "threshold_warmup_steps" in fields:  # the short runs here need an early threshold EMA
         out.update(threshold_warmup_steps=4, calibration_tokens=512)
+    if "jumprelu_init_l0" in fields:  # start dense on the tiny task (3-sparse codes, 64 wide)
+        out["jumprelu_init_l0"] = D_SAE / 2
     return out
 
 
