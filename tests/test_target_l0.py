@@ -189,10 +189,7 @@ def test_jumprelu_initial_thresholds_give_the_initial_l0_on_the_initialisation_t
 # -- training -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["standard", pytest.param("jumprelu", marks=pytest.mark.xfail(
-    strict=True, reason="issue 19: JumpReLU's L0 falls below the target with the coefficient "
-    "driven to ~0 -- the MSE shrinks the encoder's pre-activations early and the L0 penalty "
-    "can only raise thresholds; not fixed yet"))])
+@pytest.mark.parametrize("arch", TARGETED)
 def test_target_l0_is_reached_within_15_percent(arch):
     target = 6.0
     # the starting coefficients are far off the target in both directions

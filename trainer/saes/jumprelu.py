@@ -28,7 +28,9 @@ trained with straight-through estimators and an L0 penalty (``jumprelu``).
   of them: training starts at L0 ``init_l0`` (``jumprelu_init_l0``; unset: ``target_l0``, else
   ``d_sae / 8``) with no latent dead, and the coefficient moves it from there on any hook.
 * ``target_l0`` (saes/target_l0.py): the L0 coefficient starts at ``l0_coefficient`` and adapts
-  every step so that the training L0 reaches the target.
+  every step so that the training L0 reaches the target; below the target the thresholds
+  themselves are lowered (:meth:`update_running_statistics`), since the penalty can only raise
+  them.
 * Nothing to calibrate: the threshold is learned. SAELens export: ``jumprelu`` with the
   thresholds.
 """
@@ -44,7 +46,7 @@ from torch import Tensor, nn
 
 from .registration import register
 from ..architecture_options import ArchitectureOptions
-from .base import SAE, SAELensFormat, TrainStepOutput
+from .base import SAE, SAELensFormat, TrainingProgress, TrainStepOutput
 from .target_l0 import TargetL0, TargetL0Options
 
 
@@ -187,6 +189,28 @@ class JumpReLUSAE(TargetL0, SAE):
         # the (above+1)-th largest value: `above` tokens are strictly greater (ties aside)
         kth = pre.topk(min(above + 1, n), dim=0).values[-1] if above < n else pre.min(0).values - 1
         return kth.clamp_min(MIN_THRESHOLD)
+
+    @torch.no_grad()
+    def update_running_statistics(self, running: dict[str, Tensor],
+                                  progress: TrainingProgress) -> None:
+        """``target_l0``: the coefficient's rule (saes/target_l0.py), then -- only while the
+        step's L0 is **below** the target -- every threshold scaled by
+        ``exp(rate * clip(ln(L0 / target), -1, 0))``. The L0 penalty can only raise thresholds,
+        and early in training the reconstruction loss shrinks the pre-activations (measured on
+        ``blocks.6.hook_mlp_out``: L0 72 -> 13 in 14 steps with the coefficient at 0 and the
+        thresholds barely moved), so below the target only moving the thresholds themselves
+        brings the L0 back; above it the penalty does the work."""
+        super().update_running_statistics(running, progress)
+        if not self.targets_l0 or "l0_tokens" not in running:
+            return
+        tokens = float(running["l0_tokens"])
+        if tokens <= 0:
+            return
+        options = self.cfg.options
+        l0 = max(float(running["l0_sum"]) / tokens, 1e-30)
+        step = max(min(math.log(l0 / float(options.target_l0)), 0.0), -1.0)
+        if step < 0:
+            self.threshold.mul_(math.exp(float(options.target_l0_rate) * step))
 
     def theta(self) -> Tensor:
         """The thresholds in use [d_sae] (fp32): the parameter, clamped to >= 1e-6."""
