@@ -208,3 +208,20 @@ def test_evaluator_refuses_a_cache_without_probes(tmp_path):
     with pytest.raises(EvaluatorDataError, match="probes:"):
         ProbingEvaluator().prepare(EvaluationData(config=None, reader=open_cache(uri),
                                                   hook=cfg.hooks[0]))
+
+
+def test_evaluator_scores_the_held_out_part_not_the_train_part():
+    """Hand-set probe parts: latent 3 separates the train part exactly, while the val and test
+    labels are unrelated to it -- a probe scored on its own train part would read 1.0."""
+    z, y = codes(300, 12)
+    g = torch.Generator().manual_seed(5)
+    ev = ProbingEvaluator()
+    ev.sets = {"s": {"train": (z[:200], y[:200]),
+                     "val": (z[200:250], y[200:250][torch.randperm(50, generator=g)]),
+                     "test": (z[250:], y[250:])}}
+    ev.raw = {"s": {"val": 1.0, "test": 1.0}}
+    sae = _IdentitySAE(torch.eye(12))
+    ctx = lambda split: EvaluationContext(split=split, source=None, max_tokens=None, final=True,
+                                          data=None)
+    assert ev.evaluate(sae, ctx("test"))["probe_accuracy_k1"] == 1.0
+    assert ev.evaluate(sae, ctx("val"))["probe_accuracy_k1"] < 0.8
