@@ -225,3 +225,31 @@ def test_evaluator_scores_the_held_out_part_not_the_train_part():
                                           data=None)
     assert ev.evaluate(sae, ctx("test"))["probe_accuracy_k1"] == 1.0
     assert ev.evaluate(sae, ctx("val"))["probe_accuracy_k1"] < 0.8
+
+
+def test_probing_in_a_job_final_val_record_and_reported_test(tmp_path):
+    from trainer import (TrainingConfig, build_sae, evaluate_split, job_sources,
+                         make_sae_config, train_sae)
+
+    spec = ProbesSpec.from_dict({"max_text_tokens": 16,
+                                 "files": [{"path": str(probe_file(tmp_path, 80))}]})
+    from _cache_helpers import random_windows, tiny_windows
+    windows = dict(tiny_windows(), test=random_windows(6, seed=3, first_doc=200))
+    uri, cfg, _ = build_tiny(tmp_path / "cache", windows=windows, probes=spec)
+    reader = open_cache(uri)
+    hook = cfg.hooks[0]
+    tcfg = TrainingConfig(num_epochs=1, train_batch_tokens=64, log_freq=5, lr=1e-3,
+                          show_progress=False, checkpoint_every=None, evaluators=("probing",))
+    s = job_sources(reader, tcfg, hook)
+    assert s.evaluators.names == ("reconstruction", "probing")
+    d = reader.d_in(hook)
+    sae = build_sae(make_sae_config(d_in=d, d_sae=4 * d, architecture="topk", top_k=4,
+                                    hook_spec=hook), seed=0)
+    result = train_sae(sae, s.train, tcfg, val_source=s.val, evaluators=s.evaluators)
+    assert result.final.eval_split == "val"
+    assert 0 <= result.final.get("probe_accuracy_k5") <= 1
+    intermediate = [r for r in result.history if r is not result.final]
+    assert all(r.get("probe_accuracy_k5") is None for r in intermediate)  # final only
+    test = evaluate_split(result.sae, s.test, tcfg, split="test", evaluators=s.evaluators)
+    assert 0 <= test.get("probe_accuracy_k20") <= 1
+    assert "evaluator_seconds/probing" in test.scalars()
