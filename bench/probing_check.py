@@ -69,7 +69,7 @@ def main() -> int:
 
     zt, ze = encode(xt), encode(xe)
     ours = sparse_probe_accuracies(zt, yt, ze, ye)
-    ours_raw = probe_accuracy(xt.double().numpy(), yt.numpy(), xe.double().numpy(), ye.numpy())
+    ours_raw = probe_accuracy(xt.numpy(), yt.numpy(), xe.numpy(), ye.numpy())
     order = get_sorted_indices(zt, yt, mean_act_normalization)
     theirs = {}
     for k in KS:

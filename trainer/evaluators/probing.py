@@ -183,8 +183,8 @@ class ProbingEvaluator(Evaluator):
                     f"activations of the SAE's hook {hook!r} (it has {', '.join(ps.acts)})")
             self.sets[name] = {p: ps.part(p, hook) for p in ("train", "val", "test")}
             (xt, yt) = self.sets[name]["train"]
-            model = fit_probe(xt.double().numpy(), yt.numpy())
-            self.raw[name] = {p: float((model.predict(self.sets[name][p][0].double().numpy())
+            model = fit_probe(xt.numpy(), yt.numpy())
+            self.raw[name] = {p: float((model.predict(self.sets[name][p][0].numpy())
                                         == self.sets[name][p][1].numpy()).mean())
                               for p in ("val", "test")}
 
