@@ -41,7 +41,6 @@ def test_the_informative_latent_ranks_first_whatever_its_sign():
     # per unit of its own scale it is small
     raw_diff = (z[y == 1].mean(0) - z[y == 0].mean(0)).abs()
     assert raw_diff.argmax().item() == 5
-    assert order[1].item() == 5 or order.tolist().index(5) > 0
 
 
 def test_mean_abs_normalise_hand_case():
