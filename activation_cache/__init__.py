@@ -18,6 +18,10 @@ Public API (everything else in this package is internal):
                                            -- a synthetic cache: activations from known sparse
                                               features (`synthetic:`), its truth
                                               (CacheReader.ground_truth())
+    ProbesSpec, ProbeFileSpec, ProbeSet, ProbeError, DEFAULT_PROBE_DATASETS
+                                           -- probe sets (`probes:`): labelled texts whose
+                                              last-token activations the cache stores
+                                              (CacheReader.probe_sets(), probe_set(name))
     open_cache, CacheReader, SequenceBatch, CacheTokenSource, TokenBatch
                                            -- read it: shuffled token batches (input, target),
                                               whole windows
@@ -37,6 +41,7 @@ from .hook_names import (BlockHook, HookNameError, block_hook_name, check_hook_n
                          expand_hook_pattern, parse_block_hook, resolve_hook)
 from .windowed import WindowedTextDataset, WindowError, train_mask_for
 from .cache_config import CacheConfig
+from .probes import DEFAULT_PROBE_DATASETS, ProbeError, ProbeFileSpec, ProbeSet, ProbesSpec
 from .synthetic import GroundTruth, HierarchySpec, SyntheticSpec
 from .cache_errors import (CacheError, CacheExistsError, CacheInputError, CacheMismatchError,
                            CorruptCacheError)
@@ -56,3 +61,4 @@ __all__ += ["SyntheticSpec", "HierarchySpec", "GroundTruth"]
 __all__ += ["CacheConfig", "build_cache", "open_cache", "CacheReader", "SequenceBatch",
             "CacheTokenSource", "TokenBatch", "compact_logprobs", "compact_kl", "CacheError",
             "CacheExistsError", "CorruptCacheError", "CacheMismatchError", "CacheInputError"]
+__all__ += ["ProbesSpec", "ProbeFileSpec", "ProbeSet", "ProbeError", "DEFAULT_PROBE_DATASETS"]

@@ -56,6 +56,8 @@ from .manifest import (FORMAT, MANIFEST, SPLITS, VERSION, WINDOW_ORDER, canonica
                        config_digest, describe_window_order, read_manifest, write_manifest)
 from .model_loading import config_hook_names, load_model
 from .model_spec import model_identity
+from .probe_writer import PROBE_FOLDER, build_probe_sets
+from .probes import ProbeError, load_probe_texts
 from .progress import progress_bar
 from .shard_writer import (TORCH_DTYPES, Layout, ShardWriter, SyntheticShardWriter, Unit,
                            Windows, make_layout)
@@ -115,15 +117,27 @@ def build_cache(cfg: CacheConfig, *, overwrite: bool = False, num_workers: int =
         return build_synthetic(cfg, storage=storage, overwrite=overwrite)
     # what can be checked without the model is checked before it loads (seconds, not minutes)
     documents = load_corpus(cfg.corpus)
+    probes = read_probe_texts(cfg)
     check_hooks_from_config(cfg)
     model = load_model(cfg.model)
     identity = model_identity(model, cfg.model)
     windows = make_windows(cfg, model, documents)
     return build_from_windows(cfg, model, identity, windows, storage=storage,
-                              overwrite=overwrite, num_workers=num_workers, address=address)
+                              overwrite=overwrite, num_workers=num_workers, address=address,
+                              probes=probes)
 
 
-CACHE_FOLDERS = ("shards/", "index/", "parts/")
+def read_probe_texts(cfg: CacheConfig) -> list | None:
+    """The probe sets' texts (cfg.probes), read before the model loads (one-line errors)."""
+    if cfg.probes is None:
+        return None
+    try:
+        return load_probe_texts(cfg.probes)
+    except ProbeError as exc:
+        raise CacheInputError(f"CacheConfig.probes: {exc}") from None
+
+
+CACHE_FOLDERS = ("shards/", "index/", "parts/", PROBE_FOLDER)
 """Where a cache's own files live (besides MANIFEST and BUILD_FILE at the top)."""
 
 
@@ -223,8 +237,10 @@ def _delete_cache(storage: Storage, files: list[str]) -> None:
 
 def build_from_windows(cfg: CacheConfig, model, identity: dict, windows: dict[str, Windows], *,
                        storage: Storage | None = None, overwrite: bool = False,
-                       num_workers: int = 1, address: str | None = None) -> str:
-    """The build after the model is loaded and the corpus windowed (see module doc)."""
+                       num_workers: int = 1, address: str | None = None,
+                       probes: list | None = None) -> str:
+    """The build after the model is loaded and the corpus windowed (see module doc); then the
+    probe sets (``probes``: their texts, default read from ``cfg.probes``)."""
     storage = storage or Storage(cfg.output)
     if _check_existing(cfg, storage, overwrite):
         return storage.uri
@@ -270,6 +286,21 @@ def build_from_windows(cfg: CacheConfig, model, identity: dict, windows: dict[st
 
     records = [_read_record(storage, u) for u in units]
     manifest = _manifest(cfg, identity, layout, windows, records, storage)
+    if cfg.probes is not None:
+        if probes is None:
+            probes = read_probe_texts(cfg)
+        probe_started = time.time()
+
+        def bar(total, initial):
+            return progress_bar(total, initial=initial, unit="tok", unit_scale=True,
+                                desc="caching probe activations", emit=log.info)
+
+        manifest["probes"] = build_probe_sets(
+            cfg.probes, probes, model, list(layout.hooks), storage=storage,
+            config_sha256=layout.config_sha256, prepend_bos=cfg.prepend_bos,
+            batch_size=max(8, cfg.batch_size), progress=bar)
+        manifest["probes"]["build_seconds"] = round(time.time() - probe_started, 3)
+        manifest["total_bytes"] += sum(r["bytes"] for r in manifest["probes"]["sets"].values())
     manifest["build_seconds"] = round(time.time() - started, 3)
     write_manifest(storage, manifest)
     log.info("%s", describe_cache(manifest, storage.uri, tokens_built=remaining))
@@ -364,6 +395,15 @@ def describe_cache(manifest: dict, uri: str, *, tokens_built: int | None = None)
         lines.append(f"  synthetic: {spec['n_features']} known features in {spec['d']} "
                      f"dimensions, ~{spec['mean_active']:g} active per token (seed "
                      f"{spec['seed']}); ground truth in {synthetic['ground_truth']['file']}")
+    probes = manifest.get("probes")
+    if probes:
+        sets = probes["sets"].values()
+        parts = {p: sum(r["parts"][p] for r in sets) for p in ("train", "val", "test")}
+        lines.append(f"  probes: {len(probes['sets'])} sets, {sum(r['num_texts'] for r in sets):,}"
+                     f" texts (train/val/test {parts['train']}/{parts['val']}/{parts['test']}),"
+                     f" {probes['pooling']} of each"
+                     + (f", {probes['build_seconds']:.1f} s" if probes.get("build_seconds")
+                        else ""))
     seconds = manifest.get("build_seconds")
     speed = (f" ({tokens_built:,} tokens, {tokens_built / seconds:,.0f} tokens/s)"
              if seconds and tokens_built else "")

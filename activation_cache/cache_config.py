@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from .corpus import CorpusSpec
 from .model_spec import ModelSpec
 from .strict_config import StrictConfig, is_int
+from .probes import ProbesSpec
 from .synthetic import SyntheticSpec
 
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
@@ -97,6 +98,10 @@ class CacheConfig(StrictConfig):
     free, e.g. ``synthetic``); ``max_text_length`` tokens per window, ``val_fraction`` /
     ``test_fraction`` of the windows held out, the truth stored with the cache."""
 
+    probes: ProbesSpec | None = None
+    """Labelled texts whose last-token activations are stored for sparse probing
+    (activation_cache/probes.py): sae-probes datasets and/or a user's files; null: none."""
+
     def validate(self) -> None:
         self._require(isinstance(self.output, str) and self.output.strip() != "", "output",
                       "must be a folder path or a URI, got an empty value")
@@ -149,6 +154,9 @@ class CacheConfig(StrictConfig):
                           "logits nor splice residuals; remove them")
             self._require(self.model == ModelSpec(), "model",
                           "a synthetic cache runs no model; remove `model:`")
+            self._require(self.probes is None, "probes",
+                          "a synthetic cache runs no model, so it has no probe sets; remove "
+                          "`probes:`")
             self._require(self.corpus == CorpusSpec(), "corpus",
                           "a synthetic cache reads no text; remove `corpus:`")
 

@@ -24,6 +24,11 @@ Schema (version 2)::
                               "num_train_tokens" (train_mask), "num_documents",
                               "shards": [shard record, ...]}}
     bytes_per_token          {item: bytes on disk per real token}; "total"
+    probes                   optional (absent: no probe sets; older caches): {"pooling": "last
+                             token", "max_text_tokens", "prepend_bos", "build_seconds",
+                             "sets": {name: {"name", "source", "classes", "file", "bytes",
+                             "sha256", "hooks", "num_texts", "num_tokens", "parts":
+                             {"train"|"val"|"test": n}, "positives": {...}}}}
 
 A shard record: ``name`` (e.g. "train-00003"), ``split``, ``file`` (shards/NAME.safetensors),
 ``bytes``, ``sha256``, ``first_sequence``, ``num_sequences``, ``num_tokens``,
@@ -55,6 +60,8 @@ _TOP_KEYS = {
     "hooks": list, "stored_hooks": list, "splice_hooks": dict, "d_in": dict, "seq_len": int,
     "act_dtype": str, "excluded": dict, "tensors": dict, "splits": dict,
 }
+_PROBE_KEYS = {"name": str, "source": str, "classes": list, "file": str, "bytes": int,
+               "sha256": str, "hooks": list, "num_texts": int, "parts": dict}
 _SHARD_KEYS = {
     "name": str, "split": str, "file": str, "bytes": int, "sha256": str, "first_sequence": int,
     "num_sequences": int, "num_tokens": int, "num_train_tokens": int, "tensors": dict,
@@ -153,6 +160,19 @@ def validate_manifest(m: Any, where: str) -> None:
             total = sum(r[key] for r in shards)
             if info.get(key) != total:
                 raise bad(f"splits.{split}.{key} is {info.get(key)!r} but its shards sum to {total}")
+    if "probes" in m:
+        probes = m["probes"]
+        if not isinstance(probes, dict) or not isinstance(probes.get("sets"), dict):
+            raise bad("field 'probes' is not an object with 'sets'")
+        for name, rec in probes["sets"].items():
+            for key, typ in _PROBE_KEYS.items():
+                if not isinstance(rec.get(key) if isinstance(rec, dict) else None, typ):
+                    raise bad(f"probes.sets.{name}: field {key!r} missing or not {typ.__name__}")
+            if sum(rec["parts"].values()) != rec["num_texts"]:
+                raise bad(f"probes.sets.{name}: its parts do not add up to num_texts")
+            for h in rec["hooks"]:
+                if h not in m["stored_hooks"]:
+                    raise bad(f"probes.sets.{name}: hook {h!r} is not a stored hook")
 
 
 def write_manifest(storage: Storage, manifest: dict) -> None:

@@ -66,6 +66,7 @@ from torch import Tensor
 
 from .cache_errors import CacheInputError, CacheMismatchError, CorruptCacheError
 from .manifest import MANIFEST, SPLITS, act_key, canonical_json, read_manifest
+from .probes import ProbeSet
 from .synthetic import GroundTruth
 from .read_ahead import read_ahead
 from .shard_file import _ST_DTYPES, map_array, read_header, read_tensor
@@ -189,6 +190,38 @@ class CacheReader:
         t = load(data)
         return GroundTruth(directions=t["directions"], frequencies=t["frequencies"],
                            parents=t["parents"], hook=info["hook"], spec=dict(info["spec"]))
+
+    # -- probe sets ------------------------------------------------------------------------
+    def probe_sets(self) -> list[str]:
+        """The names of the cache's probe sets (activation_cache/probes.py), in the config's
+        order; [] for a cache built without ``probes:`` (or before probe sets existed)."""
+        return list((self.manifest.get("probes") or {}).get("sets", {}))
+
+    def probe_set(self, name: str) -> ProbeSet:
+        """One probe set: the last-token activation of each of its texts for every SAE hook,
+        its 0/1 labels and its train/val/test parts (sha256 checked unless verify=False).
+        CacheMismatchError (with the closest names) for a set the cache does not hold."""
+        sets = (self.manifest.get("probes") or {}).get("sets", {})
+        if name not in sets:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(sets), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            held = f"it holds {', '.join(sets)}" if sets else "it was built without `probes:`"
+            raise CacheMismatchError(f"{self.storage.describe(MANIFEST)}: no probe set "
+                                     f"{name!r}{hint}; {held}")
+        rec = sets[name]
+        data = self.storage.read_bytes(rec["file"])
+        if len(data) != rec["bytes"]:
+            raise CorruptCacheError(f"{self.storage.describe(rec['file'])}: {len(data)} bytes, "
+                                    f"but the manifest records {rec['bytes']}; rebuild the cache")
+        self._check_digest(data, rec["sha256"], rec["file"], "probe set")
+        from safetensors.torch import load
+
+        t = load(data)
+        return ProbeSet(name=name, source=rec["source"], classes=tuple(rec["classes"]),
+                        acts={h: t[act_key(h)].float() for h in rec["hooks"]},
+                        labels=t["label"].long(), parts=t["part"])
 
     def index(self, split: str | None = None) -> pd.DataFrame:
         """The per-token index (split, shard, row, sequence, position, token_id, train_mask,
@@ -382,6 +415,13 @@ class CacheReader:
     def _check_files(self) -> None:
         sizes = self.storage.sizes("shards")
         sizes.update(self.storage.sizes("index"))
+        if self.manifest.get("probes"):
+            sizes.update(self.storage.sizes("probes"))
+            for rec in self.manifest["probes"]["sets"].values():
+                if sizes.get(rec["file"]) != rec["bytes"]:
+                    raise CorruptCacheError(
+                        f"{self.storage.describe(rec['file'])}: probe set file is missing or "
+                        f"not of the {rec['bytes']} bytes the manifest records; rebuild the cache")
         for split in self.manifest["splits"]:
             for rec in self._split(split)["shards"]:
                 for file, size in ((rec["file"], rec["bytes"]), (rec["index_file"], rec["index_bytes"])):

@@ -11,10 +11,11 @@ Parts (``--part``, default all that exist):
   (seconds per trial, summed over a trial's evaluations, and as a share of its wall time).
   The sampler is random (not TPE), so the trials spread over the space instead of crowding
   where FVU is best.
-* ``probing`` -- the hook for the sparse-probing part (the ``probing`` evaluator on the
-  embedded default's cache): add a function ``probing_part(args) -> None`` below and register
-  it in ``PARTS``; it should print Spearman(FVU, probe accuracy) and the probing evaluator's
-  cost with the same helpers (``spearman``, ``evaluator_costs``).
+* ``probing`` -- the same five architectures at L0 16-128 on a SmolLM2 cache with probe sets
+  (``--probe-cache DIR``, built from examples/cache_probes.yaml with ``sae-sweep cache``), every
+  trial scored by the ``probing`` evaluator: Spearman(test fvu, test probe_accuracy_k*), the
+  probe accuracy of the FVU-best trial against the probe-best one, the raw-activation ceiling,
+  and the evaluators' cost. Skipped (with a line saying so) without ``--probe-cache``.
 
     .venv/bin/python bench/interpretability.py [--trials 20] [--tokens 300000] [--keep DIR]
 
@@ -163,8 +164,56 @@ def synthetic_part(args: argparse.Namespace) -> None:
     print(f"(reconstruction's time is the objective's own evaluation pass; results in {exp})")
 
 
-def probing_part(args: argparse.Namespace) -> None:  # the hook (module docstring)
-    print("\n== probing: not in this script yet (the probing evaluator's part goes here)")
+PROBE_HOOK = "blocks.6.hook_resid_post"
+
+
+def probing_part(args: argparse.Namespace) -> None:
+    from activation_cache import open_cache
+    from sweep import SweepConfig, run_sweep
+
+    if not args.probe_cache:
+        print("\n== probing: skipped (give --probe-cache DIR: a cache built from "
+              "examples/cache_probes.yaml)")
+        return
+    reader = open_cache(args.probe_cache)
+    if not reader.probe_sets():
+        print(f"\n== probing: skipped ({args.probe_cache} has no probe sets)")
+        return
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-probe-"))
+    exp = work / "probe-sweep"
+    if exp.exists():
+        shutil.rmtree(exp)
+    d = reader.d_in(PROBE_HOOK)
+    spec = synthetic_sweep(args.probe_cache, exp, trials=args.trials,
+                           tokens_per_trial=args.tokens_per_trial)
+    spec.update(hook=PROBE_HOOK)
+    spec["sae"] = {"d_sae": 4 * d, "n_batches_to_dead": 50}
+    spec["training"]["evaluators"] = ["probing"]
+    started = time.perf_counter()
+    results = run_sweep(SweepConfig.from_dict(spec))
+    swept = time.perf_counter() - started
+    done = results[results["status"] == "completed"]
+    band = done[(done["l0"] >= L0_BAND[0]) & (done["l0"] <= L0_BAND[1])]
+    print(f"\n== probing: {len(reader.probe_sets())} probe sets of {args.probe_cache}; "
+          f"{len(done)}/{len(results)} trials completed, {len(band)} in the L0 band "
+          f"(sweep {swept:.0f} s)")
+    for k in (1, 2, 5, 20):
+        rho, n = spearman(band["test_fvu"], band[f"test_probe_accuracy_k{k}"])
+        print(f"Spearman(test fvu, test probe_accuracy_k{k}), L0 band: {rho:+.3f} (n={n}; "
+              "negative = lower FVU goes with better probes)")
+    if len(band):
+        fvu_best = band.loc[band["fvu"].idxmin()]
+        probe_best = band.loc[band["probe_accuracy_k5"].idxmax()]
+        for name, row in (("FVU-best (val fvu)", fvu_best),
+                          ("probe-best (val probe_accuracy_k5)", probe_best)):
+            print(f"{name:35s} {row['trial_id']} {row['architecture']:21s} test fvu "
+                  f"{row['test_fvu']:.4f}  test l0 {row['test_l0']:6.1f}  test k1/k5/k20 "
+                  f"{row['test_probe_accuracy_k1']:.3f}/{row['test_probe_accuracy_k5']:.3f}/"
+                  f"{row['test_probe_accuracy_k20']:.3f}")
+        print(f"raw-activation probe (ceiling): {band['test_probe_accuracy_raw'].iloc[0]:.3f}")
+    print("evaluator cost (seconds per trial; share of training wall time):")
+    for name, (secs, share) in evaluator_costs(exp, results).items():
+        print(f"  {name:15s} {secs:8.3f} s  {100 * share:6.2f} %")
 
 
 PARTS: dict[str, Callable[[argparse.Namespace], None]] = {
@@ -180,6 +229,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--tokens", type=int, default=300_000, help="synthetic tokens generated")
     ap.add_argument("--tokens-per-trial", type=int, default=300_000)
+    ap.add_argument("--probe-cache", help="a cache with probe sets (the probing part)")
     ap.add_argument("--keep", help="work folder to keep (default: a temporary one)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of this process")
     args = ap.parse_args(argv)

