@@ -21,6 +21,7 @@ from .end_to_end import EndToEndObjective, SequenceSource, load_cache_model
 from .metrics import MetricsRecord
 from .saelens_export import load_sae_folder
 from .saes.base import SAE
+from .timing import timed_phase
 from .training_config import TrainingConfig
 
 OUTPUT_FORMATS = ("table", "json")
@@ -60,7 +61,8 @@ def evaluate_split(sae: SAE, source: Any, config: TrainingConfig, *, split: str,
     was_training = sae.training
     sae.eval()
     try:
-        metrics = objective.evaluate(sae, source, config.eval_max_tokens)
+        with timed_phase(f"eval_{split}"):
+            metrics = objective.evaluate(sae, source, config.eval_max_tokens)
     finally:
         sae.train(was_training)
     record = MetricsRecord(step=0, tokens_seen=0)
