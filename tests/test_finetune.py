@@ -225,3 +225,24 @@ def test_a_transcoder_fine_tunes_end_to_end(model, mlp_cache, tmp_path, arch):
     a, b = straight.sae.state_dict(), resumed.sae.state_dict()
     assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
     assert straight.final.kl_div == resumed.final.kl_div
+
+
+def test_a_two_phase_run_times_its_fine_tune_steps_apart(model, cache, tmp_path):
+    from trainer import PhaseTimer
+
+    cfg = _two_phase_config()
+    timer = PhaseTimer()
+    with timer.activate():
+        s = job_sources(cache, cfg, HOOKS[0], model=model)
+        result = train_sae(_sae(), s.train, cfg, val_source=s.val, objective=s.objective,
+                           out_dir=tmp_path / "out", reporter=Recorder())
+    cols = timer.columns()
+    s1, s2 = s.objective.phase_steps(s.train)
+    assert result.steps == s1 + s2 and s2 > 0
+    # both kinds of step were timed, each under its own phase; the rest is not training
+    assert cols["time_train_s"] > 0 and cols["time_finetune_s"] > 0
+    assert cols["time_eval_val_s"] > 0 and cols["time_checkpoint_s"] > 0
+    assert "time_model_load_s" in cols  # job_sources' phase (the model was passed in: ~0 s)
+    phases = sum(v for k, v in cols.items()
+                 if k not in ("time_eval_s", "time_other_s", "time_wall_s"))
+    assert cols["time_wall_s"] >= phases
