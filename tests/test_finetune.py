@@ -246,3 +246,25 @@ def test_a_two_phase_run_times_its_fine_tune_steps_apart(model, cache, tmp_path)
     phases = sum(v for k, v in cols.items()
                  if k not in ("time_eval_s", "time_other_s", "time_wall_s"))
     assert cols["time_wall_s"] >= phases
+
+
+def test_a_worker_loads_the_cache_model_once_for_its_trials(cache):
+    """Trials that run one after another in one worker (Ray reuses the actor) share the frozen
+    model instead of loading it per trial; it is still identity-checked against each cache."""
+    from activation_cache import CacheMismatchError
+    from trainer import load_cache_model
+
+    first = load_cache_model(cache)
+    assert load_cache_model(cache) is first
+    assert not first.training and not any(p.requires_grad for p in first.parameters())
+    fresh = load_cache_model(cache, reuse=False)
+    assert fresh is not first and load_cache_model(cache) is fresh  # one model kept at a time
+
+    class OtherModelCache:  # a cache of another model with the same spec: refused
+        manifest = cache.manifest
+
+        def check_model(self, identity):
+            raise CacheMismatchError("built from another model")
+
+    with pytest.raises(CacheMismatchError, match="another model"):
+        load_cache_model(OtherModelCache())
