@@ -671,12 +671,21 @@ def _display_columns(frame: pd.DataFrame, ranked: Sequence[str],
              *(f"test_{m}" for m in [*base, *bound]), *params,
              *(m for m in _OTHER_METRICS), *(f"test_{m}" for m in _OTHER_METRICS),
              *plugin_metrics(), *(f"test_{m}" for m in plugin_metrics()),
-             "tokens_seen", "train_seconds", "checkpoint_path"]
+             "tokens_seen", "train_seconds", "checkpoint_path", *_time_columns(frame)]
     columns = []
     for c in order:
         if c in has and c not in columns:
             columns.append(c)
     return columns
+
+
+def _time_columns(frame: pd.DataFrame) -> list[str]:
+    """Where the trials' time went (``time_*_s``, trainer.timing), last: slot and wall time,
+    the training phases, the evaluations, then the other phases by name."""
+    first = ["time_slot_s", "time_wall_s", "time_train_s", "time_finetune_s", "time_eval_s"]
+    rest = sorted(c for c in frame.columns
+                  if c.startswith("time_") and c.endswith("_s") and c not in first)
+    return [c for c in first if c in frame.columns] + rest
 
 
 def _machine_columns(selection: Selection, frame: pd.DataFrame, all_columns: bool) -> pd.DataFrame:

@@ -244,8 +244,12 @@ def _run(cfg: SweepConfig, d_in: int, tune_path: str, *, restore: bool,
         logger.warning("sweep %s interrupted after %s: %s; continue it with: %s", exp.name,
                        took, counts, command)
         raise SweepInterrupted(exp, command)
-    logger.info("sweep %s finished in %s: %s", exp.name, took, counts)
     from .best import never_met_warnings
+    from .summary import training_share_text
+
+    share = training_share_text(results) if len(results) else None
+    logger.info("sweep %s finished in %s: %s%s", exp.name, took, counts,
+                f"; {share}" if share else "")
 
     for line in never_met_warnings(results, cfg.to_dict()["objective"],
                                    default_architecture=cfg.sae.get("architecture")):

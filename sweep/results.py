@@ -9,6 +9,12 @@
     <the final metrics record: fvu, explained_variance, l0, l0_train, fvu_train, mse,
      dead_fraction, dense_fraction, kl_div, ce_loss_delta, ce_loss_score, ... (None when not
      computed)>,
+    <where the trial's wall time went (trainer.timing): time_startup_s, time_model_load_s,
+     time_train_s, time_finetune_s, time_eval_val_s, time_eval_test_s, time_calibration_s,
+     time_checkpoint_s, time_report_s (one per phase the trial entered), time_eval_s (the
+     eval_* phases summed), time_other_s (in no phase) and time_wall_s (the trial's wall time
+     in its worker: the phases + time_other_s); time_slot_s (SLOT_COLUMN: its slot time seen
+     by the driver, >= time_wall_s; null for a trial an earlier driver ran)>,
     step, tokens_seen, train_seconds, training_iteration, checkpoint_path, final
 
 ``status`` is ``completed`` (trained its whole budget), ``failed`` (an error, e.g. divergence;
@@ -43,6 +49,11 @@ SWEEP_FILE = "sweep.json"
 """The resolved sweep config (and the cache's d_in), written by the driver for best/export/report."""
 LOG_FILE = "sweep.log"
 """Ray's output and our own lines, appended per driver run."""
+
+SLOT_COLUMN = "time_slot_s"
+"""Seconds a trial held its slot as the driver saw it (Tune starting it, its worker's start
+included, to its end); next to the trial's own ``time_<phase>_s`` / ``time_wall_s`` columns
+(``trainer.timing``)."""
 
 STATUSES = ("completed", "failed", "stopped", "running", "pending", "paused", "interrupted")
 FIXED_COLUMNS = ("trial_id", "status", "error", "num_failures", "node_id", "node_ip")

@@ -38,7 +38,7 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 
 from .driver_lock import file_guard
-from .results import (HISTORY_FILE, RESULTS_FILE, TAIL_COLUMNS, TrialRow, history_row,
+from .results import (HISTORY_FILE, RESULTS_FILE, SLOT_COLUMN, TAIL_COLUMNS, TrialRow, history_row,
                       merge_history, merge_results, metrics_from_report, rows_to_frame,
                       write_table)
 from .searcher import read_interrupted
@@ -63,6 +63,7 @@ class ResultsCallback(Callback):
         self._last_flush = 0.0
         self._loaded = False
         self._previous: list[dict[str, Any]] = []  # results rows written by an earlier driver
+        self._slots: dict[str, list[Optional[float]]] = {}  # trial id -> [started, ended]
 
     # Tune pickles its callbacks with the experiment; keep only the configuration.
     def __getstate__(self) -> dict[str, Any]:
@@ -77,6 +78,18 @@ class ResultsCallback(Callback):
     def setup(self, **info: Any) -> None:
         self._load()
 
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial,
+                       **info: Any) -> None:
+        # A trial's slot time is what this driver saw it hold a slot, from Tune starting it
+        # (its worker's start included) to its end; unknown for a trial an earlier driver ran.
+        if trial.trial_id not in self._slots and not (trial.last_result or {}).get("step"):
+            self._slots[trial.trial_id] = [time.monotonic(), None]
+
+    def _slot_ended(self, trial: Trial) -> None:
+        slot = self._slots.get(trial.trial_id)
+        if slot is not None and slot[1] is None:
+            slot[1] = time.monotonic()
+
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial,
                         result: dict, **info: Any) -> None:
         if not result.get("error"):  # a diverged trial's last report holds no metrics
@@ -90,10 +103,12 @@ class ResultsCallback(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial,
                           **info: Any) -> None:
+        self._slot_ended(trial)
         self.flush(trials)
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial,
                        **info: Any) -> None:
+        self._slot_ended(trial)
         self.flush(trials)
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
@@ -103,7 +118,7 @@ class ResultsCallback(Callback):
     def flush(self, trials: list[Trial]) -> None:
         self._load()
         exp = Path(self.experiment_dir)
-        frame = rows_to_frame([trial_row(t) for t in trials])
+        frame = rows_to_frame([self._with_slot(trial_row(t)) for t in trials])
         self._mark_interrupted(frame)
         lost = self._lost_rows({t.trial_id for t in trials})
         if lost:
@@ -119,6 +134,13 @@ class ResultsCallback(Callback):
             write_table(frame, exp / RESULTS_FILE)
         self._pending = []
         self._last_flush = time.monotonic()
+
+    def _with_slot(self, row: TrialRow) -> TrialRow:
+        """``row`` with ``time_slot_s`` once its trial ended under this driver."""
+        slot = self._slots.get(row.trial_id)
+        if slot is not None and slot[0] is not None and slot[1] is not None:
+            row.metrics[SLOT_COLUMN] = slot[1] - slot[0]
+        return row
 
     def _mark_interrupted(self, frame: pd.DataFrame) -> None:
         """Rows of the trials a Ctrl-C left unfinished: ``interrupted``, resumable."""

@@ -16,7 +16,49 @@ from .best import (TABLE_WIDTH, architecture_lines, architecture_summary, constr
 from .console import display_path
 from .export import best_export_choice
 from .replicates import has_replicates
-from .results import LOG_FILE, RESULTS_FILE, ResultsNotFoundError, load_results, load_sweep_info
+from .results import (LOG_FILE, RESULTS_FILE, SLOT_COLUMN, ResultsNotFoundError, load_results,
+                      load_sweep_info)
+
+WALL_COLUMN = "time_wall_s"
+"""A trial's wall time in its worker (``trainer.timing``'s column of the whole run)."""
+
+
+def training_share(frame: pd.DataFrame) -> Optional[tuple[float, float, float, int]]:
+    """Where a sweep's slot time went: ``(share, training s, slot s, trials)``.
+
+    Per trial, its slot time is ``time_slot_s`` (what the driver saw it hold a slot), else its
+    own ``time_wall_s``; its training seconds are its training phases' (``time_train_s`` +
+    ``time_finetune_s``: ``trainer.TRAINING_PHASES``). ``share`` = the training seconds summed
+    over the trials that have a slot time / their slot times summed. None when no trial has
+    one (a sweep from before the time columns, or nothing reported yet)."""
+    from trainer import TRAINING_PHASES, phase_column
+
+    slot = pd.Series(float("nan"), index=frame.index)
+    for column in (SLOT_COLUMN, WALL_COLUMN):
+        if column in frame.columns:
+            slot = slot.fillna(pd.to_numeric(frame[column], errors="coerce"))
+    timed = slot.notna() & (slot > 0)
+    if not timed.any():
+        return None
+    trained = 0.0
+    for name in TRAINING_PHASES:
+        column = phase_column(name)
+        if column in frame.columns:
+            trained += float(pd.to_numeric(frame.loc[timed, column], errors="coerce")
+                             .fillna(0.0).sum())
+    total = float(slot[timed].sum())
+    return trained / total, trained, total, int(timed.sum())
+
+
+def training_share_text(frame: pd.DataFrame) -> Optional[str]:
+    """``"82% of the trials' slot time in training steps (410 s of 500 s, 6 trials)"``."""
+    share = training_share(frame)
+    if share is None:
+        return None
+    fraction, trained, total, n = share
+    return (f"{fraction:.0%} of the trials' slot time in training steps ({trained:,.0f} s of "
+            f"{total:,.0f} s, {n} trial{'s' if n != 1 else ''}; time_* columns: `best "
+            "--all-columns`)")
 
 
 def summarize_sweep(experiment_dir: str | Path, *, top: int = 5, interrupted: bool = False,
@@ -36,6 +78,9 @@ def summarize_sweep(experiment_dir: str | Path, *, top: int = 5, interrupted: bo
     lines = [f"results: {display_path(exp / RESULTS_FILE)} ({len(frame)} trials"
              + (f": {counts_text(counts)}" if counts else "") + ")",
              f"Ray's log: {display_path(exp / LOG_FILE)}"]
+    share = training_share_text(frame) if len(frame) else None
+    if share:
+        lines.append(wrap_line(f"time: {share}", TABLE_WIDTH))
     selection = select_trials(frame, objective=objective, top=top,
                               searched=list(cfg.get("search_space") or []))
     if selection.empty:

@@ -33,6 +33,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -87,6 +88,14 @@ class RayReporter:
             metrics["train_seconds"] += self.time_offset
         self.report(metrics, checkpoint_dir, final=final)
 
+    def time_columns(self) -> dict[str, float]:
+        """Where the trial's wall time went so far (``time_<phase>_s``, ``time_wall_s``):
+        the active ``trainer.PhaseTimer``'s columns, {} when none is active."""
+        from trainer import active_timer
+
+        timer = active_timer()
+        return timer.columns() if timer is not None else {}
+
     def on_message(self, text: str) -> None:
         logger.info("%s", text)
 
@@ -120,10 +129,12 @@ class RayReporter:
                     f"diverged: {name} is {value} at step {metrics.get('step')} "
                     f"(tokens {metrics.get('tokens_seen')}); lower lr or check the data")
         metrics = dict(metrics, final=bool(final), node_id=self.node_id, node_ip=self.node_ip)
+        times = self.time_columns()
+        metrics.update(times)
         if checkpoint_dir and metrics.get("train_seconds") is not None:
-            # lets a restarted attempt continue the clock (see _elapsed_at)
+            # lets a restarted attempt continue the clocks (see _elapsed_at, _times_at)
             (Path(checkpoint_dir) / PROGRESS_FILE).write_text(
-                json.dumps({"train_seconds": metrics["train_seconds"]}))
+                json.dumps({"train_seconds": metrics["train_seconds"], "times": times}))
         self.last_metrics = metrics
         self.reported_final = self.reported_final or bool(final)
         self._report(metrics, checkpoint_dir)
@@ -151,7 +162,20 @@ def _ray_report(metrics: dict[str, Any], checkpoint_dir: Optional[str]) -> None:
 
 def train_trial(params: Mapping[str, Any], *, job: Mapping[str, Any]) -> None:
     """Ray Tune function trainable: ``params`` are the sampled hyperparameters, ``job`` the
-    sweep (``{"config": SweepConfig dict, "d_in": int}``) bound with ``tune.with_parameters``."""
+    sweep (``{"config": SweepConfig dict, "d_in": int}``) bound with ``tune.with_parameters``.
+
+    Where its wall time goes is timed (``trainer.PhaseTimer``, active for the whole trial) and
+    every report carries it as ``time_<phase>_s`` columns and ``time_wall_s``."""
+    started = time.perf_counter()
+    from trainer import PhaseTimer
+
+    timer = PhaseTimer(started=started)  # the import above counts as start-up
+    timer.add("startup", time.perf_counter() - started)
+    with timer.activate():
+        _run_trial(params, job, timer)
+
+
+def _run_trial(params: Mapping[str, Any], job: Mapping[str, Any], timer: Any) -> None:
     import ray
     from ray import tune
 
@@ -160,21 +184,22 @@ def train_trial(params: Mapping[str, Any], *, job: Mapping[str, Any]) -> None:
     from .sweep_config import SweepConfig
     from .trial_configs import build_trial_configs
 
-    cfg = SweepConfig.from_dict(job["config"])
-    d_in = job["d_in"]
-    if cfg.is_suite:  # this trial's hook is searched as a one-hook sweep (sweep/suite.py)
-        from .suite import HOOK_KEY, hook_config
+    with timer.phase("startup"):
+        cfg = SweepConfig.from_dict(job["config"])
+        d_in = job["d_in"]
+        if cfg.is_suite:  # this trial's hook is searched as a one-hook sweep (sweep/suite.py)
+            from .suite import HOOK_KEY, hook_config
 
-        hook = params[HOOK_KEY]
-        cfg, d_in = hook_config(cfg, hook), job["d_in_by_hook"][hook]
-        params = {k: v for k, v in params.items() if k != HOOK_KEY}
-    configure_trial_resources(cfg.resources_per_trial)
+            hook = params[HOOK_KEY]
+            cfg, d_in = hook_config(cfg, hook), job["d_in_by_hook"][hook]
+            params = {k: v for k, v in params.items() if k != HOOK_KEY}
+        configure_trial_resources(cfg.resources_per_trial)
 
-    cache = open_cache(cfg.cache)
-    d_out = None if cfg.hook_out is None else int(cache.d_in(cfg.hook_out))
-    sae_cfg, train_cfg = build_trial_configs(cfg, params, d_in, d_out)
-    objective, train_source, val_source, test_source, evaluators = _sources(cache, sae_cfg,
-                                                                            train_cfg)
+        cache = open_cache(cfg.cache)
+        d_out = None if cfg.hook_out is None else int(cache.d_in(cfg.hook_out))
+        sae_cfg, train_cfg = build_trial_configs(cfg, params, d_in, d_out)
+        objective, train_source, val_source, test_source, evaluators = _sources(cache, sae_cfg,
+                                                                                train_cfg)
 
     ctx = ray.get_runtime_context()
     reporter = RayReporter(monitored=cfg.objective.monitored_metrics(),
@@ -189,6 +214,7 @@ def train_trial(params: Mapping[str, Any], *, job: Mapping[str, Any]) -> None:
         resume_dir = stack.enter_context(checkpoint.as_directory()) if checkpoint else None
         if resume_dir is not None:
             reporter.time_offset = _elapsed_at(resume_dir)
+            timer.restore(_times_at(resume_dir))
         try:
             result = _train(sae_cfg, train_cfg, train_source, val_source, objective,
                             out_dir=work, resume_dir=resume_dir, reporter=reporter,
@@ -274,12 +300,23 @@ def _elapsed_at(checkpoint_dir: str) -> float:
         return 0.0
 
 
+def _times_at(checkpoint_dir: str) -> dict[str, float]:
+    """The time columns stored with ``checkpoint_dir`` ({} when absent): a restarted attempt
+    adds its own time to them."""
+    try:
+        times = json.loads((Path(checkpoint_dir) / PROGRESS_FILE).read_text()).get("times")
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
+    return times if isinstance(times, dict) else {}
+
+
 def _train(sae_cfg: Any, train_cfg: Any, train_source: Any, val_source: Any, objective: Any, *,
            out_dir: Path, resume_dir: Optional[str], reporter: RayReporter,
            evaluators: Any = None) -> Any:
-    from trainer import build_sae, train_sae
+    from trainer import build_sae, timed_phase, train_sae
 
-    sae = build_sae(sae_cfg, seed=train_cfg.seed)  # seeded initial weights: reproducible trials
+    with timed_phase("startup"):
+        sae = build_sae(sae_cfg, seed=train_cfg.seed)  # seeded initial weights: reproducible trials
     return train_sae(sae, train_source, train_cfg, val_source=val_source, out_dir=str(out_dir),
                      resume_from=resume_dir, reporter=reporter, objective=objective,
                      evaluators=evaluators)

@@ -283,3 +283,46 @@ def test_finetune_fields_are_validated(fields, message):
     from activation_cache import ConfigError
     with pytest.raises(ConfigError, match=message):
         _two_phase_config(**fields)
+
+
+def test_a_two_phase_run_times_its_fine_tune_steps_apart(model, cache, tmp_path):
+    from trainer import PhaseTimer
+
+    cfg = _two_phase_config()
+    timer = PhaseTimer()
+    with timer.activate():
+        s = job_sources(cache, cfg, HOOKS[0], model=model)
+        result = train_sae(_sae(), s.train, cfg, val_source=s.val, objective=s.objective,
+                           out_dir=tmp_path / "out", reporter=Recorder())
+    cols = timer.columns()
+    s1, s2 = s.objective.phase_steps(s.train)
+    assert result.steps == s1 + s2 and s2 > 0
+    # both kinds of step were timed, each under its own phase; the rest is not training
+    assert cols["time_train_s"] > 0 and cols["time_finetune_s"] > 0
+    assert cols["time_eval_val_s"] > 0 and cols["time_checkpoint_s"] > 0
+    assert "time_model_load_s" in cols  # job_sources' phase (the model was passed in: ~0 s)
+    phases = sum(v for k, v in cols.items()
+                 if k not in ("time_eval_s", "time_other_s", "time_wall_s"))
+    assert cols["time_wall_s"] >= phases
+
+
+def test_a_worker_loads_the_cache_model_once_for_its_trials(cache):
+    """Trials that run one after another in one worker (Ray reuses the actor) share the frozen
+    model instead of loading it per trial; it is still identity-checked against each cache."""
+    from activation_cache import CacheMismatchError
+    from trainer import load_cache_model
+
+    first = load_cache_model(cache)
+    assert load_cache_model(cache) is first
+    assert not first.training and not any(p.requires_grad for p in first.parameters())
+    fresh = load_cache_model(cache, reuse=False)
+    assert fresh is not first and load_cache_model(cache) is fresh  # one model kept at a time
+
+    class OtherModelCache:  # a cache of another model with the same spec: refused
+        manifest = cache.manifest
+
+        def check_model(self, identity):
+            raise CacheMismatchError("built from another model")
+
+    with pytest.raises(CacheMismatchError, match="another model"):
+        load_cache_model(OtherModelCache())

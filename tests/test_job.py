@@ -149,3 +149,42 @@ def test_a_job_yaml_with_a_threshold_field_under_training_says_where_it_lives(tm
     assert message.endswith("move it to the `sae:` block (sae.calibration_tokens)")
     job.write_text("cache: c\nsae: {d_in: 8, d_sae: 32, top_k: 4, calibration_tokens: 512}\n")
     assert TrainJobConfig.from_yaml(job).sae.calibration_tokens == 512
+
+
+class _Messages:
+    def __init__(self):
+        self.messages = []
+
+    def on_train_start(self, **kw):
+        pass
+
+    def on_step(self, step):
+        pass
+
+    def on_metrics(self, record, checkpoint_dir):
+        pass
+
+    def on_message(self, text):
+        self.messages.append(text)
+
+    def on_train_end(self, result):
+        pass
+
+
+def test_train_from_yaml_says_where_its_time_went(tmp_path, fake_cache):
+    path = tmp_path / "job.yaml"
+    path.write_text(YAML.format(cache="c", out=tmp_path / "run"))
+    reporter = _Messages()
+    result = train_from_yaml(path, reporter=reporter)
+    timing = result.extra["timing"]
+    for phase in ("startup", "train", "eval_val", "checkpoint", "export"):
+        assert timing[f"time_{phase}_s"] > 0, phase
+    phases = sum(v for k, v in timing.items()
+                 if k not in ("time_eval_s", "time_other_s", "time_wall_s"))
+    assert timing["time_wall_s"] >= phases
+    closing = reporter.messages[-1].splitlines()
+    share = timing["time_train_s"] / timing["time_wall_s"]
+    assert closing[0].startswith("trained batchtopk d_sae=64")
+    assert closing[-1].startswith(f"  time: {share:.0%} of {timing['time_wall_s']:.1f} s in "
+                                  "training steps (")
+    assert "train " in closing[-1] and "eval_val " in closing[-1]

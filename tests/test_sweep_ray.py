@@ -60,6 +60,18 @@ def test_sweep_results_table_is_complete(finished_sweep):
     assert (done["l0"] != done["top_k"]).any() and (done["test_l0"] != done["l0"]).all()
     assert done["checkpoint_path"].map(lambda p: (pd.notna(p))).all()
     assert done["node_id"].notna().all()
+    # where each trial's time went (trainer.timing): the phases it entered, which sum with
+    # time_other_s to its wall time, and the slot time the driver saw it hold (>= the wall)
+    phases = ["time_startup_s", "time_train_s", "time_eval_val_s", "time_eval_test_s",
+              "time_calibration_s", "time_checkpoint_s", "time_report_s"]
+    for col in phases + ["time_eval_s", "time_other_s", "time_wall_s", "time_slot_s"]:
+        assert (done[col] >= 0).all() and done[col].map(math.isfinite).all(), col
+    assert (done["time_train_s"] > 0).all() and (done["time_eval_test_s"] > 0).all()
+    total = done[phases].sum(axis=1) + done["time_other_s"]
+    assert ((total - done["time_wall_s"]).abs() < 1e-6).all()
+    evals = done["time_eval_val_s"] + done["time_eval_test_s"]
+    assert ((done["time_eval_s"] - evals).abs() < 1e-9).all()
+    assert (done["time_slot_s"] >= done["time_wall_s"]).all()
 
 
 def test_history_has_every_reported_step_once(finished_sweep):

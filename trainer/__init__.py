@@ -38,6 +38,8 @@ Public API (everything else in this package is internal):
     load_cache_model                                       KL / block-MSE training, CE/KL metrics
     TwoPhaseObjective, PhasedSource                     -- local, then an end-to-end fine-tune
     job_sources, JobSources, evaluate_split             -- a job's objective and split sources
+    PhaseTimer, timed_phase, active_timer,
+    phase_column, time_columns, TRAINING_PHASES         -- where a run's wall time goes
     DimensionMismatchError, NonFiniteActivationError, EmptySourceError,
     TrainingDivergedError, CheckpointMismatchError      -- user errors (activation_cache.UserError)
 """
@@ -76,6 +78,8 @@ from .output_folder import (OutputFolderError, atomic_directory, check_output_fo
 from .saelens_export import (SAELensFormatError, export_sae, export_saelens, load_sae_folder,
                              load_saelens)
 from .sources import ActivationSource, TensorSource, TokenBatch
+from .timing import (TRAINING_PHASES, PhaseTimer, active_timer, phase_column, time_columns,
+                     timed_phase)
 from .training import TrainResult, train_sae
 from .training_config import TrainingConfig
 
@@ -103,4 +107,6 @@ __all__ = [
     "DimensionMismatchError", "NonFiniteActivationError", "EmptySourceError",
     "TrainingDivergedError",
     "CheckpointMismatchError",
+    "PhaseTimer", "timed_phase", "active_timer", "phase_column", "time_columns",
+    "TRAINING_PHASES",
 ]

@@ -617,9 +617,20 @@ def _e2e_metrics(acc: _Accum, layers: list[int]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------
 
 
-def load_cache_model(reader: Any) -> Any:
+_LOADED_MODEL: dict[str, Any] = {}
+"""The model this process loaded last, by its spec: a sweep's worker runs its trials one after
+another (Ray Tune reuses the actor), and each trial would otherwise load the same model again."""
+
+
+def load_cache_model(reader: Any, *, reuse: bool = True) -> Any:
     """Load the model a cache was built from (its manifest's ModelSpec) and check that it is the
-    same model (identity and fingerprint), so the splice never runs against another model."""
+    same model (identity and fingerprint), so the splice never runs against another model.
+
+    ``reuse``: the model this process loaded last for the same spec is returned again (it is
+    frozen and in eval mode; the splice only adds hooks for one call), still identity-checked
+    against this cache. One model is kept at a time."""
+    import json
+
     from activation_cache import ModelSpec, load_model, model_identity
 
     if reader.manifest.get("synthetic"):
@@ -631,6 +642,11 @@ def load_cache_model(reader: Any) -> Any:
         raise EndToEndDataError(f"cache {getattr(reader, 'uri', '')}: its manifest records no "
                                 "model spec (config.model); rebuild it with `sae-sweep cache`")
     spec = ModelSpec.from_dict(spec_dict)
-    model = load_model(spec)
+    key = json.dumps(spec.to_dict(), sort_keys=True, default=str)
+    model = _LOADED_MODEL.get(key) if reuse else None
+    if model is None:
+        _LOADED_MODEL.clear()  # never two models held at once
+        model = load_model(spec)
+        _LOADED_MODEL[key] = model
     reader.check_model(model_identity(model, spec))
     return model

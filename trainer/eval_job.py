@@ -22,7 +22,9 @@ from .evaluators import EvaluationSuite, apply_figures, declared_fields
 from .end_to_end import EndToEndObjective, SequenceSource, load_cache_model
 from .metrics import MetricsRecord
 from .saelens_export import load_sae_folder
+from .timing import timed_phase
 from .saes.base import SAE
+from .timing import timed_phase
 from .training_config import TrainingConfig
 
 OUTPUT_FORMATS = ("table", "json")
@@ -50,9 +52,10 @@ def evaluate_split(sae: SAE, source: Any, config: TrainingConfig, *, split: str,
     was_training = sae.training
     sae.eval()
     try:
-        metrics, seconds = evaluators.evaluate(
-            sae, source, split=split, max_tokens=config.eval_max_tokens, final=True,
-            objective_pass=lambda: objective.evaluate(sae, source, config.eval_max_tokens))
+        with timed_phase(f"eval_{split}"):
+            metrics, seconds = evaluators.evaluate(
+                sae, source, split=split, max_tokens=config.eval_max_tokens, final=True,
+                objective_pass=lambda: objective.evaluate(sae, source, config.eval_max_tokens))
     finally:
         sae.train(was_training)
     record = apply_figures(MetricsRecord(step=0, tokens_seen=0), metrics, seconds)

@@ -147,6 +147,9 @@ class TwoPhaseObjective(Objective):
         return (self.e2e.batch_tokens(batch) if hasattr(batch, "train_mask")
                 else self.local.batch_tokens(batch))
 
+    def step_phase(self, batch: Any) -> str:
+        return "finetune" if hasattr(batch, "train_mask") else "train"
+
     def tokens_per_step(self, source: PhasedSource) -> float:
         return float(self.config.max_tokens) / self.planned_steps(source)
 

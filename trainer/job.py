@@ -38,6 +38,8 @@ from .reporting import ConsoleReporter, Reporter
 from .sae_config import SAEConfig
 from .saelens_export import export_sae
 from .training import TrainResult, train_sae
+from .timing import (EVAL_COLUMN, TRAINING_PHASES, WALL_COLUMN, PhaseTimer, active_timer,
+                     phase_column, timed_phase)
 from .training_config import TrainingConfig
 
 
@@ -126,16 +128,25 @@ def _initial_sae(job: "TrainJobConfig", path: str | Path) -> Any:
 
 def train_from_yaml(path: str | Path, *, out_dir: str | Path | None = None, resume: bool = True,
                     reporter: Optional[Reporter] = None) -> TrainResult:
-    """Run the training job described by the YAML file ``path`` (see the module docstring)."""
+    """Run the training job described by the YAML file ``path`` (see the module docstring).
+    Where its wall time went is ``result.extra["timing"]`` (``trainer.timing``'s columns) and a
+    line of the closing summary."""
+    with PhaseTimer().activate():
+        return _train_job(path, out_dir=out_dir, resume=resume, reporter=reporter)
+
+
+def _train_job(path: str | Path, *, out_dir: str | Path | None, resume: bool,
+               reporter: Optional[Reporter]) -> TrainResult:
     job = TrainJobConfig.from_yaml(Path(path))
     out = Path(out_dir) if out_dir is not None else Path(job.out_dir)
     flag = "--out" if out_dir is not None else "out_dir"
     check_output_folder(out, "train", flag=flag)  # before any work: refused, nothing touched
     reporter = reporter or ConsoleReporter(show_progress=job.training.show_progress)
-    reader = _open_cache(job.cache)
-    hook = job.hook
-    assert hook is not None
-    d_in = reader.token_source(hook, job.train_split).d_in
+    with timed_phase("startup"):
+        reader = _open_cache(job.cache)
+        hook = job.hook
+        assert hook is not None
+        d_in = reader.token_source(hook, job.train_split).d_in
     if d_in != job.sae.d_in:
         raise DimensionMismatchError(
             f"{path}: sae.d_in is {job.sae.d_in} but the cache {job.cache} stores "
@@ -144,9 +155,10 @@ def train_from_yaml(path: str | Path, *, out_dir: str | Path | None = None, resu
     if job.val_split is not None and job.val_split not in splits:
         reporter.on_message(f"cache has no {job.val_split!r} split: training without "
                             "validation (metrics are training-batch averages)")
-    sources = job_sources(reader, job.training, hook, train_split=job.train_split,
-                          val_split=job.val_split, test_split=job.test_split,
-                          device=job.sae.torch_device(), target_hook=job.sae.hook_spec_out)
+    with timed_phase("startup"):
+        sources = job_sources(reader, job.training, hook, train_split=job.train_split,
+                              val_split=job.val_split, test_split=job.test_split,
+                              device=job.sae.torch_device(), target_hook=job.sae.hook_spec_out)
     objective, train_source, val_source = sources.objective, sources.train, sources.val
     if objective is not None:
         reporter.on_message(objective.describe(train_source))
@@ -159,7 +171,8 @@ def train_from_yaml(path: str | Path, *, out_dir: str | Path | None = None, resu
             if not remove_output(old, "checkpoint") and old.is_dir():
                 shutil.rmtree(old)  # our own .step_X.tmp-PID leftover
     job.to_yaml(out / "job.yaml")
-    sae = _initial_sae(job, path)
+    with timed_phase("startup"):
+        sae = _initial_sae(job, path)
     result = train_sae(sae, train_source, job.training, val_source=val_source, out_dir=out,
                        resume_from=resume_from, reporter=reporter, objective=objective,
                        evaluators=sources.evaluators)
@@ -173,11 +186,33 @@ def train_from_yaml(path: str | Path, *, out_dir: str | Path | None = None, resu
         figures["test"] = test
     written = [d for d in (result.final_dir, result.best_dir) if d is not None]
     if job.export_saelens:
-        facts = cache_facts(job.cache, manifest=reader.manifest)
-        card = training_card(job, path, result, figures, facts)
-        written.append(export_sae(result.sae, out / "saelens", facts=facts, card=card))
-    reporter.on_message(summarize_training(result, hook, written, figures))
+        with timed_phase("export"):
+            facts = cache_facts(job.cache, manifest=reader.manifest)
+            card = training_card(job, path, result, figures, facts)
+            written.append(export_sae(result.sae, out / "saelens", facts=facts, card=card))
+    summary = summarize_training(result, hook, written, figures)
+    timer = active_timer()
+    if timer is not None:
+        result.extra["timing"] = timer.columns()
+        summary += "\n" + timing_line(result.extra["timing"])
+    reporter.on_message(summary)
     return result
+
+
+def timing_line(columns: dict[str, float]) -> str:
+    """``"  time: 82% of 50.2 s in training steps (train 40.1 s, ...)"``: the closing line of
+    where a job's wall time went (``PhaseTimer.columns()``), largest phases first."""
+    wall = columns.get(WALL_COLUMN, 0.0)
+    trained = sum(columns.get(phase_column(p), 0.0) for p in TRAINING_PHASES)
+    parts = sorted(((v, k[len("time_"):-len("_s")]) for k, v in columns.items()
+                    if k not in (WALL_COLUMN, EVAL_COLUMN) and v > 0.01 * wall), reverse=True)
+    share = f"{trained / wall:.0%} of " if wall > 0 else ""
+    return (f"  time: {share}{wall:.1f} s in training steps ("
+            + ", ".join(f"{name} {_seconds(v)}" for v, name in parts) + ")")
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f} s" if value >= 1 else f"{value:.2f} s"
 
 
 def _figure_values(record: MetricsRecord) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 import torch
 
+from .timing import timed_phase
 from .training_config import TrainingConfig
 
 
@@ -77,9 +78,10 @@ def job_sources(reader: Any, config: TrainingConfig, hook: str, *, train_split: 
 
     from .end_to_end import EndToEndObjective, SequenceSource, load_cache_model
 
-    model = model if model is not None else load_cache_model(reader)
-    if device is not None:
-        model = model.to(device, print_details=False)  # the live passes run where the SAE trains
+    with timed_phase("model_load"):
+        model = model if model is not None else load_cache_model(reader)
+        if device is not None:  # the live passes run where the SAE trains
+            model = model.to(device, print_details=False)
 
     def windows(split: Optional[str], shuffle: bool = False) -> Any:
         return None if split is None else SequenceSource(reader, split, hook,

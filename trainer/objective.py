@@ -85,6 +85,11 @@ class Objective(ABC):
         """Source tokens a batch consumed (counts toward ``max_tokens``)."""
         return int(batch.input.shape[0])
 
+    def step_phase(self, batch: Any) -> str:
+        """The timing phase (``trainer.timing``) of a training step on ``batch``: ``train``
+        (a two-phase objective names its end-to-end steps ``finetune``)."""
+        return "train"
+
     def tokens_per_step(self, source: Any) -> float:
         """Tokens one step is expected to consume: turns ``max_tokens`` into a step count for
         the learning-rate schedule (the loop still stops on the tokens actually seen)."""

@@ -48,6 +48,7 @@ from .output_folder import atomic_directory, remove_output
 from .reporting import ConsoleReporter, Reporter
 from .schedule import Schedule
 from .saes.base import SAE, TrainingProgress
+from .timing import timed_phase
 from .training_config import TrainingConfig
 
 
@@ -188,7 +189,8 @@ def train_sae(sae: SAE, train_source: Any, config: TrainingConfig, *, val_source
     else:
         state = TrainerState()
         trained = bool(sae.data_initialized)
-        objective.initialize(sae, train_source, init_weights=not trained)
+        with timed_phase("startup"):
+            objective.initialize(sae, train_source, init_weights=not trained)
         if trained:  # a trained SAE (a second phase, --init-from): continue, never re-initialise
             reporter.on_message("continuing from trained weights (b_dec, input scale, threshold "
                                 "and dead counters kept)")
@@ -210,7 +212,7 @@ def train_sae(sae: SAE, train_source: Any, config: TrainingConfig, *, val_source
     reporter.on_train_start(total_steps=total_steps, start_step=state.step,
                             description=f"{sae.architecture} d_sae={sae.cfg.d_sae}")
     last_ckpt: Optional[Path] = None
-    with _DeferredInterrupt() as interrupt:
+    with _DeferredInterrupt() as interrupt, timed_phase("train"):
         while state.step < total_steps and state.epoch < config.num_epochs:
             for batch in objective.iter_batches(train_source, epoch=state.epoch,
                                                 start_batch=state.batch_in_epoch):
@@ -249,7 +251,7 @@ def train_sae(sae: SAE, train_source: Any, config: TrainingConfig, *, val_source
     final_dir = None
     if out is not None:
         final_dir = out / "final"
-        with atomic_directory(final_dir, kind="sae") as tmp:
+        with timed_phase("checkpoint"), atomic_directory(final_dir, kind="sae") as tmp:
             sae.save(tmp, history=[r.to_dict() for r in history])
     result = _result(sae, state, history, final, out, final_dir, last_ckpt)
     reporter.on_train_end(result)
@@ -298,6 +300,12 @@ class _Loop:
         self.started = time.perf_counter()
 
     def train_step(self, batch: Any, lr: float) -> None:
+        """One optimizer step, timed as the objective's phase of this batch (``train`` for
+        local steps, ``finetune`` for a two-phase run's end-to-end ones)."""
+        with timed_phase(self.objective.step_phase(batch)):
+            self._train_step(batch, lr)
+
+    def _train_step(self, batch: Any, lr: float) -> None:
         state, sae = self.state, self.sae
         step_no = state.step + 1
         for group in self.optimizer.param_groups:
@@ -341,8 +349,9 @@ class _Loop:
         ``sae.needs_calibration``, from its own options); a message for the reporter."""
         if not sae.needs_calibration:
             return None
-        batches = self.objective.calibration_batches(self.train_source)
-        message = sae.calibrate(batches)
+        with timed_phase("calibration"):
+            batches = self.objective.calibration_batches(self.train_source)
+            message = sae.calibrate(batches)
         if message is None:
             return "inference encoding not calibrated: the calibration source has no tokens"
         return f"inference encoding calibrated on training tokens: {message}"
@@ -371,11 +380,12 @@ class _Loop:
         metrics: dict[str, Any] = {}
         seconds: dict[str, float] = {}
         if self.val_source is not None:
-            val, budget = self.val_source, self.config.eval_max_tokens
-            metrics, seconds = self.evaluators.evaluate(
-                model, val, split=getattr(val, "split", None) or "val", max_tokens=budget,
-                final=self.state.finished,
-                objective_pass=lambda: self.objective.evaluate(model, val, budget))
+            with timed_phase("eval_val"):
+                val, budget = self.val_source, self.config.eval_max_tokens
+                metrics, seconds = self.evaluators.evaluate(
+                    model, val, split=getattr(val, "split", None) or "val", max_tokens=budget,
+                    final=self.state.finished,
+                    objective_pass=lambda: self.objective.evaluate(model, val, budget))
             metrics.setdefault("eval_split", getattr(self.val_source, "split", None) or "val")
         elif terms:  # no held-out data: training-window averages
             metrics = {k: terms[k] for k in ("mse", "explained_variance") if k in terms}
@@ -399,7 +409,8 @@ class _Loop:
         self.state.history.append(record.to_dict())
         self._maybe_save_best(record, model)
         path = self.write_checkpoint() if checkpoint else None
-        self.reporter.on_metrics(record, str(path) if path is not None else None)
+        with timed_phase("report"):
+            self.reporter.on_metrics(record, str(path) if path is not None else None)
         return path
 
     def _maybe_save_best(self, record: MetricsRecord, model: SAE) -> None:
@@ -412,10 +423,15 @@ class _Loop:
             return
         self.state.best_value, self.state.best_step = float(value), record.step
         if self.out is not None and self.config.save_best:
-            with atomic_directory(self.out / "best", kind="sae") as tmp:
+            with timed_phase("checkpoint"), \
+                    atomic_directory(self.out / "best", kind="sae") as tmp:
                 model.save(tmp, history=self.state.history)
 
     def write_checkpoint(self) -> Path:
+        with timed_phase("checkpoint"):
+            return self._write_checkpoint()
+
+    def _write_checkpoint(self) -> Path:
         assert self.out is not None
         self.state.objective = self.objective.state_dict()
         self.state.window = self.window.state_dict()
