@@ -26,7 +26,7 @@ from typing import Optional
 import pandas as pd
 import yaml
 
-from activation_cache import CacheConfig, UserError
+from activation_cache import CacheConfig, ProbesSpec, UserError
 
 from .best import print_best
 from .driver import configure_logging, resume_sweep, run_sweep
@@ -45,6 +45,9 @@ forward of SmolLM2 per token: about 4 minutes on 2 cores)."""
 DEMO_HELD_OUT_FRACTION = 0.15
 """val_fraction and test_fraction of the demo's cache: 6 of Shakespeare's 42 texts each (the
 default 0.1 gives 4, under the 5 documents below which a split's statistics get a warning)."""
+DEMO_PROBE_TEXTS = 200
+"""Texts per probe set in the demo's cache (sae-probes' default subset of 8 binary sets; each
+split into probe train/val/test parts): what its ``probe_accuracy_*`` columns are measured on."""
 DEMO_NUM_SAMPLES = 4
 """Search trials; the confirm stage adds 2 replicates of the best."""
 DEMO_MAX_CONCURRENT = 2
@@ -61,12 +64,15 @@ def demo_sweep_config(out_dir: Path, *, num_samples: int, max_concurrent: int) -
 
 def demo_cache_config(out_dir: Path, **overrides) -> CacheConfig:
     """The demo's cache: SmolLM2 layer 6 on Shakespeare with the compact logits, capped at
-    DEMO_CACHE_TOKENS (windows sampled across the plays of every split); ``overrides`` replace
+    DEMO_CACHE_TOKENS (windows sampled across the plays of every split), and the last-token
+    activations of sae-probes' default probe sets (DEMO_PROBE_TEXTS texts each) for the
+    probing evaluator; ``overrides`` replace
     fields (the tests swap in the tiny model)."""
     hook = yaml.safe_load(DEMO_SWEEP.read_text())["hook"]
     fields = {"output": str(out_dir / "cache"), "hooks": (hook,),
               "max_tokens": DEMO_CACHE_TOKENS, "store_logits": True,
-              "val_fraction": DEMO_HELD_OUT_FRACTION, "test_fraction": DEMO_HELD_OUT_FRACTION}
+              "val_fraction": DEMO_HELD_OUT_FRACTION, "test_fraction": DEMO_HELD_OUT_FRACTION,
+              "probes": ProbesSpec(texts_per_set=DEMO_PROBE_TEXTS)}
     fields.update(overrides)
     return CacheConfig(**fields)
 
