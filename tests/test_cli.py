@@ -88,11 +88,15 @@ def test_cache_and_train_say_what_they_wrote_and_take_threads(tmp_path, capsys, 
                          "init_tokens": 256, "eval_max_tokens": 256,
                          "show_progress": False}}))
         assert main(["train", str(tmp_path / "train.yaml"), "--threads", "1"]) == 0
-        last = capsys.readouterr().err.strip().splitlines()[-3:]
+        err_lines = capsys.readouterr().err.strip().splitlines()
+        start = max(i for i, line in enumerate(err_lines) if line.startswith("trained "))
+        last = err_lines[start:]
         assert last[0].startswith("trained batchtopk d_sae=128 on blocks.0.hook_resid_post: ")
         # the shipped encoder's figures, labelled with their split (no test split here)
         assert last[1].startswith("  shipped encoder: val fvu ") and "test" not in last[1]
         assert last[2] == f"  wrote {tmp_path / 'sae'}: final/, best/, saelens/, checkpoints/"
+        # where the wall time went (wrapped to the table width)
+        assert last[3].startswith("  time: ") and "in training steps" in last[3]
     finally:
         torch.set_num_threads(before)
 

@@ -74,10 +74,11 @@ def test_redirected_cache_and_train_write_plain_lines(tmp_path):
     assert 2 <= len(progress) <= 12, progress
     records = [line for line in lines if line.startswith("step ")]
     assert records and all(" | tokens " in line for line in records)  # none glued to progress
-    closing = lines[-3:]
+    closing = lines[max(i for i, line in enumerate(lines) if line.startswith('trained ')):]
     assert closing[0].startswith("trained batchtopk d_sae=256 on blocks.0.hook_resid_post: ")
     assert closing[1].startswith("  shipped encoder: val fvu ") and "; test fvu " in closing[1]
     assert closing[2] == f"  wrote {tmp_path / 'run'}: final/, best/, saelens/, checkpoints/"
+    assert closing[3].startswith("  time: ")
 
 
 def test_line_progress_every_tenth_or_thirty_seconds():
