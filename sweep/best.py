@@ -49,6 +49,7 @@ import pandas as pd
 from activation_cache import UserError
 
 from .console import fmt_value
+from .replicates import _float, _is_finite  # noqa: F401 -- the one definition of both
 from .replicates import (REPLICATE_OF, SEED, aggregate_configurations, format_configurations,
                          has_replicates, rank_configurations)
 from .results import FIXED_COLUMNS, TAIL_COLUMNS, load_results, load_sweep_info
@@ -767,13 +768,3 @@ def _as_list(value: Any) -> list:
     return [value] if isinstance(value, str) else list(value)
 
 
-def _float(value: Any) -> Optional[float]:
-    try:
-        return None if value is None or pd.isna(value) else float(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _is_finite(value: Any) -> bool:
-    v = _float(value)
-    return v is not None and math.isfinite(v)

@@ -25,6 +25,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .export import _plain  # the one conversion of a results cell to a YAML value
+
 import yaml
 
 from activation_cache import UserError
@@ -127,12 +129,6 @@ def _card(name: str, winners: Any, info: dict[str, Any], facts: dict[str, Any],
     return "\n".join(lines)
 
 
-def _plain(value: Any) -> Any:
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
 
 
 def _num(value: Any) -> float | None:
