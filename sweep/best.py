@@ -77,6 +77,13 @@ def plugin_metrics() -> tuple[str, ...]:
     return tuple(catalog().plugin_metrics)
 
 
+def headline_metrics() -> tuple[str, ...]:
+    """Each evaluator's headline field among :func:`plugin_metrics` (shown by default)."""
+    from .sweep_config import catalog
+
+    return tuple(catalog().headline_metrics)
+
+
 def default_mode(metric: str) -> str:
     """``min`` or ``max`` for a metric no objective names: the direction its evaluator declares
     (``test_<m>`` as ``m``), else ``min``."""
@@ -213,7 +220,8 @@ def print_configurations(frame: pd.DataFrame, config: dict[str, Any], *,
         ranked, metric=selection.metrics[0], mode=selection.modes[0],
         constraints=selection.constraints, params=params, runs=len(done),
         replicates=replicates, top=top, render=render_table, marks=marks_for(out),
-        width=None if all_columns else TABLE_WIDTH, preferred=_OTHER_METRICS), file=out)
+        width=None if all_columns else TABLE_WIDTH,
+        preferred=_OTHER_METRICS, leading=headline_metrics()), file=out)
     return ranked.head(top)
 
 
@@ -669,6 +677,7 @@ def _display_columns(frame: pd.DataFrame, ranked: Sequence[str],
     base = [m[len("test_"):] if m.startswith("test_") else m for m in ranked]
     params = [c for c in searched if c != "architecture"] or _param_columns(frame)
     order = ["trial_id", "status", "hook", "architecture", "feasible", *ranked, *bound,
+             *headline_metrics(),
              *(f"test_{m}" for m in [*base, *bound]), *params,
              *(m for m in _OTHER_METRICS), *(f"test_{m}" for m in _OTHER_METRICS),
              *plugin_metrics(), *(f"test_{m}" for m in plugin_metrics()),

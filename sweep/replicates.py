@@ -236,11 +236,12 @@ def format_configurations(ranked: pd.DataFrame, *, metric: str, mode: str,
                           runs: int, replicates: int, top: int,
                           render: Callable[..., tuple[str, list[str]]],
                           marks: tuple[str, str] = ("yes", "no"), width: Optional[int] = 120,
-                          preferred: Sequence[str] = ()) -> str:
+                          preferred: Sequence[str] = (), leading: Sequence[str] = ()) -> str:
     """The per-configuration table: ``mean ± sd`` of the ranked and constraint metrics (and
     their test figures), ``n``, the within-noise flag, the hyperparameters and the other
     metrics as far as they fit, ``preferred`` ones first (``render``: best's column-fitting
-    table renderer)."""
+    table renderer); ``leading``: metrics shown with the ranked ones (the evaluators'
+    headline fields)."""
     label = f"{metric} (test split)" if metric.startswith("test_") else f"validation {metric}"
     first = (", meeting " + " and ".join(c.as_query().replace("`", "") for c in constraints)
              + " on the mean first") if constraints else ""
@@ -252,7 +253,8 @@ def format_configurations(ranked: pd.DataFrame, *, metric: str, mode: str,
     shown = ranked.head(top)
     base = metric[len("test_"):] if metric.startswith("test_") else metric
     bound = [c.metric for c in constraints]
-    headline = list(dict.fromkeys([metric, *bound, f"test_{base}",
+    shown_first = [m for m in leading if f"{m}_mean" in ranked.columns]  # evaluators' headlines
+    headline = list(dict.fromkeys([metric, *bound, *shown_first, f"test_{base}",
                                    *(f"test_{m}" for m in bound)]))
     others = [c[:-len("_mean")] for c in ranked.columns if c.endswith("_mean")]
     first = [m for m in (*preferred, *(f"test_{m}" for m in preferred)) if m in others]

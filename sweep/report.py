@@ -5,7 +5,7 @@
   Pareto front of the completed ones drawn as a staircase, the best trial (by the sweep's
   objective and constraints, as ``best`` and ``export --trial best`` choose it) highlighted;
 * ``pareto_l0_ce_loss_delta.png`` -- the same against ce_loss_delta, when trials computed it;
-* ``pareto_l0_<metric>.png`` -- the same against each other evaluator's field the trials
+* ``pareto_l0_<metric>.png`` -- the same against each evaluator's headline field the trials
   report (``feature_mcc``, probing...; the front in the direction its evaluator declares);
 * ``training_curves.png`` -- fvu (and L0) against training tokens for the ``top`` best trials;
 * ``winners_by_layer.png`` -- a suite (``hooks:``): each hook's winner's test fvu, l0 and
@@ -20,7 +20,7 @@ from typing import Optional
 
 import pandas as pd
 
-from .best import (RANKED_STATUSES, SHOWN_STATUSES, default_mode, pareto_front, plugin_metrics,
+from .best import (RANKED_STATUSES, SHOWN_STATUSES, default_mode, pareto_front, headline_metrics,
                    select_best)
 from .results import load_history, load_results, load_sweep_info
 
@@ -42,7 +42,7 @@ def write_report(experiment_dir: str | Path, *, out_dir: Optional[str | Path] = 
     best_id = str(best.iloc[0]["trial_id"]) if len(best) else None
     finished = report_trials(results)
     written = []
-    for metric in ("fvu", "ce_loss_delta", *plugin_metrics()):
+    for metric in ("fvu", "ce_loss_delta", *headline_metrics()):
         if metric in finished.columns and "l0" in finished.columns and finished[metric].notna().any():
             written.append(_pareto_plot(finished, metric, best_id, out / f"pareto_l0_{metric}.png"))
     try:

@@ -235,3 +235,15 @@ def test_best_card_and_report_show_evaluator_fields(tmp_path):
     # the report plots L0 against it, with the front in its direction
     plots = write_report(tmp_path, out_dir=tmp_path / "report")
     assert (tmp_path / "report" / "pareto_l0_feature_mcc.png") in plots
+
+
+def test_each_evaluator_headline_is_what_best_and_report_show_first():
+    from sweep.best import headline_metrics
+    from trainer import field_catalog
+
+    heads = field_catalog().headline_metrics
+    assert "probe_accuracy_k1" in heads and "feature_mcc" in heads
+    # the bookkeeping ceiling and the other k are --all-columns material, not headlines
+    assert "probe_accuracy_raw" not in heads and "probe_accuracy_k20" not in heads
+    assert set(heads) <= set(field_catalog().plugin_metrics)
+    assert headline_metrics() == heads

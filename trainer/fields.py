@@ -71,6 +71,9 @@ class FieldCatalog:
     plugin_metrics: tuple[str, ...] = ()
     """Numeric fields of evaluators that have no typed MetricsRecord field (``feature_mcc``,
     probing...): what ``best``, the card and ``report`` add when a table has them."""
+    headline_metrics: tuple[str, ...] = ()
+    """Each evaluator's headline field (``feature_mcc``, ``probe_accuracy_k1``): what ``best``
+    shows by default and ``report`` plots, of ``plugin_metrics``."""
     final_only_metrics: tuple[str, ...] = ()
     """Fields absent from intermediate records (their evaluator runs at final evaluations)."""
 
@@ -140,4 +143,6 @@ def field_catalog() -> FieldCatalog:
         default_evaluators=evaluator_registry.resolve_evaluators(TrainingConfig()),
         final_only_metrics=evaluator_registry.final_only_metric_names(),
         plugin_metrics=extra,
+        headline_metrics=tuple(m for m in evaluator_registry.headline_metric_names()
+                               if m in extra),
     )

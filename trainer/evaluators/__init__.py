@@ -15,13 +15,13 @@ from .base import (DATA_NEEDS, EvaluationContext, EvaluationData, Evaluator,
 from .registration import register_evaluator
 from . import reconstruction, end_to_end, ground_truth, probing  # noqa: F401,E402  (they register)
 from .registry import (EvaluationSuite, apply_figures, check_evaluator_names, declared_fields,
-                       evaluator_class, evaluator_names, extra_metric_names, field_evaluator,
+                       evaluator_class, evaluator_names, extra_metric_names, headline_metric_names, field_evaluator,
                        final_only_metric_names, objective_metric_names, resolve_evaluators)
 
 __all__ = [
     "DATA_NEEDS", "EvaluationContext", "EvaluationData", "Evaluator", "EvaluatorDataError",
     "MetricField", "register_evaluator", "EvaluationSuite", "apply_figures",
     "check_evaluator_names", "declared_fields", "evaluator_class", "evaluator_names",
-    "extra_metric_names", "field_evaluator", "final_only_metric_names",
+    "extra_metric_names", "headline_metric_names", "field_evaluator", "final_only_metric_names",
     "objective_metric_names", "resolve_evaluators",
 ]

@@ -96,6 +96,9 @@ class MetricField:
     """A single number (an objective or constraint may use it); False: e.g. a histogram."""
     bookkeeping: bool = False
     """A counter (e.g. ``eval_tokens``), not a figure of the SAE: never an objective."""
+    headline: bool = False
+    """The evaluator's headline figure: ``best`` shows it by default beside fvu / l0 /
+    ce_loss_delta, and ``report`` plots it against L0 (its other fields: ``--all-columns``)."""
 
     def __post_init__(self) -> None:
         if self.better not in (None, *BETTER):

@@ -64,7 +64,7 @@ class GroundTruthEvaluator(Evaluator):
     needs = ("ground_truth", "decoder")
     fields = (
         MetricField("feature_mcc", "mean over true features of |cos| to the matched decoder "
-                    "row (one-to-one Hungarian matching)", "higher"),
+                    "row (one-to-one Hungarian matching)", "higher", headline=True),
         MetricField("feature_recall_0.9", "share of true features matched at |cos| > 0.9",
                     "higher"),
     )

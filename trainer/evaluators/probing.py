@@ -141,7 +141,8 @@ def encode_rows(sae: Any, x: Tensor, batch: int = 1024) -> Tensor:
 
 def _field_list() -> tuple[MetricField, ...]:
     out = [MetricField(f"probe_accuracy_k{k}", f"sparse-probe accuracy on the top {k} "
-                       "latent(s) by class-mean difference (mean over probe sets)", "higher")
+                       "latent(s) by class-mean difference (mean over probe sets)", "higher",
+                       headline=k == 1)  # SAEBench's headline: the top-1 latent's probe
            for k in KS]
     out.append(MetricField("probe_accuracy_raw", "the same probe on the raw activations (the "
                            "ceiling; mean over probe sets)", "higher", bookkeeping=True))

@@ -84,6 +84,11 @@ def extra_metric_names() -> tuple[str, ...]:
     return tuple(n for n, f in declared_fields().items() if f.numeric and n not in typed)
 
 
+def headline_metric_names() -> tuple[str, ...]:
+    """Each evaluator's headline fields (``MetricField.headline``), in registry order."""
+    return tuple(n for n, f in declared_fields().items() if f.headline)
+
+
 def objective_metric_names() -> tuple[str, ...]:
     """What ``best_metric``, a sweep objective, a constraint or a Pareto axis may name:
     MetricsRecord's numeric figures and every declared numeric, non-bookkeeping field."""
