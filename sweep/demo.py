@@ -115,5 +115,6 @@ def run_demo(out_dir: str | Path = "runs/demo", num_samples: Optional[int] = Non
     logger.info("exported the best SAE (SAELens format) with its model card to %s", export_dir)
 
     plots = write_report(cfg.experiment_path)
-    logger.info("[4/4] report plots: %s", ", ".join(str(p) for p in plots))
+    logger.info("[4/4] report: %d plot(s) in %s", len(plots),
+                plots[0].parent if plots else cfg.experiment_path)
     return best

@@ -21,7 +21,7 @@ from typing import Optional
 import pandas as pd
 
 from .best import (RANKED_STATUSES, SHOWN_STATUSES, default_mode, pareto_front, headline_metrics,
-                   select_best)
+                   select_best, TABLE_WIDTH, wrap_line)
 from .results import load_history, load_results, load_sweep_info
 
 logger = logging.getLogger("sweep.report")
@@ -58,8 +58,8 @@ def write_report(experiment_dir: str | Path, *, out_dir: Optional[str | Path] = 
         if plot is not None:
             written.append(plot)
     if written:
-        logger.info("wrote %d plot(s) to %s: %s", len(written), out,
-                    ", ".join(p.name for p in written))
+        logger.info("%s", wrap_line(f"wrote {len(written)} plot(s) to {out}: "
+                                    + ", ".join(p.name for p in written), TABLE_WIDTH, "  "))
     else:
         logger.info("no plot written: no trial of %s has finished with metrics yet",
                     experiment_dir)
