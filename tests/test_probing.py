@@ -252,3 +252,27 @@ def test_probing_in_a_job_final_val_record_and_reported_test(tmp_path):
     test = evaluate_split(result.sae, s.test, tcfg, split="test", evaluators=s.evaluators)
     assert 0 <= test.get("probe_accuracy_k20") <= 1
     assert "evaluator_seconds/probing" in test.scalars()
+
+
+def test_the_raw_ceiling_is_fitted_once_per_process_per_data(monkeypatch):
+    import torch
+
+    import trainer.evaluators.probing as probing
+
+    calls = []
+    real = probing.fit_probe
+    monkeypatch.setattr(probing, "fit_probe", lambda x, y: calls.append(1) or real(x, y))
+    g = torch.Generator().manual_seed(0)
+
+    def parts(shift):
+        x = torch.randn(40, 4, generator=g)
+        y = (x[:, 0] > 0).long()
+        x[:, 0] += shift
+        return {"train": (x[:20], y[:20]), "val": (x[20:30], y[20:30]), "test": (x[30:], y[30:])}
+
+    a = parts(0.0)
+    first = probing.raw_ceiling(a)
+    assert probing.raw_ceiling(a) == first and len(calls) == 1  # the same data: remembered
+    probing.raw_ceiling(parts(0.5))
+    assert len(calls) == 2  # other data: fitted anew
+    assert set(first) == {"val", "test"} and all(0.0 <= v <= 1.0 for v in first.values())
