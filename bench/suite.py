@@ -18,6 +18,10 @@ import os
 import shutil
 import time
 from pathlib import Path
+import sys
+
+# bench/sweep.py would shadow the sweep package: the repository root goes first
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 HOOKS = ("blocks.6.hook_resid_post", "blocks.12.hook_resid_post", "blocks.20.hook_resid_post")
 
