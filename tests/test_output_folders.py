@@ -113,7 +113,9 @@ def test_dangerous_slips_are_refused_whatever_they_hold(tmp_path, monkeypatch):
     # a folder holding this project: only checked (never handed to a writer in a test)
     project = Path(__file__).resolve().parents[1]
     for path in (project, project.parent):
-        with pytest.raises(OutputFolderError, match=r"holds the sae-sweep project|current"):
+        # (a checkout under the temp root: its parent also holds the test's HOME, refused first)
+        with pytest.raises(OutputFolderError,
+                           match=r"holds the sae-sweep project|current|holds your home folder"):
             check_output_folder(path, "export", flag="--out")
     with pytest.raises(OutputFolderError, match="filesystem root|home"):
         check_output_folder(Path("/"), "export")
