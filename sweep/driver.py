@@ -248,8 +248,10 @@ def _run(cfg: SweepConfig, d_in: int, tune_path: str, *, restore: bool,
     from .summary import training_share_text
 
     share = training_share_text(results) if len(results) else None
-    logger.info("sweep %s finished in %s: %s%s", exp.name, took, counts,
-                f"; {share}" if share else "")
+    from .best import TABLE_WIDTH, wrap_line
+
+    logger.info("%s", wrap_line(f"sweep {exp.name} finished in {took}: {counts}"
+                                + (f"; {share}" if share else ""), TABLE_WIDTH - 11))
 
     for line in never_met_warnings(results, cfg.to_dict()["objective"],
                                    default_architecture=cfg.sae.get("architecture")):

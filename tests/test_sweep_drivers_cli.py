@@ -77,6 +77,7 @@ def test_two_drivers_started_together_give_one_sweep_and_lose_nothing(cache, tmp
     data["search_space"]["architecture"] = {"type": "categorical",
                                             "choices": ["batchtopk", "jumprelu"]}
     data["search_space"]["top_k"] = {"type": "int", "low": 4, "high": 8}
+    data["sae"] = {}  # BatchTopK's threshold options are its own: not fixed for both architectures
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(data))
     a = _start(["sweep", "sweep.yaml"], tmp_path, tmp_path / "a.log")
     b = _start(["sweep", "sweep.yaml"], tmp_path, tmp_path / "b.log")
