@@ -251,7 +251,8 @@ def _run(cfg: SweepConfig, d_in: int, tune_path: str, *, restore: bool,
     from .best import TABLE_WIDTH, wrap_line
 
     logger.info("%s", wrap_line(f"sweep {exp.name} finished in {took}: {counts}"
-                                + (f"; {share}" if share else ""), TABLE_WIDTH - 11))
+                                + (f"; {share}" if share else ""),
+                                TABLE_WIDTH - len("sae-sweep: ")))  # the console's prefix
 
     for line in never_met_warnings(results, cfg.to_dict()["objective"],
                                    default_architecture=cfg.sae.get("architecture")):

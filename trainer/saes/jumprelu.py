@@ -201,14 +201,11 @@ class JumpReLUSAE(TargetL0, SAE):
         thresholds barely moved), so below the target only moving the thresholds themselves
         brings the L0 back; above it the penalty does the work."""
         super().update_running_statistics(running, progress)
-        if not self.targets_l0 or "l0_tokens" not in running:
-            return
-        tokens = float(running["l0_tokens"])
-        if tokens <= 0:
+        l0 = self.step_l0(running)
+        if l0 is None:
             return
         options = self.cfg.options
-        l0 = max(float(running["l0_sum"]) / tokens, 1e-30)
-        step = max(min(math.log(l0 / float(options.target_l0)), 0.0), -1.0)
+        step = max(min(math.log(max(float(l0), 1e-30) / float(options.target_l0)), 0.0), -1.0)
         if step < 0:
             self.threshold.mul_(math.exp(float(options.target_l0_rate) * step))
 

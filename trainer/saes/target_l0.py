@@ -124,16 +124,23 @@ class TargetL0:
             out[key] = value if key not in out else out[key] + value
         return out
 
+    def step_l0(self, running: dict[str, Tensor]) -> Optional[Tensor]:
+        """The step's mean training L0 from its merged ``running`` (fp32 scalar), or None
+        without a target or without tokens."""
+        if not self.targets_l0 or "l0_tokens" not in running:
+            return None
+        tokens = running["l0_tokens"].float()
+        if float(tokens) <= 0:
+            return None
+        return running["l0_sum"].float() / tokens
+
     @torch.no_grad()
     def update_running_statistics(self, running: dict[str, Tensor],
                                   progress: TrainingProgress) -> None:
-        if not self.targets_l0 or "l0_tokens" not in running:
-            return
-        tokens = running["l0_tokens"].float()
-        if float(tokens) <= 0:
+        l0 = self.step_l0(running)
+        if l0 is None:
             return
         options = self.cfg.options  # type: ignore[attr-defined]
-        l0 = running["l0_sum"].float() / tokens
         buf = self.sparsity_coefficient  # type: ignore[attr-defined]
         buf.copy_(adapted_coefficient(buf, l0.to(buf.device), float(options.target_l0),
                                       float(options.target_l0_rate)))
